@@ -1,0 +1,82 @@
+"""AdapterArgs -> PEFT LoraConfig | LoHaConfig | LoKrConfig, target-module presets, and attaching to a model."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+
+from .config import AdapterArgs, UsageError
+
+# PEFT matches a target name against the end of each module's dotted path ('to_q' hits '...attn1.to_q').
+UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_FF = ["ff.net.0.proj", "ff.net.2"]
+# 'all' adds the transformer in/out projections, the ResNet convs and time projections, the down/up-sampler
+# convs ('conv') and the time embedding MLP ('linear_1', 'linear_2'): the LoCon-style full coverage.
+UNET_REST = ["proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "linear_1", "linear_2"]
+UNET_PRESETS = {"attn": UNET_ATTN, "attn-ff": UNET_ATTN + UNET_FF, "all": UNET_ATTN + UNET_FF + UNET_REST}
+
+TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_PRESETS = {"attn": TE_ATTN, "attn-mlp": TE_ATTN + ["fc1", "fc2"]}
+
+
+def target_modules(spec: str, presets: dict[str, list[str]]) -> list[str]:
+    """A preset name or a comma-separated list of module names."""
+    if spec in presets:
+        return list(presets[spec])
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def peft_config(a: AdapterArgs, targets: list[str]):
+    """Build the PEFT config of a resolved AdapterArgs (no None fields)."""
+    if a.adapter == "lora":
+        cfg = LoraConfig(
+            r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
+            use_dora=a.use_dora, use_rslora=a.use_rslora, init_lora_weights=True,
+        )
+    elif a.adapter == "loha":
+        cfg = LoHaConfig(
+            r=a.rank, alpha=a.alpha, rank_dropout=a.dropout, module_dropout=a.module_dropout,
+            target_modules=targets, use_effective_conv2d=a.use_effective_conv2d, init_weights=True,
+        )
+    elif a.adapter == "lokr":
+        cfg = LoKrConfig(
+            r=a.rank, alpha=a.alpha, rank_dropout=a.dropout, module_dropout=a.module_dropout,
+            target_modules=targets, use_effective_conv2d=a.use_effective_conv2d,
+            decompose_both=a.decompose_both, decompose_factor=a.decompose_factor, init_weights=True,
+        )
+    else:
+        raise UsageError(f"--adapter must be one of lora, loha, lokr (got {a.adapter!r})")
+    return cfg
+
+
+def attach(model: torch.nn.Module, a: AdapterArgs, presets: dict, flag_prefix: str, base_model: str | None = None) -> PeftModel:
+    """Wrap `model` in a PeftModel with one trainable adapter named 'default'.
+
+    PEFT replaces the targeted layers in place, so `model` itself now runs with the adapter; the PeftModel is the
+    handle for saving and for counting parameters.
+    """
+    targets = check_targets(model, a.target_modules, presets, flag_prefix)
+    peft_model = get_peft_model(model, peft_config(a, targets))
+    # recorded in adapter_config.json; PEFT cannot read it off a diffusers model itself
+    peft_model.peft_config["default"].base_model_name_or_path = base_model
+    return peft_model
+
+
+def check_targets(model: torch.nn.Module, spec: str, presets: dict, flag_prefix: str) -> list[str]:
+    """The target list of `spec`; UsageError naming the flag if an explicit name matches no module of `model`."""
+    targets = target_modules(spec, presets)
+    names = [n for n, _ in model.named_modules()]
+    if spec not in presets:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise UsageError(
+                f"--{flag_prefix}target-modules: no module named {', '.join(missing)} in the {type(model).__name__}"
+            )
+    return targets
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

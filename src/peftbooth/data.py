@@ -1,0 +1,164 @@
+"""Instance and class images: listing, safe loading, PIL/torch transforms and the paired DreamBooth batch."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .config import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(folder: str | Path, flag: str) -> list[Path]:
+    """Image files of `folder`, sorted; other files are skipped with a warning that names them.
+
+    Hidden files (such as the temp files of an interrupted class-image write) and caption files (NAME.txt beside
+    NAME.jpg) are ignored silently.
+    """
+    p = Path(folder)
+    if not p.exists():
+        raise UsageError(f"{flag} {folder}: no such folder")
+    if not p.is_dir():
+        raise UsageError(f"{flag} {folder}: is a file, not a folder of images")
+    images, skipped = [], []
+    for f in sorted(p.iterdir()):
+        if f.name.startswith(".") or f.is_dir():
+            continue
+        if f.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(f)
+        elif not (f.suffix.lower() == ".txt" and any(f.with_suffix(e).exists() for e in _all_case(IMAGE_EXTENSIONS))):
+            skipped.append(f.name)
+    if skipped:
+        warnings.warn(f"{flag} {folder}: skipping non-image files: {', '.join(skipped)}", stacklevel=2)
+    return images
+
+
+def _all_case(exts):
+    return [e for ext in exts for e in (ext, ext.upper())]
+
+
+def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
+    """Open an image, apply its EXIF orientation and convert to RGB; raise UsageError naming the file if unreadable.
+
+    `max_side` lets JPEG decoding downscale while reading (PIL's draft mode), so a huge photo does not have to be
+    decoded at full size.
+    """
+    try:
+        with Image.open(path) as img:
+            if max_side and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grayscale: scale to 8 bits instead of clipping everything above 255 to white
+                arr = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8), "L")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # composite transparency on white rather than letting convert('RGB') turn it black
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
+
+
+def load_captions(images: list[Path], default_prompt: str) -> list[str]:
+    """Per-image prompt: the text of NAME.txt beside NAME.jpg if present, else `default_prompt`."""
+    prompts = []
+    for path in images:
+        caption = path.with_suffix(".txt")
+        text = caption.read_text(encoding="utf-8").strip() if caption.exists() else ""
+        prompts.append(text or default_prompt)
+    return prompts
+
+
+def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool, flip: bool) -> Image.Image:
+    """Resize the short side to `resolution`, crop a square (center or random), optionally flip horizontally."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left = int(torch.randint(0, nw - resolution + 1, (1,)))
+        top = int(torch.randint(0, nh - resolution + 1, (1,)))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB (H, W, 3) uint8 -> float tensor (3, H, W) in [-1, 1]."""
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class DreamBoothDataset(Dataset):
+    """Item i pairs instance image i % N_inst with class image i % N_class, each with its own prompt.
+
+    Instance images are few (3-10) and held in memory, decoded once; class images are read from disk per item.
+    """
+
+    def __init__(
+        self,
+        instance_images: list[Image.Image],
+        instance_prompts: list[str],
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        class_paths: list[Path] | None = None,
+        class_prompt: str | None = None,
+    ):
+        self.instance_images, self.instance_prompts = instance_images, instance_prompts
+        self.class_paths, self.class_prompt = class_paths or [], class_prompt
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __len__(self) -> int:
+        return max(len(self.instance_images), len(self.class_paths))
+
+    def _transform(self, img: Image.Image) -> torch.Tensor:
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        return to_tensor(resize_and_crop(img, self.resolution, self.center_crop, flip))
+
+    def __getitem__(self, i: int) -> dict:
+        k = i % len(self.instance_images)
+        item = {"instance_pixels": self._transform(self.instance_images[k]), "instance_prompt": self.instance_prompts[k]}
+        if self.class_paths:
+            path = self.class_paths[i % len(self.class_paths)]
+            item["class_pixels"] = self._transform(load_image(path, max_side=2 * self.resolution))
+            item["class_prompt"] = self.class_prompt
+        return item
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> (N, 77) token ids, padded and truncated to the tokenizer's max length."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def collate(examples: list[dict], tokenizer) -> dict:
+    """One batch for one UNet forward: instance rows first, then class rows, each with its own prompt.
+
+    pixel_values: (B, 3, H, W) or (2B, 3, H, W) with prior preservation; input_ids: same leading size.
+    """
+    pixels = [e["instance_pixels"] for e in examples]
+    prompts = [e["instance_prompt"] for e in examples]
+    if "class_pixels" in examples[0]:
+        pixels += [e["class_pixels"] for e in examples]
+        prompts += [e["class_prompt"] for e in examples]
+    return {
+        "pixel_values": torch.stack(pixels).contiguous(),
+        "input_ids": tokenize(tokenizer, prompts),
+        "prompts": prompts,
+        "num_instance": len(examples),
+    }

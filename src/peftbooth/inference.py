@@ -1,0 +1,150 @@
+"""Generation: the base pipeline is loaded once; adapters are loaded, switched, mixed and unloaded on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import UsageError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path]:
+    """{'unet': dir, 'text_encoder': dir?} of a run folder (ours or the PEFT DreamBooth example's layout).
+
+    Only safetensors weights are accepted: a folder with nothing but a pickled adapter_model.bin is refused
+    rather than unpickled.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{flag} {path}: no such folder")
+    found = {}
+    for part in ("unet", "text_encoder"):
+        folder = root / part
+        if not (folder / "adapter_config.json").is_file():
+            continue
+        if not (folder / "adapter_model.safetensors").is_file():
+            pickles = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+            why = f"only pickle weights ({', '.join(pickles)}), which are not loaded for safety" if pickles else "no adapter_model.safetensors"
+            raise UsageError(f"{flag} {folder}: {why}; convert them to safetensors")
+        found[part] = folder
+    if "unet" not in found:
+        raise UsageError(f"{flag} {path}: no unet/adapter_config.json; pass a run folder written by 'peftbooth train'")
+    return found
+
+
+class AdapterPipeline:
+    """A StableDiffusionPipeline plus named PEFT adapters on its UNet and text encoder.
+
+    PEFT injects adapter layers into the pipeline's own modules, so `self.pipe` runs with whatever adapters are
+    active; the PeftModel handles (`self._peft`) only manage them.
+    """
+
+    def __init__(self, model: str = "tiny", revision: str | None = None, variant: str | None = None,
+                 device: str | None = None, dtype: torch.dtype | None = None):
+        from .models import load_pipeline
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftModel
+        self.adapters: dict[str, set[str]] = {}  # adapter name -> parts it has
+
+    @property
+    def model(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Load a run folder's adapters under `name` (default: the folder name) and make it the active one."""
+        from peft import PeftModel
+
+        folders = adapter_folders(path)
+        name = name or Path(path).resolve().name
+        if name in self.adapters:
+            raise UsageError(f"--adapter {name}={path}: an adapter named {name!r} is already loaded")
+        for part, folder in folders.items():
+            try:
+                if part not in self._peft:
+                    self._peft[part] = PeftModel.from_pretrained(self.model[part], folder, adapter_name=name)
+                else:
+                    self._peft[part].load_adapter(folder, adapter_name=name)
+            except (RuntimeError, ValueError) as e:
+                # shape mismatches: an adapter trained on another base model
+                first = str(e).strip().splitlines()[0]
+                raise UsageError(f"--adapter {path}: does not fit this base model ({first[:300]})") from e
+            self._peft[part].to(self.device, dtype=self.pipe.unet.dtype)
+        self.adapters[name] = set(folders)
+        self.set_adapters({name: 1.0})
+        return name
+
+    def set_adapters(self, weights: dict[str, float]) -> None:
+        """Activate exactly these adapters with these strengths: one name switches, several mix.
+
+        Each adapter layer computes base(x) + sum_i weight_i * scale_i * delta_i(x), where scale_i is the
+        adapter's own alpha / rank; a weight of 1.0 is the adapter as trained.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        unknown = [n for n in weights if n not in self.adapters]
+        if unknown:
+            raise UsageError(f"--mix: unknown adapter {unknown[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        for part, peft_model in self._peft.items():
+            active = [n for n in weights if part in self.adapters[n]]
+            # an empty list leaves only the base weights active in this part
+            peft_model.base_model.set_adapter(active, inference_mode=True)
+            for module in peft_model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    for n in active:
+                        module.set_scale(n, weights[n])
+
+    def disable_adapters(self) -> None:
+        """Run the base model alone (adapters stay loaded)."""
+        self.set_adapters({})
+
+    def unload(self, name: str) -> None:
+        """Remove one adapter's weights from the model."""
+        if name not in self.adapters:
+            raise UsageError(f"no adapter named {name!r} is loaded")
+        for part in self.adapters.pop(name):
+            peft_model = self._peft[part]
+            if list(peft_model.peft_config) == [name]:
+                peft_model.unload()  # the last one: put the original layers back
+                del self._peft[part]
+            else:
+                peft_model.delete_adapter(name)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, num_images: int = 1, seed: int = 0, steps: int = 25,
+                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                 negative_prompt: str | None = None) -> list[Image.Image]:
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return self.pipe(
+            prompt, num_images_per_prompt=num_images, generator=generator, num_inference_steps=steps,
+            guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+        ).images
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or min(len(images), 4)
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_images(images: list[Image.Image], output_dir: str | Path, stem: str) -> list[Path]:
+    """Write STEM_00.png, STEM_01.png, ... and STEM_grid.png into output_dir."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(out / f"{stem}_{i:02d}.png")
+        img.save(paths[-1])
+    image_grid(images).save(out / f"{stem}_grid.png")
+    return paths

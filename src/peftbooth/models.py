@@ -1,0 +1,212 @@
+"""Load the Stable Diffusion components separately, and build the tiny offline model.
+
+`load_components` reads a hub id or a local diffusers folder through each component's own ``from_pretrained``,
+so the tiny model (written as a normal diffusers folder) exercises exactly the code a real SD 1.5 model does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import UsageError
+
+# Sub-folders a Stable Diffusion (1.x / 2.x) diffusers folder must hold for training.
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TINY_NAME = "tiny"
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    noise_scheduler: object  # DDPMScheduler built from the model's scheduler config (keeps prediction_type)
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    model_path: str  # local folder or hub id, as passed to from_pretrained
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTBOOTH_CACHE", Path.home() / ".cache" / "peftbooth"))
+
+
+def resolve_model(model: str) -> str:
+    """'tiny' -> the cached tiny model folder (built on first use); a local folder is checked; else a hub id."""
+    if model == TINY_NAME:
+        path = cache_dir() / "tiny-sd"
+        if not (path / "model_index.json").exists():
+            build_tiny_model(path)
+        return str(path)
+    if os.path.exists(model):
+        check_model_folder(model)
+        return model
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an 'owner/name' hub id
+        raise UsageError(f"--model {model}: no such folder")
+    return model  # a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+
+
+def check_model_folder(path: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"--model {path}: not a folder; pass a diffusers model folder or a hub id")
+    missing = [s for s in REQUIRED_SUBFOLDERS if not (p / s).is_dir()]
+    if not (p / "model_index.json").is_file() or missing:
+        what = f"missing {', '.join(s + '/' for s in missing)}" if missing else "missing model_index.json"
+        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder ({what})")
+
+
+def load_components(model: str, revision: str | None = None, variant: str | None = None) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model(model)
+    kw = dict(revision=revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        # The training scheduler comes from the model's own config: prediction_type (epsilon or v_prediction),
+        # beta schedule and timestep count are kept instead of being hard-coded.
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)
+    except OSError as e:  # hub id not found, offline, or a weights variant that is not there
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {model}: could not load ({first})") from e
+    for m in (vae, unet, text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    return Components(tokenizer, noise_scheduler, vae, unet, text_encoder, path)
+
+
+def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None):
+    """The full StableDiffusionPipeline (for generation), without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model(model)
+    try:
+        with warnings.catch_warnings():
+            # newer diffusers rename torch_dtype to dtype; the old name keeps older releases working
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return StableDiffusionPipeline.from_pretrained(
+                path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {model}: could not load ({first})") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny model: SD 1.x layout, random weights, small enough to train on 2 CPU cores in seconds.
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A byte-level CLIP BPE vocabulary with no merges: every character is a token, words end with '</w>'."""
+    # Byte-level BPE maps each of the 256 bytes to a printable character: printable bytes map to themselves,
+    # the others to code points from 256 upwards (the GPT-2 / CLIP convention).
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
+    tok.model_max_length = 77
+    tok.save_pretrained(str(folder))  # tokenizer.json + config; vocab.json / merges.txt stay for slow tokenizers
+
+
+def tiny_components(prediction_type: str = "epsilon", seed: int = 0):
+    """Tiny random SD components from configs (UNet 32/64 channels, VAE downsampling x2, 2-layer CLIP)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+    )
+    return unet, vae, text_encoder, scheduler
+
+
+def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a tiny SD pipeline folder at `path` atomically (built in a temp folder, then renamed)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    try:
+        unet, vae, text_encoder, scheduler = tiny_components(prediction_type, seed)
+        _write_tokenizer(tmp / "_tok")
+        tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "_tok"))
+        tokenizer.model_max_length = 77
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(str(tmp / "model"), safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(tmp / "_tok" / name, tmp / "model" / "tokenizer" / name)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp / "model", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,317 @@
+"""DreamBooth training: ``setup`` validates and builds everything, ``fit`` is the loop, ``save`` writes the run.
+
+Read top to bottom: nothing is written to disk until every input has been checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import adapters as ad
+from .config import TrainConfig, UsageError, to_dict
+from .data import DreamBoothDataset, collate, list_images, load_captions, load_image
+from .losses import diffusion_target, dreambooth_loss
+from .models import Components, load_components
+
+RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    components: Components
+    unet: torch.nn.Module  # PeftModel around the UNet (prepared by Accelerate)
+    text_encoder: torch.nn.Module  # PeftModel when trained, else the frozen CLIPTextModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: DataLoader
+    weight_dtype: torch.dtype
+    output_dir: Path
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a whole training job; return the output folder."""
+    run = setup(cfg)
+    stats = fit(run)
+    return save(run, stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[list, list[str]]:
+    """Validate the config, the output folder and the instance images; return (images, prompts). Writes nothing."""
+    cfg.validate()
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: is a file")
+    if (out / RUN_MARKER).exists() and not cfg.train.overwrite:
+        raise UsageError(f"--output-dir {out}: already holds a finished run; pass --overwrite or choose another folder")
+    d = cfg.data
+    paths = list_images(d.instance_data_dir, "--instance-data-dir")
+    if not paths:
+        raise UsageError(f"--instance-data-dir {d.instance_data_dir}: no images (jpg, jpeg, png, webp) found")
+    images = [load_image(p, max_side=2 * d.resolution) for p in paths]
+    if d.with_prior_preservation and d.class_data_dir and Path(d.class_data_dir).is_file():
+        raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
+    if cfg.train.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+    return images, load_captions(paths, d.instance_prompt)
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def setup(cfg: TrainConfig) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    cfg = cfg.resolved()
+    images, prompts = check_inputs(cfg)
+    t, d = cfg.train, cfg.data
+    components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant)
+    # Check adapter targets against the loaded modules before anything is written.
+    ad.check_targets(components.unet, cfg.unet_adapter.target_modules, ad.UNET_PRESETS, "")
+    if t.train_text_encoder:
+        ad.check_targets(
+            components.text_encoder, cfg.text_encoder_adapter.target_modules, ad.TEXT_ENCODER_PRESETS, "text-encoder-"
+        )
+
+    # --- inputs are valid: from here on files are written
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(t.seed)
+
+    class_paths = None
+    if d.with_prior_preservation:
+        from .prior import generate_class_images
+
+        class_dir = Path(d.class_data_dir) if d.class_data_dir else out / "class_images"
+        class_paths = generate_class_images(
+            components.model_path, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size,
+            d.class_image_steps, t.seed, cfg.model.revision, cfg.model.variant, accelerator.device,
+            show_progress=accelerator.is_local_main_process,
+        )
+        set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
+
+    unet = ad.attach(components.unet, cfg.unet_adapter, ad.UNET_PRESETS, "", cfg.model.model)
+    text_encoder = components.text_encoder
+    if t.train_text_encoder:
+        text_encoder = ad.attach(text_encoder, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-",
+                                 cfg.model.model)
+    for name, model in [("unet", unet)] + ([("text_encoder", text_encoder)] if t.train_text_encoder else []):
+        trainable, total = ad.count_parameters(model)
+        accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+    # Frozen weights in the compute dtype, adapter weights in fp32: the optimizer sees exact fp32 parameters
+    # and gradients while the big frozen matmuls run in half precision.
+    weight_dtype = weight_dtype_for(t.mixed_precision)
+    components.vae.to(accelerator.device, dtype=weight_dtype)
+    for model in (unet, text_encoder):
+        model.to(accelerator.device, dtype=weight_dtype)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if t.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if t.train_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
+    if t.train_text_encoder:
+        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": t.text_encoder_learning_rate or t.learning_rate})
+    optimizer = make_optimizer(params, t, accelerator.device)
+
+    dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths, d.class_prompt)
+    dataloader = DataLoader(
+        dataset, batch_size=d.train_batch_size, shuffle=True, num_workers=d.dataloader_num_workers,
+        collate_fn=lambda examples: collate(examples, components.tokenizer),
+        generator=torch.Generator().manual_seed(t.seed), pin_memory=accelerator.device.type == "cuda",
+    )
+    # The schedule counts optimizer steps; it is stepped by hand once per optimizer step (see fit).
+    lr_scheduler = get_scheduler(
+        t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_train_steps
+    )
+    if t.train_text_encoder:
+        unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
+    else:
+        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    if accelerator.is_main_process and t.report_to != "none":
+        accelerator.init_trackers("peftbooth")
+    return Run(cfg, accelerator, components, unet, text_encoder, optimizer, lr_scheduler, dataloader, weight_dtype, out)
+
+
+def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    if t.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kw)
+    # fused AdamW: one kernel for all parameters on CUDA instead of a handful per tensor
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 77) token ids -> (B, 77, D) last hidden states, the UNet's cross-attention context."""
+    return text_encoder(input_ids)[0]
+
+
+def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Loss of one (micro-)batch: encode, noise, predict, compare with the target. Returns (loss, inst, prior)."""
+    c, device = run.components, run.accelerator.device
+    pixel_values = batch["pixel_values"].to(device, dtype=run.weight_dtype, non_blocking=True)  # (N, 3, H, W)
+    with torch.no_grad():
+        # (N, 4, H/f, W/f), scaled so latents have roughly unit variance (0.18215 for SD 1.x)
+        latents = c.vae.encode(pixel_values).latent_dist.sample() * c.latent_scale
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(
+        0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+    ).long()
+    noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
+    input_ids = batch["input_ids"].to(device)
+    if run.cfg.train.train_text_encoder:
+        encoder_hidden_states = encode_prompts(run.text_encoder, input_ids)
+    else:
+        with torch.no_grad():
+            encoder_hidden_states = encode_prompts(run.text_encoder, input_ids)
+    pred = run.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
+    return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight)
+
+
+def fit(run: Run) -> dict:
+    """Optimise the adapters for max_train_steps optimizer steps. Returns a few statistics for the run card."""
+    t, acc = run.cfg.train, run.accelerator
+    trained = [run.unet] + ([run.text_encoder] if t.train_text_encoder else [])
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    for m in trained:
+        m.train()
+    progress = tqdm(total=t.max_train_steps, desc="train", disable=not acc.is_local_main_process)
+    step, last_loss, start = 0, float("nan"), time.perf_counter()
+    while step < t.max_train_steps:
+        for batch in run.dataloader:
+            with acc.accumulate(*trained):
+                loss, instance_loss, prior_loss = training_step(run, batch)
+                acc.backward(loss)
+                if acc.sync_gradients and t.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, t.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            run.lr_scheduler.step()
+            step += 1
+            progress.update(1)
+            if step % t.logging_steps == 0 or step == t.max_train_steps:
+                # .item() waits for the device: only every logging_steps steps, not every step
+                last_loss = loss.detach().item()
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss is {last_loss} at step {step}; lower --learning-rate")
+                logs = {"loss": last_loss, "instance_loss": instance_loss.item(), "lr": run.lr_scheduler.get_last_lr()[0]}
+                if prior_loss is not None:
+                    logs["prior_loss"] = prior_loss.item()
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                if t.report_to != "none":
+                    acc.log(logs, step=step)
+            if step >= t.max_train_steps:
+                break
+    progress.close()
+    seconds = time.perf_counter() - start
+    return {"steps": step, "final_loss": last_loss, "seconds": seconds, "it_s": step / max(seconds, 1e-9)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def save(run: Run, stats: dict) -> Path:
+    """Write unet/ (and text_encoder/) adapter folders, config.yaml and README.md atomically into the output dir.
+
+    Everything is written into a hidden staging folder first, then moved into place; a run that dies while
+    saving leaves the previous contents intact.
+    """
+    acc, out = run.accelerator, run.output_dir
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        try:
+            acc.unwrap_model(run.unet).save_pretrained(staging / "unet")
+            if run.cfg.train.train_text_encoder:
+                acc.unwrap_model(run.text_encoder).save_pretrained(staging / "text_encoder")
+            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+            (staging / "README.md").write_text(run_card(run.cfg, stats))
+            # config.yaml and README.md first, unet/ (the finished-run marker) last
+            for name in ["config.yaml", "README.md", "text_encoder", "unet"]:
+                src, dst = staging / name, out / name
+                if not src.exists():
+                    if dst.is_dir() and name == "text_encoder":
+                        shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
+                    continue
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    acc.end_training()
+    return out
+
+
+def run_card(cfg: TrainConfig, stats: dict) -> str:
+    u, te = cfg.unet_adapter, cfg.text_encoder_adapter
+    lines = [
+        "# peftbooth DreamBooth adapter",
+        "",
+        f"- base model: `{cfg.model.model}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
+        f"- trigger prompt: `{cfg.data.instance_prompt}`",
+        f"- UNet adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets `{u.target_modules}`",
+    ]
+    if cfg.train.train_text_encoder:
+        lines.append(f"- text-encoder adapter: {te.adapter}, rank {te.rank}, alpha {te.alpha}, targets `{te.target_modules}`")
+    if cfg.data.with_prior_preservation:
+        lines.append(f"- prior preservation: `{cfg.data.class_prompt}`, {cfg.data.num_class_images} class images, "
+                     f"weight {cfg.data.prior_loss_weight}")
+    lines += [
+        f"- steps: {stats['steps']}, learning rate {cfg.train.learning_rate}, resolution {cfg.data.resolution}, "
+        f"mixed precision {cfg.train.mixed_precision}, final loss {stats['final_loss']:.4f}",
+        "",
+        "Generate:",
+        "",
+        "```",
+        f'peftbooth generate --model {cfg.model.model} --adapter {cfg.train.output_dir} --prompt "{cfg.data.instance_prompt}"',
+        "```",
+        "",
+        "`unet/` and `text_encoder/` are PEFT adapter folders: `PeftModel.from_pretrained(unet, 'unet')` loads them.",
+        "",
+    ]
+    return "\n".join(lines)
