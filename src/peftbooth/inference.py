@@ -40,7 +40,7 @@ class AdapterPipeline:
     """A StableDiffusionPipeline plus named PEFT adapters on its UNet and text encoder.
 
     PEFT injects adapter layers into the pipeline's own modules, so `self.pipe` runs with whatever adapters are
-    active; the PeftModel handles (`self._peft`) only manage them.
+    active; the PeftMixedModel handles (`self._peft`) only manage them.
     """
 
     def __init__(self, model: str = "tiny", revision: str | None = None, variant: str | None = None,
@@ -51,7 +51,7 @@ class AdapterPipeline:
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftModel
+        self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftMixedModel
         self.adapters: dict[str, set[str]] = {}  # adapter name -> parts it has
 
     @property
@@ -60,7 +60,7 @@ class AdapterPipeline:
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a run folder's adapters under `name` (default: the folder name) and make it the active one."""
-        from peft import PeftModel
+        from peft import PeftMixedModel
 
         folders = adapter_folders(path)
         name = name or Path(path).resolve().name
@@ -69,10 +69,11 @@ class AdapterPipeline:
         for part, folder in folders.items():
             try:
                 if part not in self._peft:
-                    self._peft[part] = PeftModel.from_pretrained(self.model[part], folder, adapter_name=name)
+                    # the mixed model holds adapters of different types (a LoRA beside a LoKr) on one base
+                    self._peft[part] = PeftMixedModel.from_pretrained(self.model[part], folder, adapter_name=name)
                 else:
                     self._peft[part].load_adapter(folder, adapter_name=name)
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError, KeyError) as e:
                 # shape mismatches: an adapter trained on another base model
                 first = str(e).strip().splitlines()[0]
                 raise UsageError(f"--adapter {path}: does not fit this base model ({first[:300]})") from e
@@ -87,17 +88,15 @@ class AdapterPipeline:
         Each adapter layer computes base(x) + sum_i weight_i * scale_i * delta_i(x), where scale_i is the
         adapter's own alpha / rank; a weight of 1.0 is the adapter as trained.
         """
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         unknown = [n for n in weights if n not in self.adapters]
         if unknown:
             raise UsageError(f"--mix: unknown adapter {unknown[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
         for part, peft_model in self._peft.items():
             active = [n for n in weights if part in self.adapters[n]]
             # an empty list leaves only the base weights active in this part
-            peft_model.base_model.set_adapter(active, inference_mode=True)
+            peft_model.set_adapter(active, inference_mode=True)
             for module in peft_model.modules():
-                if isinstance(module, BaseTunerLayer):
+                if hasattr(module, "set_scale"):  # LoRA, LoHa and LoKr layers
                     for n in active:
                         module.set_scale(n, weights[n])
 

@@ -266,9 +266,10 @@ def save(run: Run, stats: dict) -> Path:
     if acc.is_main_process:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
         try:
-            acc.unwrap_model(run.unet).save_pretrained(staging / "unet")
+            # save_embedding_layers=False: no embeddings are trained, and 'auto' would look the base model up online
+            acc.unwrap_model(run.unet).save_pretrained(staging / "unet", save_embedding_layers=False)
             if run.cfg.train.train_text_encoder:
-                acc.unwrap_model(run.text_encoder).save_pretrained(staging / "text_encoder")
+                acc.unwrap_model(run.text_encoder).save_pretrained(staging / "text_encoder", save_embedding_layers=False)
             (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
             (staging / "README.md").write_text(run_card(run.cfg, stats))
             # config.yaml and README.md first, unet/ (the finished-run marker) last

@@ -1,0 +1,257 @@
+"""`peftbooth` command line: parse -> call the library. Flags of `train` are generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import SECTIONS, TrainConfig, UsageError, field_type, from_dict, to_dict
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line (no usage dump) with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag_name(prefix: str, field_name: str) -> str:
+    return "--" + prefix + field_name.replace("_", "-")
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: str, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of the section's dataclass. Defaults are SUPPRESSed so only given flags override."""
+    cls, prefix = SECTIONS[section]
+    group = parser.add_argument_group(section)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        typ, _ = field_type(f)
+        kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = typ
+            kw["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+                kw.pop("metavar")
+        group.add_argument(flag_name(prefix, f.name), **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """--config YAML (if any) overridden by the flags given on the command line."""
+    cfg = TrainConfig()
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        cfg = from_dict(data, source=f"--config {path}")
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg.resolved()), sort_keys=False), end="")
+        return 0
+    out = train(cfg)
+    print(f"adapters written to {out}/unet" + (" and text_encoder" if cfg.train.train_text_encoder else ""))
+    return 0
+
+
+def cmd_class_images(args) -> int:
+    from .prior import generate_class_images
+
+    cfg = config_from_args(argparse.Namespace(config=None, **vars(args)))
+    d, m = cfg.data, cfg.model
+    if not d.class_prompt:
+        raise UsageError("--class-prompt is required, e.g. 'a photo of a dog'")
+    if not d.class_data_dir:
+        raise UsageError("--class-data-dir is required: where the class images go")
+    for flag, v in [("--num-class-images", d.num_class_images), ("--sample-batch-size", d.sample_batch_size),
+                    ("--class-image-steps", d.class_image_steps)]:
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1 (got {v})")
+    paths = generate_class_images(m.model, d.class_prompt, d.class_data_dir, d.num_class_images, d.sample_batch_size,
+                                  d.class_image_steps, cfg.train.seed, m.revision, m.variant)
+    print(f"{len(paths)} class images in {d.class_data_dir}")
+    return 0
+
+
+def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | None, str | float]]:
+    pairs = []
+    for v in values:
+        name, sep, rest = v.partition("=")
+        if number:
+            try:
+                pairs.append((name, float(rest)))
+            except ValueError:
+                raise UsageError(f"{flag} {v}: expected NAME=WEIGHT, e.g. {flag} dog=0.7") from None
+            if not sep or not name:
+                raise UsageError(f"{flag} {v}: expected NAME=WEIGHT, e.g. {flag} dog=0.7")
+        else:
+            pairs.append((name, rest) if sep else (None, v))
+    return pairs
+
+
+def cmd_generate(args) -> int:
+    from .inference import AdapterPipeline, adapter_folders, image_grid, save_images
+
+    adapters = parse_pairs(args.adapter, "--adapter", number=False)
+    mix = parse_pairs(args.mix, "--mix", number=True)
+    names = []
+    for name, path in adapters:  # check every folder before the model is loaded
+        adapter_folders(path)
+        names.append(name or Path(path).resolve().name)
+    if len(set(names)) != len(names):
+        raise UsageError(f"--adapter: two adapters are named {max(names, key=names.count)!r}; use NAME=DIR")
+    for name, _ in mix:
+        if name not in names:
+            raise UsageError(f"--mix {name}: no --adapter of that name; loaded: {', '.join(names) or 'none'}")
+    if args.num_images < 1 or args.steps < 1:
+        raise UsageError("--num-images and --steps must be >= 1")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: is a file")
+
+    pipe = AdapterPipeline(args.model, args.revision, args.variant)
+    for (_, path), name in zip(adapters, names):
+        pipe.load_adapter(path, name)
+    runs = [("mix", dict(mix))] if mix else [(n, {n: 1.0}) for n in names] or [("base", {})]
+    if args.include_base and runs[0][0] != "base":
+        runs.insert(0, ("base", {}))
+    every = []
+    for stem, weights in runs:
+        pipe.set_adapters(weights)
+        images = pipe.generate(args.prompt, args.num_images, args.seed, args.steps, args.guidance_scale,
+                               args.height, args.width, args.negative_prompt)
+        save_images(images, out, stem)
+        every += images
+    image_grid(every, cols=args.num_images).save(out / "grid.png")
+    print(f"{len(every)} images and grid.png written to {out}")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from .models import build_tiny_model
+
+    path = Path(args.dir)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise UsageError(f"tiny-model {path}: exists and is not empty; choose a new folder")
+    build_tiny_model(path, prediction_type=args.prediction_type, seed=args.seed)
+    print(f"tiny Stable Diffusion model ({args.prediction_type}) written to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, steps=args.steps)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="peftbooth", description="DreamBooth with PEFT adapters (LoRA, LoHa, LoKr)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train DreamBooth adapters")
+    p.add_argument("--config", help="YAML file with sections model, unet_adapter, text_encoder_adapter, data, train")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for section in SECTIONS:
+        add_section_flags(p, section)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("class-images", help="generate class images for prior preservation (resumable)")
+    add_section_flags(p, "model")
+    add_section_flags(p, "data", ("class_prompt", "class_data_dir", "num_class_images", "sample_batch_size",
+                                   "class_image_steps"))
+    add_section_flags(p, "train", ("seed",))
+    p.set_defaults(func=cmd_class_images)
+
+    p = sub.add_parser("generate", help="generate images with one or more trained adapters")
+    p.add_argument("--model", default="tiny", help="base model: hub id, diffusers folder, or 'tiny'")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a run folder (unet/ and optional text_encoder/ adapter folders); repeatable")
+    p.add_argument("--mix", nargs="+", default=[], metavar="NAME=WEIGHT", help="generate with a weighted mix")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--include-base", action="store_true", help="also generate with the base model alone")
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion model folder (offline)")
+    p.add_argument("dir")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("demo", help="train lora, loha and lokr on synthetic photos with the tiny model (CPU, ~1 min)")
+    p.add_argument("--output-dir", default="demo-output")
+    p.add_argument("--steps", type=int, default=40, help="training steps per adapter")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' own loading progress bars and chatter; our progress bars and errors stay."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"peftbooth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"peftbooth {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
