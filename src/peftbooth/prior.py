@@ -6,6 +6,7 @@ import gc
 import hashlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -28,12 +29,18 @@ def valid_class_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return good, corrupt
 
 
-def write_image_atomic(folder: Path, image) -> Path:
-    """Save a PIL image as PNG named by its content hash: temp file, fsync, rename. Never leaves a partial PNG."""
+NAME = re.compile(r"^class-(\d+)-[0-9a-f]+\.png$")
+
+
+def write_image_atomic(folder: Path, image, index: int) -> Path:
+    """Save a PIL image as PNG named by its index and content hash: temp file, fsync, rename.
+
+    Never leaves a partial PNG under a name that is counted; the index says which seed made it.
+    """
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     data = buf.getvalue()
-    final = folder / f"{hashlib.sha256(data).hexdigest()[:20]}.png"
+    final = folder / f"class-{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png"
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -66,7 +73,8 @@ def generate_class_images(
     """Make `class_data_dir` hold `num_class_images` readable images; return the paths (sorted, at most N).
 
     Images already there count (so an interrupted run resumes); corrupt ones are named in a warning and not
-    counted. Image k is drawn from seed `seed + k`, so a resumed run does not repeat the images it already made.
+    counted. Image k is drawn from seed `seed + k` and named `class-k-HASH.png`; a resumed run makes the lowest
+    indices not on disk, so it never repeats an image it already made (even if one in the middle was lost).
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -88,18 +96,19 @@ def generate_class_images(
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
-        start = len(good)
+        on_disk = {int(m.group(1)) for p in good if (m := NAME.match(p.name))}
+        todo = [k for k in range(num_class_images + len(on_disk)) if k not in on_disk][:missing]
         bar = tqdm(total=missing, desc="class images", disable=not show_progress)
-        for first in range(start, num_class_images, sample_batch_size):
-            indices = range(first, min(first + sample_batch_size, num_class_images))
+        for first in range(0, missing, sample_batch_size):
+            indices = todo[first : first + sample_batch_size]
             generators = [torch.Generator(device).manual_seed(seed + k) for k in indices]
             with torch.inference_mode():
                 images = pipe(
                     class_prompt, num_images_per_prompt=len(indices), generator=generators,
                     num_inference_steps=num_inference_steps,
                 ).images
-            for image in images:
-                write_image_atomic(folder, image)
+            for k, image in zip(indices, images):
+                write_image_atomic(folder, image, k)
             bar.update(len(indices))
         bar.close()
         del pipe

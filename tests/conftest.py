@@ -1,0 +1,76 @@
+"""Shared fixtures: one tiny random SD model per session, built from configs and saved as a diffusers folder."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any hidden hub call fails fast instead of hanging
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # 'tiny' resolves inside the test session's own cache, never the user's
+    monkeypatch.setenv("PEFTBOOTH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet():
+    from peftbooth.cli import quiet_libraries
+
+    quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from peftbooth.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory) -> str:
+    from peftbooth.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))
+
+
+def draw_photos(folder: Path, n: int = 3, size=(48, 40)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", size, (40 * i, 120, 200 - 30 * i))
+        ImageDraw.Draw(img).ellipse((4 + 3 * i, 4, 30, 30), fill=(250, 20, 20))
+        img.save(folder / f"photo_{i}.png")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    return draw_photos(tmp_path / "photos")
+
+
+def tiny_config(model: str, photos: Path, output_dir: Path, **overrides):
+    """A TrainConfig for a few fast steps on the tiny model; overrides are 'section.field' -> value."""
+    from peftbooth.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.model.model = model
+    cfg.data.instance_data_dir = str(photos)
+    cfg.data.instance_prompt = "a photo of sks dog"
+    cfg.data.resolution = 32
+    cfg.data.class_image_steps = 2
+    cfg.train.output_dir = str(output_dir)
+    cfg.train.max_train_steps = 2
+    cfg.train.learning_rate = 1e-3
+    cfg.train.report_to = "none"
+    cfg.train.logging_steps = 1
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg

@@ -1,0 +1,144 @@
+"""Data pairing, transforms, the loss maths and resumable class-image generation."""
+
+import io
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import draw_photos
+from peftbooth.data import DreamBoothDataset, collate, list_images, load_captions, load_image, to_tensor
+from peftbooth.losses import diffusion_target, dreambooth_loss
+from peftbooth.models import load_components
+from peftbooth.prior import generate_class_images, valid_class_images
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def test_batch_pairs_each_half_with_its_own_prompt(tiny_model, tmp_path):
+    photos = draw_photos(tmp_path / "photos", n=3)
+    (photos / "photo_1.txt").write_text("a photo of sks dog on a beach\n")  # per-image caption
+    paths = list_images(photos, "--instance-data-dir")
+    prompts = load_captions(paths, "a photo of sks dog")
+    assert prompts == ["a photo of sks dog", "a photo of sks dog on a beach", "a photo of sks dog"]
+    class_dir = draw_photos(tmp_path / "class", n=2, size=(40, 40))
+    ds = DreamBoothDataset([load_image(p) for p in paths], prompts, 32, class_paths=list_images(class_dir, "c"),
+                           class_prompt="a photo of a dog")
+    assert len(ds) == 3
+    tok = load_components(tiny_model).tokenizer
+    batch = collate([ds[0], ds[1]], tok)  # batch size 2 + 2 class images
+    assert batch["num_instance"] == 2
+    assert batch["prompts"] == ["a photo of sks dog", "a photo of sks dog on a beach",
+                                "a photo of a dog", "a photo of a dog"]
+    for row, prompt in enumerate(batch["prompts"]):
+        assert torch.equal(batch["input_ids"][row], tok(prompt, padding="max_length", max_length=77,
+                                                        truncation=True, return_tensors="pt").input_ids[0])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    # rows 2 and 3 are the class images 0 and 1, in order
+    torch.testing.assert_close(batch["pixel_values"][2], ds[0]["class_pixels"])
+    torch.testing.assert_close(batch["pixel_values"][3], ds[1]["class_pixels"])
+
+
+def test_transforms_resize_short_side_crop_and_range(tmp_path):
+    img = Image.new("RGB", (80, 40), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 40))  # blue left quarter
+    ds = DreamBoothDataset([img], ["p"], 32, center_crop=True)
+    x = ds[0]["instance_pixels"]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    # 80x40 -> 64x32, center crop keeps columns 16..48: the blue quarter (0..16 after resize) is cut away
+    assert torch.allclose(x[:, :, 4], torch.tensor([1.0, -1.0, -1.0])[:, None], atol=0.02)
+    flipped = DreamBoothDataset([img], ["p"], 32, center_crop=False, random_flip=True)
+    torch.manual_seed(0)
+    shapes = {tuple(flipped[0]["instance_pixels"].shape) for _ in range(5)}
+    assert shapes == {(3, 32, 32)}
+    assert torch.equal(to_tensor(Image.new("RGB", (2, 2), (255, 255, 255))), torch.ones(3, 2, 2))
+
+
+def test_exif_rotation_and_modes_become_upright_rgb(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 255, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "alpha.png")
+    assert load_image(tmp_path / "alpha.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    Image.new("L", (8, 8), 100).save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").mode == "RGB"
+
+
+# --- losses -----------------------------------------------------------------------------------------------------
+
+
+def test_dreambooth_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    loss, inst, prior = dreambooth_loss(pred, target, num_instance=2, prior_loss_weight=0.5)
+    hand_inst = ((pred[:2] - target[:2]) ** 2).sum() / pred[:2].numel()
+    hand_prior = ((pred[2:] - target[2:]) ** 2).sum() / pred[2:].numel()
+    torch.testing.assert_close(inst, hand_inst)
+    torch.testing.assert_close(prior, hand_prior)
+    torch.testing.assert_close(loss, hand_inst + 0.5 * hand_prior)
+    only, inst_only, none = dreambooth_loss(pred[:2], target[:2], 2, 0.5)
+    assert none is None and torch.equal(only, inst_only)
+    torch.testing.assert_close(only, F.mse_loss(pred[:2], target[:2]))
+
+
+def test_target_is_noise_for_epsilon_and_velocity_for_v_prediction(tiny_model, tiny_vpred_model):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 700])
+    eps_sched = load_components(tiny_model).noise_scheduler
+    assert diffusion_target(eps_sched, x0, noise, t) is noise
+    v_sched = load_components(tiny_vpred_model).noise_scheduler
+    assert type(v_sched).__name__ == "DDPMScheduler" and v_sched.config.prediction_type == "v_prediction"
+    v = diffusion_target(v_sched, x0, noise, t)
+    a = v_sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    assert not torch.allclose(v, noise)
+
+
+# --- class images -----------------------------------------------------------------------------------------------
+
+
+def test_class_images_generate_missing_only_and_resume(tiny_model, tmp_path):
+    folder = tmp_path / "class"
+    paths = generate_class_images(tiny_model, "a photo of a dog", folder, 3, sample_batch_size=2,
+                                  num_inference_steps=2, show_progress=False)
+    assert len(paths) == 3 and len(set(p.name for p in paths)) == 3
+    assert sorted(p.name[:11] for p in paths) == ["class-00000", "class-00001", "class-00002"]
+    assert all(len(p.stem) == 11 + 1 + 16 for p in paths)  # index + content hash
+    # a crash: one image lost, a half-written temp file and a corrupt image left behind
+    paths[1].unlink()  # lost from the middle: index 1 must be made again, not a repeat of index 2
+    (folder / f".{paths[0].name}.123.tmp").write_bytes(b"\x89PNG\r\n")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    before = set(folder.iterdir())
+    with pytest.warns(UserWarning, match="broken.png"):
+        again = generate_class_images(tiny_model, "a photo of a dog", folder, 4, sample_batch_size=2,
+                                      num_inference_steps=2, show_progress=False)
+    new = set(folder.iterdir()) - before
+    assert sorted(p.name[:11] for p in new) == ["class-00001", "class-00003"]  # 2 were left, 4 wanted
+    assert len(again) == 4 and all(p.suffix == ".png" and not p.name.startswith(".") for p in again)
+    good, corrupt = valid_class_images(folder)
+    assert len(good) == 4 and [p.name for p in corrupt] == ["broken.png"]
+    # nothing missing: nothing is generated (the model is not even loaded)
+    untouched = set(folder.iterdir())
+    with pytest.warns(UserWarning):
+        generate_class_images("/no/such/model", "x", folder, 4, show_progress=False)
+    assert set(folder.iterdir()) == untouched
+
+
+def test_class_image_is_written_atomically(tmp_path, monkeypatch):
+    from peftbooth import prior
+
+    img = Image.new("RGB", (8, 8), (1, 2, 3))
+    calls = []
+    real_replace = prior.os.replace
+    monkeypatch.setattr(prior.os, "replace", lambda a, b: calls.append((a, b)) or real_replace(a, b))
+    path = prior.write_image_atomic(tmp_path, img, 7)
+    (src, dst), = calls
+    assert src.name.startswith(".") and dst == path and path.exists() and not src.exists()
+    assert path.name.startswith("class-00007-")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    assert path.read_bytes() == buf.getvalue()
