@@ -96,11 +96,47 @@ def test_training_step_loss_is_instance_plus_weighted_prior(tiny_model, photos, 
     })
     run = setup(cfg)
     batch = next(iter(run.dataloader))
-    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["num_instance"] == 2
+    assert [k[0] for k in batch["keys"]] == ["instance", "instance", "class", "class"] and batch["num_instance"] == 2
+    assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of a dog"] * 2
     loss, instance_loss, prior_loss = training_step(run, batch)
     assert prior_loss is not None
     torch.testing.assert_close(loss, instance_loss + 0.3 * prior_loss, rtol=0, atol=0)
     assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("adapter", ["lora", "loha", "lokr"])
+def test_caching_does_not_change_training(tiny_model, photos, tmp_path, adapter):
+    """Same seed, with and without the latent and text caches: same losses and adapters within fp tolerance."""
+    results = []
+    for cached in (True, False):
+        cfg = tiny_config(tiny_model, photos, tmp_path / f"out-{cached}", **{
+            "unet_adapter.adapter": adapter, "train.max_train_steps": 3, "data.random_flip": True,
+            "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",
+            "data.num_class_images": 2, "data.class_data_dir": str(tmp_path / "class"),
+            "train.cache_latents": cached, "train.cache_text_states": cached,
+        })
+        run = setup(cfg)
+        assert (run.latent_cache is not None) == cached and (run.text_cache is not None) == cached
+        if cached:
+            assert len(run.latent_cache) == (3 + 2) * 2  # every instance and class image, both flips
+        losses = []
+        for batch in run.dataloader:
+            losses.append(training_step(run, batch)[0].item())
+            if len(losses) == 3:
+                break
+        fit(run)
+        results.append((losses, {n: p.detach().clone() for n, p in run.unet.named_parameters() if p.requires_grad}))
+    (cached_losses, cached_params), (plain_losses, plain_params) = results
+    torch.testing.assert_close(cached_losses, plain_losses, rtol=1e-5, atol=1e-6)
+    for name, p in cached_params.items():
+        torch.testing.assert_close(p, plain_params[name], rtol=1e-4, atol=1e-6)
+
+
+def test_random_crop_turns_latent_caching_off(tiny_model, photos, tmp_path, capsys):
+    run = setup(tiny_config(tiny_model, photos, tmp_path / "out", **{"data.center_crop": False}))
+    assert run.latent_cache is None and run.text_cache is not None
+    assert "latents are not cached: random crops" in capsys.readouterr().out
+    assert "pixel_values" in next(iter(run.dataloader))
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_model, photos, tmp_path):

@@ -241,8 +241,15 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # bad usage (code 2) or --help (0): return the code like every other outcome
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     quiet_libraries()
+    import warnings
+
+    # our warnings (skipped files, corrupt class images) as one readable line, without source excerpts
+    warnings.formatwarning = lambda message, category, *_, **__: f"peftbooth: warning: {message}\n"
     try:
         return args.func(args)
     except UsageError as e:

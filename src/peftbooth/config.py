@@ -71,6 +71,11 @@ UNET_ADAPTER_DEFAULTS = dict(
     decompose_factor=-1,
 )
 
+# Options that only mean something for some adapter types: the text-encoder adapter inherits them from the UNet's
+# only when both adapters are of the same type.
+TYPE_SPECIFIC_OPTIONS = ("module_dropout", "use_dora", "use_rslora", "use_effective_conv2d", "decompose_both",
+                         "decompose_factor")
+
 
 @dataclass
 class DataArgs:
@@ -110,6 +115,9 @@ class TrainArgs:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str = _f("no", "compute precision of the frozen weights", choices=MIXED_PRECISION)
     train_text_encoder: bool = _f(False, "also train an adapter on the CLIP text encoder")
+    cache_latents: bool = _f(True, "VAE-encode each image (and its flip) once instead of every step; off with random crops")
+    cache_text_states: bool = _f(True, "encode each prompt once when the text encoder is frozen")
+    compile: bool = _f(False, "torch.compile the UNet (falls back to eager with a warning where unavailable)")
     logging_steps: int = _f(10, "log loss and lr every N steps (a host sync each time)")
     report_to: str = _f("tensorboard", "tracker for loss/lr logs: tensorboard | none", choices=("tensorboard", "none"))
 
@@ -134,10 +142,19 @@ class TrainConfig:
         if unet.alpha is None:
             unet.alpha = float(unet.rank)
         te = dataclasses.replace(self.text_encoder_adapter)
+        if te.adapter is None:
+            te.adapter = unet.adapter
         for name in UNET_ADAPTER_DEFAULTS:
             if getattr(te, name) is None:
-                # target modules are named differently in the text encoder: its default preset is 'attn' too
-                setattr(te, name, "attn" if name == "target_modules" else getattr(unet, name))
+                if name == "target_modules":
+                    # module names differ in the text encoder: its default preset is 'attn' too
+                    value = "attn"
+                elif name in TYPE_SPECIFIC_OPTIONS and te.adapter != unet.adapter:
+                    # e.g. the UNet's --use-dora must not leak into a LoHa text-encoder adapter
+                    value = UNET_ADAPTER_DEFAULTS[name]
+                else:
+                    value = getattr(unet, name)
+                setattr(te, name, value)
         if self.text_encoder_adapter.alpha is None:
             te.alpha = float(te.rank)  # alpha follows the text encoder's own rank, not the UNet's alpha
         cfg.unet_adapter, cfg.text_encoder_adapter = unet, te

@@ -105,7 +105,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 class DreamBoothDataset(Dataset):
     """Item i pairs instance image i % N_inst with class image i % N_class, each with its own prompt.
 
-    Instance images are few (3-10) and held in memory, decoded once; class images are read from disk per item.
+    Every item carries a key per image, ('instance' | 'class', index, flipped), naming exactly which pixels it
+    stands for; with `load_pixels=False` (latents cached by key) the images are not decoded at all. The flip is
+    drawn in the same order either way, so cached and uncached runs see the same random stream.
+    Instance images are few (3-10) and held in memory; class images are read from disk when needed.
     """
 
     def __init__(
@@ -117,25 +120,41 @@ class DreamBoothDataset(Dataset):
         random_flip: bool = False,
         class_paths: list[Path] | None = None,
         class_prompt: str | None = None,
+        load_pixels: bool = True,
     ):
         self.instance_images, self.instance_prompts = instance_images, instance_prompts
         self.class_paths, self.class_prompt = class_paths or [], class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.load_pixels = load_pixels
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_paths))
 
-    def _transform(self, img: Image.Image) -> torch.Tensor:
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+    def _flip(self) -> bool:
+        return self.random_flip and bool(torch.rand(()) < 0.5)
+
+    def pixels(self, key: tuple) -> torch.Tensor:
+        """(3, H, W) in [-1, 1] for a key ('instance' | 'class', index, flipped)."""
+        kind, index, flip = key
+        img = self.instance_images[index] if kind == "instance" else load_image(self.class_paths[index], 2 * self.resolution)
         return to_tensor(resize_and_crop(img, self.resolution, self.center_crop, flip))
 
+    def all_keys(self) -> list[tuple]:
+        """Every distinct (image, flip) the dataset can produce; what a latent cache must hold."""
+        flips = (False, True) if self.random_flip else (False,)
+        keys = [("instance", k, f) for k in range(len(self.instance_images)) for f in flips]
+        return keys + [("class", j, f) for j in range(len(self.class_paths)) for f in flips]
+
     def __getitem__(self, i: int) -> dict:
-        k = i % len(self.instance_images)
-        item = {"instance_pixels": self._transform(self.instance_images[k]), "instance_prompt": self.instance_prompts[k]}
+        key = ("instance", i % len(self.instance_images), self._flip())
+        item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]]}
+        if self.load_pixels:
+            item["instance_pixels"] = self.pixels(key)
         if self.class_paths:
-            path = self.class_paths[i % len(self.class_paths)]
-            item["class_pixels"] = self._transform(load_image(path, max_side=2 * self.resolution))
-            item["class_prompt"] = self.class_prompt
+            key = ("class", i % len(self.class_paths), self._flip())
+            item.update(class_key=key, class_prompt=self.class_prompt)
+            if self.load_pixels:
+                item["class_pixels"] = self.pixels(key)
         return item
 
 
@@ -146,19 +165,20 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def collate(examples: list[dict], tokenizer) -> dict:
+def collate(examples: list[dict], tokenizer=None) -> dict:
     """One batch for one UNet forward: instance rows first, then class rows, each with its own prompt.
 
-    pixel_values: (B, 3, H, W) or (2B, 3, H, W) with prior preservation; input_ids: same leading size.
+    pixel_values (when loaded): (B, 3, H, W), or (2B, 3, H, W) with prior preservation; keys, prompts and
+    input_ids (when a tokenizer is given) have the same leading size and order.
     """
-    pixels = [e["instance_pixels"] for e in examples]
-    prompts = [e["instance_prompt"] for e in examples]
-    if "class_pixels" in examples[0]:
-        pixels += [e["class_pixels"] for e in examples]
-        prompts += [e["class_prompt"] for e in examples]
-    return {
-        "pixel_values": torch.stack(pixels).contiguous(),
-        "input_ids": tokenize(tokenizer, prompts),
-        "prompts": prompts,
+    halves = ["instance"] + (["class"] if "class_key" in examples[0] else [])
+    batch = {
+        "keys": [e[f"{h}_key"] for h in halves for e in examples],
+        "prompts": [e[f"{h}_prompt"] for h in halves for e in examples],
         "num_instance": len(examples),
     }
+    if "instance_pixels" in examples[0]:
+        batch["pixel_values"] = torch.stack([e[f"{h}_pixels"] for h in halves for e in examples]).contiguous()
+    if tokenizer is not None:
+        batch["input_ids"] = tokenize(tokenizer, batch["prompts"])
+    return batch

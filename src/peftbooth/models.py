@@ -136,47 +136,43 @@ def _write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))  # tokenizer.json + config; vocab.json / merges.txt stay for slow tokenizers
 
 
-def tiny_components(prediction_type: str = "epsilon", seed: int = 0):
-    """Tiny random SD components from configs (UNet 32/64 channels, VAE downsampling x2, 2-layer CLIP)."""
+# Component configs of the random models: 'tiny' for tests and the demo, 'sd15' with the shapes of SD 1.5
+# (860M-parameter UNet) for benchmarks. Both use the SD 1.x layout and the locally written tokenizer.
+SHAPES = {
+    "tiny": dict(
+        unet=dict(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
+        vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16, sample_size=64),
+        text=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "sd15": dict(
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512, layers_per_block=2),
+        text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, hidden_act="quick_gelu"),
+    ),
+}
+
+
+def random_components(shape: str = "tiny", prediction_type: str = "epsilon", seed: int = 0):
+    """Randomly initialised SD components built from the configs in SHAPES."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    cfg = SHAPES[shape]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-        )
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **cfg["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, **cfg["text"]
+    ))
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type=prediction_type, clip_sample=False, steps_offset=1,
@@ -184,8 +180,8 @@ def tiny_components(prediction_type: str = "epsilon", seed: int = 0):
     return unet, vae, text_encoder, scheduler
 
 
-def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny SD pipeline folder at `path` atomically (built in a temp folder, then renamed)."""
+def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: int = 0, shape: str = "tiny") -> Path:
+    """Write a random SD pipeline folder (tiny by default) at `path` atomically: built in a temp folder, renamed."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -193,7 +189,7 @@ def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     try:
-        unet, vae, text_encoder, scheduler = tiny_components(prediction_type, seed)
+        unet, vae, text_encoder, scheduler = random_components(shape, prediction_type, seed)
         _write_tokenizer(tmp / "_tok")
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "_tok"))
         tokenizer.model_max_length = 77

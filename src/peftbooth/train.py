@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import adapters as ad
+from .cache import LatentCache, TextCache
 from .config import TrainConfig, UsageError, to_dict
 from .data import DreamBoothDataset, collate, list_images, load_captions, load_image
 from .losses import diffusion_target, dreambooth_loss
@@ -41,6 +43,8 @@ class Run:
     dataloader: DataLoader
     weight_dtype: torch.dtype
     output_dir: Path
+    latent_cache: LatentCache | None = None  # VAE posteriors per (image, flip), when cached
+    text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -153,10 +157,23 @@ def setup(cfg: TrainConfig) -> Run:
                        "lr": t.text_encoder_learning_rate or t.learning_rate})
     optimizer = make_optimizer(params, t, accelerator.device)
 
-    dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths, d.class_prompt)
+    # Caches: the frozen VAE and text encoder give the same answer for the same input, so ask them once.
+    cache_latents = t.cache_latents and d.center_crop
+    if t.cache_latents and not d.center_crop:
+        accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
+    dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
+                                d.class_prompt, load_pixels=not cache_latents)
+    latent_cache = text_cache = None
+    if cache_latents:
+        latent_cache = LatentCache.build(dataset, components.vae, accelerator.device, weight_dtype, d.sample_batch_size)
+        offload(components.vae, accelerator.device)
+    if t.cache_text_states and not t.train_text_encoder:
+        all_prompts = prompts + ([d.class_prompt] if class_paths else [])
+        text_cache = TextCache.build(all_prompts, components.tokenizer, text_encoder, accelerator.device)
+        offload(text_encoder, accelerator.device)
     dataloader = DataLoader(
         dataset, batch_size=d.train_batch_size, shuffle=True, num_workers=d.dataloader_num_workers,
-        collate_fn=lambda examples: collate(examples, components.tokenizer),
+        collate_fn=partial(collate, tokenizer=None if text_cache else components.tokenizer),
         generator=torch.Generator().manual_seed(t.seed), pin_memory=accelerator.device.type == "cuda",
     )
     # The schedule counts optimizer steps; it is stepped by hand once per optimizer step (see fit).
@@ -167,9 +184,39 @@ def setup(cfg: TrainConfig) -> Run:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    if t.compile:
+        unet = maybe_compile(unet, accelerator)
     if accelerator.is_main_process and t.report_to != "none":
         accelerator.init_trackers("peftbooth")
-    return Run(cfg, accelerator, components, unet, text_encoder, optimizer, lr_scheduler, dataloader, weight_dtype, out)
+    return Run(cfg, accelerator, components, unet, text_encoder, optimizer, lr_scheduler, dataloader, weight_dtype,
+               out, latent_cache, text_cache)
+
+
+def offload(model: torch.nn.Module, device: torch.device) -> None:
+    """Move a model whose outputs are cached off the GPU for the rest of training."""
+    if device.type == "cuda":
+        model.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def maybe_compile(unet: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """torch.compile the UNet; where compiling cannot work, warn and train eagerly instead of failing."""
+    import shutil
+    import warnings
+
+    import torch._dynamo
+
+    why = None
+    if not torch._dynamo.is_dynamo_supported():
+        why = "torch.compile is not supported on this Python/platform"
+    elif accelerator.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        why = "no C++ compiler found for the CPU backend"
+    if why:
+        warnings.warn(f"--compile: {why}; training eagerly", stacklevel=2)
+        return unet
+    # an op the compiler cannot handle falls back to eager for that graph, with a warning, instead of crashing
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(unet)
 
 
 def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
@@ -194,21 +241,26 @@ def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
 def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss of one (micro-)batch: encode, noise, predict, compare with the target. Returns (loss, inst, prior)."""
     c, device = run.components, run.accelerator.device
-    pixel_values = batch["pixel_values"].to(device, dtype=run.weight_dtype, non_blocking=True)  # (N, 3, H, W)
-    with torch.no_grad():
-        # (N, 4, H/f, W/f), scaled so latents have roughly unit variance (0.18215 for SD 1.x)
-        latents = c.vae.encode(pixel_values).latent_dist.sample() * c.latent_scale
+    if run.latent_cache is not None:
+        latents = run.latent_cache.sample(batch["keys"])
+    else:
+        pixel_values = batch["pixel_values"].to(device, dtype=run.weight_dtype, non_blocking=True)  # (N, 3, H, W)
+        with torch.no_grad():
+            latents = c.vae.encode(pixel_values).latent_dist.sample()
+    # (N, 4, H/f, W/f), scaled so latents have roughly unit variance (0.18215 for SD 1.x)
+    latents = latents * c.latent_scale
     noise = torch.randn_like(latents)
     timesteps = torch.randint(
         0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
     ).long()
     noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
-    input_ids = batch["input_ids"].to(device)
-    if run.cfg.train.train_text_encoder:
-        encoder_hidden_states = encode_prompts(run.text_encoder, input_ids)
+    if run.text_cache is not None:
+        encoder_hidden_states = run.text_cache.lookup(batch["prompts"])  # (N, 77, D)
+    elif run.cfg.train.train_text_encoder:
+        encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"].to(device))
     else:
         with torch.no_grad():
-            encoder_hidden_states = encode_prompts(run.text_encoder, input_ids)
+            encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"].to(device))
     pred = run.unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
     return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight)

@@ -1,0 +1,289 @@
+"""Training throughput and peak memory: floor vs plain vs peftbooth, per adapter type, in one run.
+
+    python benchmarks/train_throughput.py --model tiny            # CPU, a few minutes
+    python benchmarks/train_throughput.py --model sd15 --resolution 512 --mixed-precision bf16   # GPU
+
+Modes (each measured in its own worker process, one after another, so peak memory is per mode):
+  floor      UNet forward + backward + optimizer step on ready-made tensors, with the same model, adapter,
+             dtypes and shapes as the real run: the cost no trainer can avoid.
+  plain      the naive algorithm of the widely used example scripts: VAE and text encoder every step, frozen
+             weights kept in fp32 (autocast for mixed precision), no caching, no compile.
+  peftbooth  peftbooth's real `setup` + `fit` with its defaults (latent and text-state caching, frozen weights
+             in the compute dtype); `peftbooth-compile` adds --compile when asked.
+Batch: 1 instance + 1 class image per step (prior preservation). One JSON line per (adapter, mode) with it_s,
+images_s (UNet samples per second: instance + class), peak_mb (CUDA max_memory_allocated, or peak RSS on CPU),
+speedup_vs_plain and efficiency_vs_floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RANKS = {"lora": 16, "loha": 8, "lokr": 8}
+
+
+def prepare(model: str, root: Path) -> tuple[str, Path, Path]:
+    """The random model folder, 5 subject photos and 4 class images (drawn, so nothing is generated)."""
+    from peftbooth.demo import draw_subject_photos
+    from peftbooth.models import build_tiny_model, cache_dir
+
+    path = cache_dir() / ("tiny-sd" if model == "tiny" else "sd15-random")
+    if not (path / "model_index.json").exists():
+        build_tiny_model(path, shape=model)
+    photos = root / "photos"
+    draw_subject_photos(photos, n=5, size=600 if model == "sd15" else 96)
+    classes = root / "class"
+    draw_subject_photos(classes, n=4, size=600 if model == "sd15" else 96, seed=1)
+    return str(path), photos, classes
+
+
+def config(args, adapter: str, model: str, photos: Path, classes: Path, out: Path, **train):
+    from peftbooth.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.model.model = model
+    cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, RANKS[adapter], "all"
+    cfg.data.instance_data_dir, cfg.data.instance_prompt = str(photos), "a photo of sks toy"
+    cfg.data.with_prior_preservation, cfg.data.class_prompt = True, "a photo of a toy"
+    cfg.data.class_data_dir, cfg.data.num_class_images = str(classes), 4
+    cfg.data.resolution = args.resolution
+    cfg.train.output_dir, cfg.train.overwrite, cfg.train.report_to = str(out), True, "none"
+    cfg.train.mixed_precision = args.mixed_precision
+    cfg.train.gradient_checkpointing = args.gradient_checkpointing
+    cfg.train.logging_steps = 10**9  # the last step's loss is still read (and synchronises the device)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_peftbooth(args, cfg) -> float:
+    """Seconds for args.steps optimizer steps of peftbooth's own loop, after warm-up steps."""
+    from peftbooth.train import fit, setup
+
+    cfg.train.max_train_steps = args.warmup
+    run = setup(cfg)
+    fit(run)  # warm-up (and compilation, with --compile)
+    run.cfg.train.max_train_steps = args.steps
+    sync()
+    start = time.perf_counter()
+    fit(run)
+    sync()
+    return time.perf_counter() - start
+
+
+def run_floor(args, cfg) -> float:
+    """UNet forward + backward + AdamW step on fixed tensors shaped like the real run's batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from peftbooth import adapters as ad
+    from peftbooth.models import load_components
+    from peftbooth.train import make_optimizer, weight_dtype_for
+
+    cfg = cfg.resolved()
+    c = load_components(cfg.model.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = weight_dtype_for(cfg.train.mixed_precision)
+    unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "").to(device, dtype=dtype)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if cfg.train.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+    unet.train()
+    opt = make_optimizer([{"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-4}], cfg.train, device)
+    f = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    h = cfg.data.resolution // f
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(2, 4, h, h, device=device, dtype=dtype, generator=g)
+    target = torch.randn(2, 4, h, h, device=device, dtype=dtype, generator=g)
+    context = torch.randn(2, 77, c.text_encoder.config.hidden_size, device=device, dtype=dtype, generator=g)
+    timesteps = torch.tensor([100, 800], device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            pred = unet(latents, timesteps, context).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    return time.perf_counter() - start
+
+
+def run_plain(args, cfg) -> float:
+    """The example scripts' algorithm: every step decodes images, runs the VAE and the text encoder; fp32 weights."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from peftbooth import adapters as ad
+    from peftbooth.data import DreamBoothDataset, collate, list_images, load_image
+    from peftbooth.losses import diffusion_target, dreambooth_loss
+    from peftbooth.models import load_components
+    from peftbooth.train import make_optimizer, weight_dtype_for
+
+    cfg = cfg.resolved()
+    d = cfg.data
+    c = load_components(cfg.model.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = weight_dtype_for(cfg.train.mixed_precision)
+    unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "").to(device)  # everything fp32
+    c.vae.to(device)
+    c.text_encoder.to(device)
+    if cfg.train.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+    unet.train()
+    opt = make_optimizer([{"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-4}], cfg.train, device)
+    paths = list_images(d.instance_data_dir, "photos")
+    ds = DreamBoothDataset([load_image(p) for p in paths], [d.instance_prompt] * len(paths), d.resolution,
+                           class_paths=list_images(d.class_data_dir, "class"), class_prompt=d.class_prompt)
+    loader = DataLoader(ds, batch_size=1, shuffle=True, collate_fn=lambda e: collate(e, c.tokenizer))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+
+    def step():
+        batch = next(it)
+        with autocast:
+            with torch.no_grad():
+                latents = c.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() * c.latent_scale
+                context = c.text_encoder(batch["input_ids"].to(device))[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (latents.shape[0],), device=device)
+            pred = unet(c.noise_scheduler.add_noise(latents, noise, t), t, context).sample
+        loss = dreambooth_loss(pred, diffusion_target(c.noise_scheduler, latents, noise, t), 1, 1.0)[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    return time.perf_counter() - start
+
+
+def worker(args) -> None:
+    """One (adapter, mode) measurement; prints one JSON line."""
+    import torch
+
+    from peftbooth.cli import quiet_libraries
+
+    quiet_libraries()
+    torch.manual_seed(0)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    root = Path(args.workdir)
+    model, photos, classes = prepare(args.model, root)
+    cfg = config(args, args.adapter, model, photos, classes, root / f"out-{args.adapter}-{args.mode}",
+                 compile=args.mode == "peftbooth-compile")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    fn = {"floor": run_floor, "plain": run_plain, "peftbooth": run_peftbooth, "peftbooth-compile": run_peftbooth}
+    seconds = fn[args.mode](args, cfg)
+    print(json.dumps({"adapter": args.adapter, "mode": args.mode, "it_s": args.steps / seconds,
+                      "peak_mb": round(peak_mb(), 1)}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument("--adapters", default="lora,loha,lokr")
+    p.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 512 (sd15)")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: no on CPU, bf16 on GPU")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also measure peftbooth with --compile")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 20 tiny, 50 sd15)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--worker", nargs=2, metavar=("ADAPTER", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.resolution = args.resolution or (64 if args.model == "tiny" else 512)
+    args.steps = args.steps or (20 if args.model == "tiny" else 50)
+    if args.mixed_precision is None:
+        import torch
+
+        args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    if args.worker:
+        args.adapter, args.mode = args.worker
+        return worker(args)
+
+    modes = ["floor", "plain", "peftbooth"] + (["peftbooth-compile"] if args.compile else [])
+    workdir = tempfile.mkdtemp(prefix="peftbooth-bench-")
+    common = ["--model", args.model, "--resolution", str(args.resolution), "--mixed-precision",
+              args.mixed_precision, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir", workdir]
+    if args.gradient_checkpointing:
+        common.append("--gradient-checkpointing")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for adapter in args.adapters.split(","):
+        rows = {}
+        for mode in modes:
+            proc = subprocess.run([sys.executable, __file__, *common, "--worker", adapter, mode], env=env,
+                                  capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode or not lines:
+                print(json.dumps({"adapter": adapter, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]}))
+                continue
+            rows[mode] = json.loads(lines[-1])
+        for mode, row in rows.items():
+            row.update(model=args.model, resolution=args.resolution, mixed_precision=args.mixed_precision,
+                       gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
+                       images_s=round(row["it_s"] * 2, 3))
+            if "plain" in rows:
+                row["speedup_vs_plain"] = round(row["it_s"] / rows["plain"]["it_s"], 3)
+            if "floor" in rows:
+                row["efficiency_vs_floor"] = round(row["it_s"] / rows["floor"]["it_s"], 3)
+            row["it_s"] = round(row["it_s"], 3)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""`peftbooth train` on bad input and config files: exit code 2, one line on stderr naming the flag or file, and
+nothing written. Plus --config / --print-config handling and one end-to-end run of the installed entry point.
+
+Real training uses the tiny model at resolution 32 for 1 step, a few seconds each on 2 CPU cores.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import draw_photos
+
+from peftbooth.cli import main
+
+PROMPT = "a photo of sks dog"
+MARKER = Path("unet") / "adapter_model.safetensors"
+
+
+def train_argv(model, photos, out, *extra) -> list[str]:
+    return [
+        "train", "--model", str(model), "--instance-data-dir", str(photos), "--instance-prompt", PROMPT,
+        "--output-dir", str(out), "--resolution", "32", "--max-train-steps", "1", "--report-to", "none", *extra,
+    ]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` -> its bytes (None for folders): any file written, changed or removed shows."""
+    return {
+        str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))
+    }
+
+
+def print_config(capsys, *argv) -> dict:
+    capsys.readouterr()
+    rc = main(["train", *map(str, argv), "--print-config"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert err == ""
+    return yaml.safe_load(out)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    """One real 1-step run (module-wide, never modified): (run folder, photos folder, argv that made it)."""
+    root = tmp_path_factory.mktemp("finished")
+    photos = draw_photos(root / "photos")
+    argv = train_argv(tiny_model, photos, root / "run")
+    assert main(argv) == 0
+    assert (root / "run" / MARKER).is_file()
+    return root / "run", photos, argv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: exit 2, one line naming the flag / file, nothing written
+
+
+def _mkdir(tmp, *names):
+    for name in names:
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+
+
+def _notes_only(tmp):
+    _mkdir(tmp, "notes")
+    (tmp / "notes" / "notes.md").write_text("# my dog\n")
+
+
+def _text_as_png(tmp):
+    draw_photos(tmp / "mixed", n=2)
+    (tmp / "mixed" / "broken.png").write_text("this is not a png\n")
+
+
+def _truncated_png(tmp):
+    draw_photos(tmp / "trunc", n=2)
+    data = (tmp / "trunc" / "photo_0.png").read_bytes()
+    (tmp / "trunc" / "photo_0.png").write_bytes(data[: len(data) // 2])
+
+
+def _model_without_unet(tmp, model):
+    shutil.copytree(model, tmp / "no-unet")
+    shutil.rmtree(tmp / "no-unet" / "unet")
+
+
+def _copy_finished_run(tmp, finished):
+    shutil.copytree(finished, tmp / "out")
+
+
+# id -> (setup(tmp, model, finished_run_dir) or None, extra argv, expected stderr fragments).
+# Extra argv comes after the valid base arguments, so a repeated flag overrides the valid value (argparse: last wins).
+# '{tmp}', '{photos}' and '{out}' are filled in with the test's folders.
+BAD_INPUTS = {
+    "instance-dir-missing": (
+        None, ["--instance-data-dir", "{tmp}/nope"], ["--instance-data-dir {tmp}/nope: no such folder"]),
+    "instance-dir-empty": (
+        lambda tmp, m, f: _mkdir(tmp, "empty"), ["--instance-data-dir", "{tmp}/empty"],
+        ["--instance-data-dir {tmp}/empty: no images (jpg, jpeg, png, webp) found"]),
+    "instance-dir-only-non-images": (
+        lambda tmp, m, f: _notes_only(tmp), ["--instance-data-dir", "{tmp}/notes"],
+        ["--instance-data-dir {tmp}/notes: no images"]),
+    "instance-dir-is-a-file": (
+        None, ["--instance-data-dir", "{photos}/photo_0.png"],
+        ["--instance-data-dir {photos}/photo_0.png: is a file, not a folder of images"]),
+    "corrupt-image-text-as-png": (
+        lambda tmp, m, f: _text_as_png(tmp), ["--instance-data-dir", "{tmp}/mixed"],
+        ["{tmp}/mixed/broken.png: not a readable image"]),
+    "corrupt-image-truncated-png": (
+        lambda tmp, m, f: _truncated_png(tmp), ["--instance-data-dir", "{tmp}/trunc"],
+        ["{tmp}/trunc/photo_0.png: not a readable image", "truncated"]),
+    "prior-without-class-prompt": (
+        None, ["--with-prior-preservation"], ["--with-prior-preservation needs --class-prompt"]),
+    "class-data-dir-is-a-file": (
+        None, ["--with-prior-preservation", "--class-prompt", "a photo of a dog",
+               "--class-data-dir", "{photos}/photo_0.png"],
+        ["--class-data-dir {photos}/photo_0.png: is a file, not a folder"]),
+    "resolution-not-multiple-of-8": (
+        None, ["--resolution", "30"], ["--resolution must be a positive multiple of 8 (got 30)"]),
+    "resolution-not-a-number": (
+        None, ["--resolution", "big"], ["argument --resolution: invalid int value: 'big'"]),
+    "max-train-steps-zero": (
+        None, ["--max-train-steps", "0"], ["--max-train-steps must be >= 1 (got 0)"]),
+    "unknown-adapter-type": (
+        None, ["--adapter", "foo"], ["argument --adapter: invalid choice: 'foo'", "lora", "loha", "lokr"]),
+    "unknown-target-preset": (
+        None, ["--target-modules", "attn-f"],
+        ["--target-modules: unknown preset 'attn-f'; presets are attn | attn-ff | all"]),
+    "unknown-target-module": (
+        None, ["--target-modules", "to_q,to_zz"],
+        ["--target-modules: no module named to_zz in the UNet2DConditionModel"]),
+    "unknown-text-encoder-target-module": (
+        None, ["--train-text-encoder", "--text-encoder-target-modules", "zz_proj"],
+        ["--text-encoder-target-modules: no module named zz_proj in the CLIPTextModel"]),
+    "dora-on-loha": (
+        None, ["--adapter", "loha", "--use-dora"], ["--use-dora / --use-rslora apply to lora only (adapter is loha)"]),
+    "model-empty-folder": (
+        lambda tmp, m, f: _mkdir(tmp, "empty-model"), ["--model", "{tmp}/empty-model"],
+        ["--model {tmp}/empty-model: not a diffusers Stable Diffusion folder (missing unet/, vae/"]),
+    "model-missing-unet": (
+        lambda tmp, m, f: _model_without_unet(tmp, m), ["--model", "{tmp}/no-unet"],
+        ["--model {tmp}/no-unet: not a diffusers Stable Diffusion folder (missing unet/)"]),
+    "model-no-such-path": (
+        None, ["--model", "{tmp}/no-model-here"], ["--model {tmp}/no-model-here: no such folder"]),
+    "output-dir-is-a-file": (
+        None, ["--output-dir", "{photos}/photo_0.png"], ["--output-dir {photos}/photo_0.png: is a file"]),
+    "output-dir-holds-finished-run": (
+        lambda tmp, m, f: _copy_finished_run(tmp, f), [],
+        ["--output-dir {out}: already holds a finished run; pass --overwrite"]),
+}
+
+# cases that also warn: id -> fragment of the warning
+BAD_INPUT_WARNINGS = {"instance-dir-only-non-images": "--instance-data-dir {tmp}/notes: skipping non-image files: notes.md"}
+
+try:
+    import bitsandbytes  # noqa: F401
+except ImportError:  # the check only means something where bitsandbytes is missing
+    BAD_INPUTS["8bit-adam-without-bitsandbytes"] = (
+        None, ["--use-8bit-adam"], ["--use-8bit-adam needs bitsandbytes"])
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tiny_model, finished_run, tmp_path, capsys, recwarn):
+    setup, extra, expected = BAD_INPUTS[case]
+    photos = draw_photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    if setup:
+        setup(tmp_path, tiny_model, finished_run[0])
+    fill = dict(tmp=tmp_path, photos=photos, out=out)
+    extra = [a.format(**fill) for a in extra]
+    before, model_before = snapshot(tmp_path), snapshot(Path(tiny_model))
+    existed = out.exists()
+
+    rc = main(train_argv(tiny_model, photos, out, *extra))
+
+    stdout, stderr = capsys.readouterr()
+    assert rc == 2, stderr
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("peftbooth train: error: ")
+    for fragment in expected:
+        assert fragment.format(**fill) in lines[0]
+    warned = [str(w.message) for w in recwarn]
+    if case in BAD_INPUT_WARNINGS:
+        assert [m for m in warned if BAD_INPUT_WARNINGS[case].format(**fill) in m], warned
+    # nothing written: no output folder, photos / model / an existing run byte-for-byte unchanged
+    assert out.exists() == existed
+    assert snapshot(tmp_path) == before
+    assert snapshot(Path(tiny_model)) == model_before
+
+
+def test_finished_run_is_refused_then_overwritten_with_overwrite(tiny_model, finished_run, tmp_path, capsys):
+    run, photos, _ = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    old = (out / MARKER).read_bytes()
+    assert main(train_argv(tiny_model, photos, out, "--seed", "7")) == 2
+    assert (out / MARKER).read_bytes() == old
+    capsys.readouterr()
+
+    assert main(train_argv(tiny_model, photos, out, "--seed", "7", "--learning-rate", "0.01", "--overwrite")) == 0
+    assert "adapters written to" in capsys.readouterr().out
+    assert (out / MARKER).read_bytes() != old  # a new adapter, trained with another seed and learning rate
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["seed"] == 7 and saved["train"]["learning_rate"] == 0.01
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
+
+
+def test_non_image_file_beside_photos_is_skipped_with_a_warning(tiny_model, photos, tmp_path, capsys):
+    (photos / "notes.md").write_text("my dog\n")
+    (photos / "photo_0.txt").write_text("a photo of sks dog on grass\n")  # a caption: skipped silently
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"skipping non-image files: notes\.md$"):
+        rc = main(train_argv(tiny_model, photos, out))
+    assert rc == 0, capsys.readouterr().err
+    assert (out / MARKER).is_file()
+
+
+def test_entry_point_exit_code_2_end_to_end(tiny_model, tmp_path):
+    """The installed package run as a program: one line on stderr, exit code 2, nothing written."""
+    photos = draw_photos(tmp_path / "photos")
+    before = snapshot(tmp_path)
+    argv = train_argv(tiny_model, tmp_path / "nope", tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "peftbooth", *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"peftbooth train: error: --instance-data-dir {tmp_path}/nope: no such folder"]
+    assert not (tmp_path / "out").exists()
+    assert snapshot(tmp_path) == before and photos.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --config YAML files
+
+
+BAD_CONFIGS = {
+    "unknown-key": ("data:\n  resolutoin: 64\n", "unknown key data.resolutoin"),
+    "unknown-key-in-adapter": ("unet_adapter:\n  lora_rank: 8\n", "unknown key unet_adapter.lora_rank"),
+    "unknown-section": ("optimizer:\n  lr: 0.1\n", "unknown section 'optimizer'; sections are model, unet_adapter"),
+    "wrong-type-int": ("data:\n  resolution: big\n", "data.resolution must be int (got str 'big')"),
+    "wrong-type-float": ("train:\n  learning_rate: fast\n", "train.learning_rate must be float (got str 'fast')"),
+    "wrong-type-bool": ("data:\n  center_crop: 1\n", "data.center_crop must be bool (got int 1)"),
+    "float-for-int": ("unet_adapter:\n  rank: 4.5\n", "unet_adapter.rank must be int (got float 4.5)"),
+    "bad-choice": ("unet_adapter:\n  adapter: foo\n", "unet_adapter.adapter must be one of lora, loha, lokr"),
+    "null-for-required": ("data:\n  resolution:\n", "data.resolution must not be empty"),
+    "section-not-mapping": ("data: 5\n", "section 'data' must be a mapping"),
+    "not-a-mapping": ("- data\n- train\n", "expected a mapping of sections"),
+    "invalid-yaml": ("data: {resolution: [32\n", "not valid YAML"),
+    "valid-type-bad-value": ("data:\n  train_batch_size: 0\n", "--train-batch-size must be >= 1 (got 0)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_file_exits_2_naming_the_key(case, tiny_model, photos, tmp_path, capsys):
+    text, expected = BAD_CONFIGS[case]
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    before = snapshot(tmp_path)
+    # the config's problem must be reported although every flag on the command line is valid
+    rc = main(["train", "--config", str(config), *train_argv(tiny_model, photos, tmp_path / "out")[1:]])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 2, stderr
+    assert stdout == ""
+    assert len(stderr.splitlines()) == 1, stderr
+    assert expected in stderr
+    if not expected.startswith("--"):  # a problem of the file itself: the file is named too
+        assert f"peftbooth train: error: --config {config}: {expected}" in stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--print-config"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"peftbooth train: error: --config {tmp_path / 'nope.yaml'}: no such file"
+    ]
+
+
+def test_flags_override_config_file(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"model": "some/model"},
+        "unet_adapter": {"adapter": "loha", "rank": 8},
+        "data": {"resolution": 64, "center_crop": True, "instance_prompt": "a photo of zwx cat"},
+        "train": {"seed": 5, "learning_rate": 0.001},
+    }))
+    cfg = print_config(capsys, "--config", config, "--resolution", "32", "--no-center-crop", "--rank", "2",
+                       "--learning-rate", "0.5")
+    # given on the command line: the flag wins
+    assert cfg["data"]["resolution"] == 32
+    assert cfg["data"]["center_crop"] is False
+    assert cfg["unet_adapter"]["rank"] == 2 and cfg["unet_adapter"]["alpha"] == 2.0
+    assert cfg["train"]["learning_rate"] == 0.5
+    # not given: the file's value stays, not the default
+    assert cfg["model"]["model"] == "some/model"
+    assert cfg["unet_adapter"]["adapter"] == "loha"
+    assert cfg["data"]["instance_prompt"] == "a photo of zwx cat"
+    assert cfg["train"]["seed"] == 5
+
+
+@pytest.mark.parametrize(
+    "flags, unet, te",
+    [
+        ([], dict(adapter="lora", rank=4, alpha=4.0), dict(adapter="lora", rank=4, alpha=4.0, target_modules="attn")),
+        (["--adapter", "loha", "--rank", "8", "--target-modules", "attn-ff"],
+         dict(adapter="loha", rank=8, alpha=8.0, target_modules="attn-ff"),
+         dict(adapter="loha", rank=8, alpha=8.0, target_modules="attn")),
+        (["--adapter", "lokr", "--rank", "8", "--text-encoder-rank", "2"],
+         dict(adapter="lokr", rank=8), dict(adapter="lokr", rank=2, alpha=2.0)),
+        (["--adapter", "loha", "--rank", "6", "--text-encoder-adapter", "lora"],
+         dict(adapter="loha", rank=6), dict(adapter="lora", rank=6, alpha=6.0)),
+        # a LoRA-only option of the UNet is not inherited by a text-encoder adapter of another type
+        (["--use-dora", "--text-encoder-adapter", "loha"],
+         dict(adapter="lora", use_dora=True), dict(adapter="loha", use_dora=False)),
+        (["--use-dora", "--use-rslora"], dict(use_dora=True, use_rslora=True),
+         dict(adapter="lora", use_dora=True, use_rslora=True)),
+    ],
+    ids=["defaults", "loha-rank-8", "own-rank", "own-type", "dora-not-leaked", "dora-inherited"],
+)
+def test_print_config_text_encoder_inherits_unet_adapter(flags, unet, te, capsys):
+    cfg = print_config(capsys, *flags)
+    for key, value in unet.items():
+        assert cfg["unet_adapter"][key] == value, key
+    for key, value in te.items():
+        assert cfg["text_encoder_adapter"][key] == value, key
+
+
+def test_mixed_adapter_types_with_unet_only_option_train(tiny_model, photos, tmp_path, capsys):
+    """--use-dora belongs to the UNet's LoRA: a LoHa text encoder must not be refused for it."""
+    out = tmp_path / "out"
+    rc = main(train_argv(tiny_model, photos, out, "--use-dora", "--train-text-encoder", "--text-encoder-adapter", "loha"))
+    assert rc == 0, capsys.readouterr().err
+    assert (out / MARKER).is_file()
+    assert (out / "text_encoder" / "adapter_model.safetensors").is_file()
+
+
+def test_saved_config_reproduces_the_run(finished_run, tmp_path, capsys):
+    run, _, argv = finished_run
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # the saved file is exactly the resolved config of the command that made the run ...
+    assert print_config(capsys, *argv[1:]) == saved
+    # ... and passed back as --config it resolves to the same config again
+    assert print_config(capsys, "--config", run / "config.yaml") == saved
+    # ... and trains: only the output folder differs
+    rc = main(["train", "--config", str(run / "config.yaml"), "--output-dir", str(tmp_path / "again")])
+    assert rc == 0, capsys.readouterr().err
+    again = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
+    assert again["train"].pop("output_dir") == str(tmp_path / "again")
+    saved["train"].pop("output_dir")
+    assert again == saved
+    # the saved output folder holds a finished run, so the file alone is refused rather than overwriting it
+    capsys.readouterr()
+    assert main(["train", "--config", str(run / "config.yaml")]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
