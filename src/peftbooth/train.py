@@ -73,6 +73,8 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str]]:
     images = [load_image(p, max_side=2 * d.resolution) for p in paths]
     if d.with_prior_preservation and d.class_data_dir and Path(d.class_data_dir).is_file():
         raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
+    if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16")
     if cfg.train.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
