@@ -142,3 +142,30 @@ def test_class_image_is_written_atomically(tmp_path, monkeypatch):
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     assert path.read_bytes() == buf.getvalue()
+
+
+def test_class_images_command_fills_up_to_n(tiny_model, tmp_path, capsys):
+    from peftbooth.cli import main
+
+    folder = tmp_path / "class"
+    argv = ["class-images", "--model", tiny_model, "--class-prompt", "a photo of a dog", "--class-data-dir",
+            str(folder), "--class-image-steps", "2", "--sample-batch-size", "2"]
+    assert main([*argv, "--num-class-images", "2"]) == 0
+    first = set(folder.iterdir())
+    assert main([*argv, "--num-class-images", "3"]) == 0
+    assert len(first) == 2 and first < set(folder.iterdir()) and len(list(folder.iterdir())) == 3
+    assert "3 class images in" in capsys.readouterr().out
+    assert main([*argv[:-4], "--num-class-images", "0"]) == 2
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from peftbooth.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=2, resolution=32)
+    out = capsys.readouterr().out
+    assert set(result["runs"]) == {"lora", "loha", "lokr"}
+    for adapter, run in result["runs"].items():
+        assert (run / "unet" / "adapter_model.safetensors").is_file()
+        assert (run / "text_encoder").is_dir() == (adapter == "lora")
+    assert Image.open(result["samples"]).size == (2 * 64, 5 * 64)  # 5 rows (base, 3 adapters, mix) x 2 images
+    assert "Everything is in" in out

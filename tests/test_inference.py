@@ -116,3 +116,23 @@ def test_pickle_only_adapter_is_refused(tiny_model, two_runs, tmp_path, capsys):
                  "--output-dir", str(tmp_path / "gen")])
     err = capsys.readouterr().err
     assert code == 2 and "only pickle weights (adapter_model.bin), which are not loaded for safety" in err
+
+
+def test_adapter_weights_that_match_no_module_are_refused(tiny_model, two_runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from peftbooth.config import UsageError
+
+    run = tmp_path / "renamed"
+    shutil.copytree(two_runs[1], run)
+    weights = run / "unet" / "adapter_model.safetensors"
+    state = load_file(weights)
+    first = sorted(state)[0]
+    state[first.replace("down_blocks", "side_blocks")] = state.pop(first)
+    save_file(state, weights)
+    pipe = AdapterPipeline(tiny_model)
+    # one weight lands nowhere, and the module it belonged to misses it: both are counted
+    with pytest.raises(UsageError, match=r"2 adapter weights do not match this base model, e\.g\. .*side_blocks"):
+        pipe.load_adapter(run)

@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.set_defaults(func=cmd_generate)
 
+    from .formats import add_commands
+
+    add_commands(sub)  # export, import, fuse
+
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion model folder (offline)")
     p.add_argument("dir")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")

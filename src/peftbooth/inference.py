@@ -36,6 +36,29 @@ def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path
     return found
 
 
+def read_adapter(folder: Path, model: torch.nn.Module):
+    """(PEFT config, state dict) of an adapter folder, with keys laid out like `model`'s modules.
+
+    CLIP text encoders saved with transformers < 5 have a `text_model.` level that transformers 5 removed (and
+    the reverse): the PEFT example script's folders from either era are remapped instead of silently not loading.
+    """
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from safetensors.torch import load_file
+
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(folder))].from_pretrained(str(folder))
+    config.inference_mode = True
+    state = load_file(folder / "adapter_model.safetensors")
+    prefix, level = "base_model.model.", "text_model."
+    has_level = any(n == "text_model" for n, _ in model.named_children())
+    keys_have_level = any(k.startswith(prefix + level) for k in state)
+    if keys_have_level and not has_level:
+        state = {k.replace(prefix + level, prefix, 1): v for k, v in state.items()}
+    elif has_level and not keys_have_level and any(k.startswith(prefix + "encoder.") for k in state):
+        state = {k.replace(prefix, prefix + level, 1): v for k, v in state.items()}
+    return config, state
+
+
 class AdapterPipeline:
     """A StableDiffusionPipeline plus named PEFT adapters on its UNet and text encoder.
 
@@ -61,22 +84,32 @@ class AdapterPipeline:
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a run folder's adapters under `name` (default: the folder name) and make it the active one."""
         from peft import PeftMixedModel
+        from peft.utils import set_peft_model_state_dict
 
         folders = adapter_folders(path)
         name = name or Path(path).resolve().name
         if name in self.adapters:
             raise UsageError(f"--adapter {name}={path}: an adapter named {name!r} is already loaded")
         for part, folder in folders.items():
+            config, state = read_adapter(folder, self.model[part])
             try:
                 if part not in self._peft:
                     # the mixed model holds adapters of different types (a LoRA beside a LoKr) on one base
-                    self._peft[part] = PeftMixedModel.from_pretrained(self.model[part], folder, adapter_name=name)
+                    self._peft[part] = PeftMixedModel(self.model[part], config, adapter_name=name)
                 else:
-                    self._peft[part].load_adapter(folder, adapter_name=name)
+                    self._peft[part].add_adapter(name, config)
+                result = set_peft_model_state_dict(self._peft[part], state, adapter_name=name)
             except (RuntimeError, ValueError, KeyError) as e:
                 # shape mismatches: an adapter trained on another base model
                 first = str(e).strip().splitlines()[0]
                 raise UsageError(f"--adapter {path}: does not fit this base model ({first[:300]})") from e
+            # loud, not silent: weights that land nowhere mean the adapter would not be applied as trained
+            stray = list(result.unexpected_keys) + [
+                k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")  # this adapter's own
+            ]
+            if stray:
+                raise UsageError(f"--adapter {folder}: {len(stray)} adapter weights do not match this base model, "
+                                 f"e.g. {stray[0]}")
             self._peft[part].to(self.device, dtype=self.pipe.unet.dtype)
         self.adapters[name] = set(folders)
         self.set_adapters({name: 1.0})

@@ -1,0 +1,274 @@
+"""Shared pieces of the export / import / fuse commands: reading run folders, safe file loading, atomic writes.
+
+A run folder's adapters are read into :class:`Adapter` objects: the PEFT config plus the weights grouped by the
+dotted module path they adapt (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` ->
+``{'lora_A.weight': ..., 'lora_B.weight': ...}``). Every writer works from that grouping, so the PEFT key layout
+is parsed in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config import UsageError
+from ..inference import PICKLE_SUFFIXES, adapter_folders
+
+PARTS = ("unet", "text_encoder")
+PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained keys: PREFIX + module path + "." + parameter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Parameter names PEFT saves per adapted module (the adapter name is already stripped from saved keys).
+PARAMS = {
+    "lora": ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
+
+
+@dataclass
+class Adapter:
+    """One PEFT adapter (of the UNet or of the text encoder), grouped by adapted module."""
+
+    part: str  # 'unet' | 'text_encoder'
+    kind: str  # 'lora' | 'loha' | 'lokr'
+    config: dict  # the adapter_config.json contents
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module path -> {param: tensor}
+
+    def rank(self, module: str) -> int:
+        return int(pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"]))
+
+    def alpha(self, module: str) -> float:
+        key = "lora_alpha" if self.kind == "lora" else "alpha"
+        return float(pattern_value(self.config.get("alpha_pattern") or {}, module, self.config[key]))
+
+    def scale(self, module: str) -> float:
+        """The factor PEFT multiplies this module's update with (its own formula per adapter type)."""
+        r, alpha = self.rank(module), self.alpha(module)
+        if self.kind == "lora" and self.config.get("use_rslora"):
+            return alpha / math.sqrt(r)  # rank-stabilised LoRA
+        return alpha / r  # LoRA, LoHa and LoKr alike
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key is a regex that must match the end of the module path,
+    on a dot boundary (so 'to_q' hits 'attn1.to_q', and a full path hits only itself)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def most_common(values) -> float:
+    """The most frequent value (ties: the first seen); the global r / alpha of a config built from per-module values."""
+    return Counter(values).most_common(1)[0][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading files
+
+
+def check_not_pickle(path: Path, what: str) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(
+            f"{what} {path}: is a pickle file ({path.suffix}), which is never loaded because unpickling can run "
+            "arbitrary code; convert it to .safetensors with a tool you trust"
+        )
+
+
+def load_safetensors(path: str | Path, what: str = "FILE") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a .safetensors file; UsageError for pickles, other files and broken files."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    check_not_pickle(path, what)
+    if not path.is_file():
+        raise UsageError(f"{what} {path}: no such file")
+    if path.suffix.lower() != ".safetensors":
+        raise UsageError(f"{what} {path}: not a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:  # a truncated file, a renamed pickle, random bytes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {path}: not a valid safetensors file ({first[:200]})") from e
+    return tensors, metadata
+
+
+def examples(keys, n: int = 3) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def split_peft_key(key: str, kind: str) -> tuple[str, str] | None:
+    """'base_model.model.<module>.<param>' -> (module, param) for a parameter of `kind`, else None."""
+    if not key.startswith(PEFT_PREFIX):
+        return None
+    rest = key[len(PEFT_PREFIX):]
+    if kind == "lora" and rest.endswith(".lora_magnitude_vector.weight"):  # DoRA as saved by older PEFT releases
+        rest = rest[: -len(".weight")]
+    for param in PARAMS[kind]:
+        if rest.endswith("." + param):
+            return rest[: -len(param) - 1], param
+    return None
+
+
+def group_peft_state_dict(tensors: dict[str, torch.Tensor], kind: str, where: str) -> dict[str, dict]:
+    """{module path: {parameter: tensor}} of a PEFT adapter state dict; UsageError naming keys of another format."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        split = split_peft_key(key, kind)
+        if split is None:
+            unknown.append(key)
+            continue
+        module, param = split
+        modules.setdefault(module, {})[param] = tensor
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key format for a {kind} adapter: {examples(unknown)}; expected PEFT keys such as "
+            f"'base_model.model.<module>.{PARAMS[kind][0]}'"
+        )
+    if not modules:
+        raise UsageError(f"{where}: holds no adapter weights")
+    return modules
+
+
+def read_adapter(folder: Path, part: str) -> Adapter:
+    """Read a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of one model part."""
+    cfg_path = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{cfg_path}: not a readable adapter config ({e})") from e
+    kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper())
+    if kind is None:
+        raise UsageError(f"{cfg_path}: adapter type {config.get('peft_type')!r} is not supported; "
+                         f"supported: {', '.join(PEFT_TYPES)}")
+    tensors, _ = load_safetensors(folder / ADAPTER_WEIGHTS, "adapter")
+    return Adapter(part, kind, config, group_peft_state_dict(tensors, kind, str(folder / ADAPTER_WEIGHTS)))
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    adapters: dict[str, Adapter]  # 'unet' -> Adapter, optional 'text_encoder'
+    train_config: dict  # config.yaml as a dict ({} if the folder has none, e.g. the PEFT example's layout)
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    def setting(self, section: str, name: str, default=None):
+        value = (self.train_config.get(section) or {}).get(name)
+        return default if value is None else value
+
+    @property
+    def base_model(self) -> str | None:
+        """The base model the adapters were trained on: config.yaml, else the adapter config's record."""
+        return self.setting("model", "model") or self.adapters["unet"].config.get("base_model_name_or_path")
+
+
+def read_run(run_dir: str | Path) -> RunFolder:
+    """A run folder (ours or the PEFT DreamBooth example's layout): adapters and, if present, config.yaml."""
+    import yaml
+
+    folders = adapter_folders(run_dir, "RUN_DIR")  # refuses missing folders and pickle-only adapters
+    adapters = {part: read_adapter(folder, part) for part, folder in folders.items()}
+    cfg_file = Path(run_dir) / "config.yaml"
+    train_config = {}
+    if cfg_file.is_file():
+        try:
+            train_config = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError:
+            train_config = {}  # only used for descriptive metadata; the adapters themselves are self-describing
+        if not isinstance(train_config, dict):
+            train_config = {}
+    return RunFolder(Path(run_dir), adapters, train_config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module names
+
+
+def text_model_path(module: str) -> str:
+    """The CLIP text-encoder path with its 'text_model.' root: transformers 5 flattened CLIPTextModel (modules are
+    'encoder.layers.0...'), older releases and every file format outside PEFT spell 'text_model.encoder.layers.0...'."""
+    return module if module.startswith("text_model.") else "text_model." + module
+
+
+def kohya_module_name(part: str, module: str) -> str:
+    """kohya / LyCORIS name of a module: 'lora_unet_' or 'lora_te_' + the diffusers path with dots as underscores."""
+    if part == "unet":
+        return "lora_unet_" + module.replace(".", "_")
+    return "lora_te_" + text_model_path(module).replace(".", "_")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def check_output(path: Path, overwrite: bool, flag: str = "--output") -> None:
+    """Refuse to replace an existing output unless asked: checked before any slow work starts."""
+    if path.exists() and not overwrite:
+        if path.is_dir() and not any(path.iterdir()):
+            return  # an empty folder is as good as none
+        raise UsageError(f"{flag} {path}: already exists; pass --overwrite or choose another path")
+
+
+@contextmanager
+def atomic_file(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path` in one step, so readers never
+    see a half-written file and a crash leaves any previous file intact."""
+    check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Like `atomic_file` for a folder: filled in a hidden sibling folder, then renamed into place."""
+    check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            # a folder cannot be renamed onto a non-empty one: move the old one aside first, drop it afterwards
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # contiguous copies: saved tensors must not share storage (views of one LoKr factor, sliced magnitudes)
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)

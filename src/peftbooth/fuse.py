@@ -1,0 +1,89 @@
+"""Fuse: merge a run's adapters into the base weights and save a plain diffusers pipeline folder.
+
+The fused folder loads anywhere a Stable Diffusion checkpoint loads (no PEFT needed) and runs at base-model speed.
+`fuse_adapters` / `unfuse_adapters` merge in place and undo it, for comparing fused and unfused outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import UsageError
+from .formats.common import atomic_dir, check_output, read_run
+
+
+def set_strength(peft_model, scale: float) -> None:
+    """Scale every adapter layer's update to `scale` x its trained strength (alpha / r, or alpha / sqrt(r))."""
+    for module in peft_model.modules():
+        if hasattr(module, "set_scale"):  # LoRA, LoHa and LoKr layers
+            module.set_scale("default", scale)
+
+
+def fuse_adapters(pipe, run_dir: str | Path, scale: float = 1.0) -> dict:
+    """Merge the run's adapters into `pipe.unet` / `pipe.text_encoder` in place, at `scale` x their strength.
+
+    Returns the PeftModel handles ('unet', 'text_encoder'), which `unfuse_adapters` uses to subtract the updates
+    again (merging keeps the adapter weights for exactly that).
+    """
+    from peft import PeftModel
+
+    run = read_run(run_dir)  # checks every adapter before the pipeline is touched
+    handles = {}
+    for part in run.adapters:
+        folder = Path(run_dir) / part
+        try:
+            handles[part] = PeftModel.from_pretrained(getattr(pipe, part), folder)
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes of another base model
+            first = str(e).strip().splitlines()[0]
+            raise UsageError(f"RUN_DIR {run_dir}: the {part} adapter does not fit this base model "
+                             f"({first[:300]})") from e
+        handles[part].eval()
+        set_strength(handles[part], scale)
+        handles[part].merge_adapter(safe_merge=True)  # safe_merge: refuse NaN/inf weights instead of saving them
+    return handles
+
+
+def unfuse_adapters(handles: dict) -> None:
+    """Subtract the merged updates again and remove the adapter layers: the base weights are back (up to float
+    rounding of W + dW - dW)."""
+    for peft_model in handles.values():
+        peft_model.unmerge_adapter()
+        peft_model.unload()
+
+
+def base_model_of(run, model: str | None) -> str:
+    """--model if given, else the base model the run records (config.yaml, or the adapter config)."""
+    if model:
+        return model
+    if not run.base_model:
+        raise UsageError(f"RUN_DIR {run.path}: records no base model (no config.yaml); pass --model")
+    return run.base_model
+
+
+def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, scale: float = 1.0,
+             overwrite: bool = False) -> Path:
+    """Write base model + run adapters (at `scale`) as a full StableDiffusionPipeline folder (safetensors).
+
+    `model` None takes the base model the run was trained on (its config.yaml).
+    """
+    from .models import load_pipeline
+
+    if not (isinstance(scale, (int, float)) and torch.isfinite(torch.tensor(float(scale)))):
+        raise UsageError(f"--scale must be a finite number (got {scale!r})")
+    output = Path(output_dir)
+    check_output(output, overwrite)
+    model = base_model_of(read_run(run_dir), model)
+    pipe = load_pipeline(model)
+    handles = fuse_adapters(pipe, run_dir, scale)
+    for peft_model in handles.values():
+        peft_model.unload()  # the layers are merged: dropping the wrappers keeps the fused weights
+    with atomic_dir(output, overwrite) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").write_text(
+            f"# peftbooth fused model\n\nBase model `{model}` with the adapters of `{Path(run_dir).resolve()}` merged "
+            f"in at scale {scale:g}. A plain diffusers Stable Diffusion folder: "
+            "`StableDiffusionPipeline.from_pretrained(this_folder)` or `peftbooth generate --model this_folder`.\n"
+        )
+    return output
