@@ -152,6 +152,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import files_to_upload, push
+
+    if not (Path(args.run_dir) / "unet" / "adapter_model.safetensors").is_file():
+        raise UsageError(f"push: {args.run_dir} is not a finished run (no unet/adapter_model.safetensors)")
+    if args.dry_run:
+        print("\n".join(files_to_upload(args.run_dir)))
+        return 0
+    print(f"uploaded to {push(args.run_dir, args.repo_id, private=args.private)}")
+    return 0
+
+
 def cmd_tiny_model(args) -> int:
     from .models import build_tiny_model
 
@@ -213,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .formats import add_commands
 
     add_commands(sub)  # export, import, fuse
+
+    p = sub.add_parser("push", help="upload a run's adapters, model card and samples to the Hugging Face Hub")
+    p.add_argument("run_dir")
+    p.add_argument("repo_id", help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded and exit")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion model folder (offline)")
     p.add_argument("dir")

@@ -119,6 +119,7 @@ class TrainArgs:
     cache_text_states: bool = _f(True, "encode each prompt once when the text encoder is frozen")
     compile: bool = _f(False, "torch.compile the UNet (falls back to eager with a warning where unavailable)")
     logging_steps: int = _f(10, "log loss and lr every N steps (a host sync each time)")
+    push_to_hub: Optional[str] = _f(None, "upload the finished run to this Hub repo (user/name); token from HF_TOKEN or login")
     report_to: str = _f("tensorboard", "tracker for loss/lr logs: tensorboard | none", choices=("tensorboard", "none"))
 
 

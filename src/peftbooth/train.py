@@ -23,6 +23,7 @@ from . import adapters as ad
 from .cache import LatentCache, TextCache
 from .config import TrainConfig, UsageError, to_dict
 from .data import DreamBoothDataset, collate, list_images, load_captions, load_image
+from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss
 from .models import Components, load_components
 
@@ -75,6 +76,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str]]:
         raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
     if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16")
+    if cfg.train.push_to_hub:  # refuse now, not after an hour of training
+        check_repo_id(cfg.train.push_to_hub)
+        hub_token()
     if cfg.train.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -329,7 +333,7 @@ def save(run: Run, stats: dict) -> Path:
             if run.cfg.train.train_text_encoder:
                 acc.unwrap_model(run.text_encoder).save_pretrained(staging / "text_encoder", save_embedding_layers=False)
             (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
-            (staging / "README.md").write_text(run_card(run.cfg, stats))
+            (staging / "README.md").write_text(model_card(run.cfg, stats, out))
             # config.yaml and README.md first, unet/ (the finished-run marker) last
             for name in ["config.yaml", "README.md", "text_encoder", "unet"]:
                 src, dst = staging / name, out / name
@@ -343,34 +347,7 @@ def save(run: Run, stats: dict) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     acc.end_training()
+    if run.cfg.train.push_to_hub and acc.is_main_process:
+        url = push(out, run.cfg.train.push_to_hub)
+        acc.print(f"pushed to {url}")
     return out
-
-
-def run_card(cfg: TrainConfig, stats: dict) -> str:
-    u, te = cfg.unet_adapter, cfg.text_encoder_adapter
-    lines = [
-        "# peftbooth DreamBooth adapter",
-        "",
-        f"- base model: `{cfg.model.model}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
-        f"- trigger prompt: `{cfg.data.instance_prompt}`",
-        f"- UNet adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets `{u.target_modules}`",
-    ]
-    if cfg.train.train_text_encoder:
-        lines.append(f"- text-encoder adapter: {te.adapter}, rank {te.rank}, alpha {te.alpha}, targets `{te.target_modules}`")
-    if cfg.data.with_prior_preservation:
-        lines.append(f"- prior preservation: `{cfg.data.class_prompt}`, {cfg.data.num_class_images} class images, "
-                     f"weight {cfg.data.prior_loss_weight}")
-    lines += [
-        f"- steps: {stats['steps']}, learning rate {cfg.train.learning_rate}, resolution {cfg.data.resolution}, "
-        f"mixed precision {cfg.train.mixed_precision}, final loss {stats['final_loss']:.4f}",
-        "",
-        "Generate:",
-        "",
-        "```",
-        f'peftbooth generate --model {cfg.model.model} --adapter {cfg.train.output_dir} --prompt "{cfg.data.instance_prompt}"',
-        "```",
-        "",
-        "`unet/` and `text_encoder/` are PEFT adapter folders: `PeftModel.from_pretrained(unet, 'unet')` loads them.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""The run folder's model card, and sharing a run on the Hugging Face Hub.
+
+The token comes from the environment (`HF_TOKEN`) or the user's `hf auth login`, never from a flag, and is
+never printed or written. Only the adapters, the card, config.yaml and sample images are uploaded: never
+checkpoints, class images or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from .config import TrainConfig, UsageError
+
+# What a shared run holds (relative glob patterns), and what it never holds even if a pattern would match.
+UPLOAD_PATTERNS = ("README.md", "config.yaml", "unet/*", "text_encoder/*", "samples/*.png", "validation/*/*.png")
+NEVER_UPLOAD = ("checkpoints", "class_images", "logs")
+
+
+def sample_images(run_dir: Path) -> list[str]:
+    """Sample / validation PNGs of a run folder, relative paths, sorted."""
+    found = [p for pattern in ("samples/*.png", "validation/*/*.png") for p in run_dir.glob(pattern)]
+    return sorted(p.relative_to(run_dir).as_posix() for p in found)
+
+
+def model_card(cfg: TrainConfig, stats: dict, run_dir: Path) -> str:
+    """README.md with YAML front matter in the Hub's model-card convention, then the settings and samples."""
+    u, te, d, t = cfg.unet_adapter, cfg.text_encoder_adapter, cfg.data, cfg.train
+    meta = {
+        "base_model": cfg.model.model,
+        "library_name": "peft",
+        "license": "other",  # placeholder: the base model's license applies; set it before sharing
+        "instance_prompt": d.instance_prompt,
+        "tags": ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", u.adapter, "peftbooth"],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# DreamBooth {u.adapter.upper() if u.adapter == 'lora' else u.adapter} adapter for `{cfg.model.model}`",
+        "",
+        f"Trigger prompt: `{d.instance_prompt}`",
+        "",
+        "## Settings",
+        "",
+        f"- base model: `{cfg.model.model}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
+        f"- UNet adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets `{u.target_modules}`",
+    ]
+    if t.train_text_encoder:
+        lines.append(f"- text-encoder adapter: {te.adapter}, rank {te.rank}, alpha {te.alpha}, "
+                     f"targets `{te.target_modules}`")
+    if d.with_prior_preservation:
+        lines.append(f"- prior preservation: `{d.class_prompt}`, {d.num_class_images} class images, "
+                     f"weight {d.prior_loss_weight}")
+    lines += [
+        f"- {stats['steps']} steps, learning rate {t.learning_rate} ({t.lr_scheduler}), batch {d.train_batch_size}"
+        f" x {t.gradient_accumulation_steps} accumulation, resolution {d.resolution}, mixed precision "
+        f"{t.mixed_precision}, seed {t.seed}, final loss {stats['final_loss']:.4f}",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f'peftbooth generate --model {cfg.model.model} --adapter {run_dir} --prompt "{d.instance_prompt}"',
+        f"peftbooth export {run_dir} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge",
+        "```",
+        "",
+        "`unet/` and `text_encoder/` are PEFT adapter folders: `PeftModel.from_pretrained(unet, 'unet')` loads them.",
+        "",
+    ]
+    images = sample_images(run_dir)
+    if images:
+        lines += ["## Samples", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
+    return "\n".join(lines)
+
+
+def files_to_upload(run_dir: str | Path) -> list[str]:
+    """Exactly the files `push` uploads, relative to the run folder, sorted."""
+    run = Path(run_dir)
+    found = {p for pattern in UPLOAD_PATTERNS for p in run.glob(pattern) if p.is_file()}
+    return sorted(
+        rel for rel in (p.relative_to(run).as_posix() for p in found)
+        if rel.split("/")[0] not in NEVER_UPLOAD and not any(part.startswith(".") for part in rel.split("/"))
+    )
+
+
+def hub_token() -> str:
+    """The user's token, from HF_TOKEN or their login; a clear refusal when offline or when there is none."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise UsageError("push: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push")
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise UsageError("push: no Hugging Face token; set HF_TOKEN in the environment or run `hf auth login`")
+    return token
+
+
+def check_repo_id(repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise UsageError(f"push: repo id {repo_id!r} must look like 'user/name'")
+
+
+def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a finished run's adapters, card, config and samples to a model repo; return its URL."""
+    run = Path(run_dir)
+    check_repo_id(repo_id)
+    if not (run / "unet" / "adapter_model.safetensors").is_file():
+        raise UsageError(f"push: {run} is not a finished run (no unet/adapter_model.safetensors)")
+    files = files_to_upload(run)
+    token = hub_token()
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(run), repo_id=repo_id, repo_type="model", allow_patterns=files,
+                      commit_message=f"peftbooth: upload {run.name}")
+    return str(url)
