@@ -238,6 +238,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also measure peftbooth with --compile")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 20 tiny, 50 sd15)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="measure the modes this many times, interleaved; the best it/s of each is reported")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--worker", nargs=2, metavar=("ADAPTER", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -261,17 +263,21 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     for adapter in args.adapters.split(","):
         rows = {}
-        for mode in modes:
-            proc = subprocess.run([sys.executable, __file__, *common, "--worker", adapter, mode], env=env,
-                                  capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode or not lines:
-                print(json.dumps({"adapter": adapter, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]}))
-                continue
-            rows[mode] = json.loads(lines[-1])
+        # interleaved repeats: a slow spell of a shared machine hits every mode, not one; the best run counts
+        for _ in range(args.repeats):
+            for mode in modes:
+                proc = subprocess.run([sys.executable, __file__, *common, "--worker", adapter, mode], env=env,
+                                      capture_output=True, text=True)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                if proc.returncode or not lines:
+                    print(json.dumps({"adapter": adapter, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]}))
+                    continue
+                row = json.loads(lines[-1])
+                if mode not in rows or row["it_s"] > rows[mode]["it_s"]:
+                    rows[mode] = row
         for mode, row in rows.items():
             row.update(model=args.model, resolution=args.resolution, mixed_precision=args.mixed_precision,
-                       gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
+                       gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, repeats=args.repeats,
                        images_s=round(row["it_s"] * 2, 3))
             if "plain" in rows:
                 row["speedup_vs_plain"] = round(row["it_s"] / rows["plain"]["it_s"], 3)
