@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import SECTIONS, TrainConfig, UsageError, field_type, from_dict, to_dict
+from .config import SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list, to_dict
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,6 +35,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, only: tuple
         kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif is_list(f):
+            kw.update(action="append", type=typ, metavar=f.name.upper())  # repeat the flag for more values
         else:
             kw["type"] = typ
             kw["metavar"] = f.name.upper()

@@ -119,6 +119,9 @@ class TrainArgs:
     cache_text_states: bool = _f(True, "encode each prompt once when the text encoder is frozen")
     compile: bool = _f(False, "torch.compile the UNet (falls back to eager with a warning where unavailable)")
     logging_steps: int = _f(10, "log loss and lr every N steps (a host sync each time)")
+    validation_prompt: list[str] = _f([], "prompt to sample during training (repeatable); none: no validation")
+    validation_steps: int = _f(100, "sample the validation prompts every N steps (and before training)")
+    num_validation_images: int = _f(2, "images per validation prompt (fixed seeds, comparable across steps)")
     push_to_hub: Optional[str] = _f(None, "upload the finished run to this Hub repo (user/name); token from HF_TOKEN or login")
     report_to: str = _f("tensorboard", "tracker for loss/lr logs: tensorboard | none", choices=("tensorboard", "none"))
 
@@ -185,6 +188,8 @@ class TrainConfig:
             ("--max-train-steps", t.max_train_steps),
             ("--gradient-accumulation-steps", t.gradient_accumulation_steps),
             ("--logging-steps", t.logging_steps),
+            ("--validation-steps", t.validation_steps),
+            ("--num-validation-images", t.num_validation_images),
         ]:
             if value < 1:
                 problems.append(f"{flag} must be >= 1 (got {value})")
@@ -266,16 +271,30 @@ def from_dict(data: dict, source: str = "config") -> TrainConfig:
 
 
 def field_type(f: dataclasses.Field) -> tuple[type, bool]:
-    """(base type, optional) of a field whose annotation is a string such as 'Optional[int]'."""
+    """(base type, optional) of a field whose annotation is a string such as 'Optional[int]'.
+
+    'list[str]' gives (str, False): use `is_list` to tell lists (repeatable flags, YAML lists) apart.
+    """
     ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     optional = ann.startswith("Optional[")
     base = ann[len("Optional[") : -1] if optional else ann
+    base = base[len("list[") : -1] if base.startswith("list[") else base
     return {"str": str, "int": int, "float": float, "bool": bool}[base], optional
+
+
+def is_list(f: dataclasses.Field) -> bool:
+    return str(f.type).startswith("list[")
 
 
 def coerce(value, f: dataclasses.Field, where: str):
     """Check a YAML value against the field's type (ints are accepted for floats), naming the key on error."""
     typ, optional = field_type(f)
+    if is_list(f):
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, typ) for v in value):
+            raise UsageError(f"{where} must be a list of {typ.__name__} (got {value!r})")
+        return list(value)
     if value is None:
         if optional:
             return None
