@@ -266,6 +266,9 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .train import TrainingInterrupted
+
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # bad usage (code 2) or --help (0): return the code like every other outcome
@@ -280,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"peftbooth {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, CheckpointError) as e:
         print(f"peftbooth {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"peftbooth {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

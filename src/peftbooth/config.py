@@ -119,6 +119,12 @@ class TrainArgs:
     cache_text_states: bool = _f(True, "encode each prompt once when the text encoder is frozen")
     compile: bool = _f(False, "torch.compile the UNet (falls back to eager with a warning where unavailable)")
     logging_steps: int = _f(10, "log loss and lr every N steps (a host sync each time)")
+    checkpointing_steps: int = _f(0, "write a resumable checkpoint every N steps (0: only when interrupted)")
+    checkpoints_total_limit: int = _f(0, "keep only the newest K checkpoints (0: keep all)")
+    resume: Optional[str] = _f(None, "resume from 'latest' (newest checkpoint in --output-dir) or a checkpoint folder")
+    resume_force: bool = _f(False, "resume even if the checkpoint was made with a different config or photos")
+    nan_policy: str = _f("stop", "on a NaN/inf loss: stop (keeping the last good checkpoint) or skip-step "
+                         "(one host sync per step)", choices=("stop", "skip-step"))
     validation_prompt: list[str] = _f([], "prompt to sample during training (repeatable); none: no validation")
     validation_steps: int = _f(100, "sample the validation prompts every N steps (and before training)")
     num_validation_images: int = _f(2, "images per validation prompt (fixed seeds, comparable across steps)")
@@ -199,6 +205,8 @@ class TrainConfig:
             problems.append(f"--learning-rate must be > 0 (got {t.learning_rate})")
         if t.lr_warmup_steps < 0:
             problems.append(f"--lr-warmup-steps must be >= 0 (got {t.lr_warmup_steps})")
+        if t.checkpointing_steps < 0 or t.checkpoints_total_limit < 0:
+            problems.append("--checkpointing-steps and --checkpoints-total-limit must be >= 0")
         if t.max_grad_norm < 0:
             problems.append(f"--max-grad-norm must be >= 0 (got {t.max_grad_norm})")
         for prefix, adapter, presets in [

@@ -79,8 +79,9 @@ def load_captions(images: list[Path], default_prompt: str) -> list[str]:
     return prompts
 
 
-def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool, flip: bool) -> Image.Image:
-    """Resize the short side to `resolution`, crop a square (center or random), optionally flip horizontally."""
+def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                    rng: torch.Generator | None = None) -> Image.Image:
+    """Resize the short side to `resolution`, crop a square (center, or random from `rng`), optionally flip."""
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -88,8 +89,8 @@ def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool, flip: 
     if center_crop:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
     else:
-        left = int(torch.randint(0, nw - resolution + 1, (1,)))
-        top = int(torch.randint(0, nh - resolution + 1, (1,)))
+        left = int(torch.randint(0, nw - resolution + 1, (1,), generator=rng))
+        top = int(torch.randint(0, nh - resolution + 1, (1,), generator=rng))
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -106,8 +107,9 @@ class DreamBoothDataset(Dataset):
     """Item i pairs instance image i % N_inst with class image i % N_class, each with its own prompt.
 
     Every item carries a key per image, ('instance' | 'class', index, flipped), naming exactly which pixels it
-    stands for; with `load_pixels=False` (latents cached by key) the images are not decoded at all. The flip is
-    drawn in the same order either way, so cached and uncached runs see the same random stream.
+    stands for; with `load_pixels=False` (latents cached by key) the images are not decoded at all.
+    An item's randomness (flips, random crops) comes from its own generator seeded by (seed, epoch, index): the
+    same item is the same with or without caching, in a worker process or not, and after a resume.
     Instance images are few (3-10) and held in memory; class images are read from disk when needed.
     """
 
@@ -121,23 +123,24 @@ class DreamBoothDataset(Dataset):
         class_paths: list[Path] | None = None,
         class_prompt: str | None = None,
         load_pixels: bool = True,
+        seed: int = 0,
     ):
         self.instance_images, self.instance_prompts = instance_images, instance_prompts
         self.class_paths, self.class_prompt = class_paths or [], class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.load_pixels = load_pixels
+        self.load_pixels, self.seed, self.epoch = load_pixels, seed, 0
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_paths))
 
-    def _flip(self) -> bool:
-        return self.random_flip and bool(torch.rand(()) < 0.5)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def pixels(self, key: tuple) -> torch.Tensor:
-        """(3, H, W) in [-1, 1] for a key ('instance' | 'class', index, flipped)."""
+    def pixels(self, key: tuple, rng: torch.Generator | None = None) -> torch.Tensor:
+        """(3, H, W) in [-1, 1] for a key ('instance' | 'class', index, flipped); `rng` draws random crops."""
         kind, index, flip = key
         img = self.instance_images[index] if kind == "instance" else load_image(self.class_paths[index], 2 * self.resolution)
-        return to_tensor(resize_and_crop(img, self.resolution, self.center_crop, flip))
+        return to_tensor(resize_and_crop(img, self.resolution, self.center_crop, flip, rng))
 
     def all_keys(self) -> list[tuple]:
         """Every distinct (image, flip) the dataset can produce; what a latent cache must hold."""
@@ -146,16 +149,39 @@ class DreamBoothDataset(Dataset):
         return keys + [("class", j, f) for j in range(len(self.class_paths)) for f in flips]
 
     def __getitem__(self, i: int) -> dict:
-        key = ("instance", i % len(self.instance_images), self._flip())
+        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        flips = [self.random_flip and bool(torch.rand((), generator=rng) < 0.5) for _ in range(2)]
+        key = ("instance", i % len(self.instance_images), flips[0])
         item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]]}
         if self.load_pixels:
-            item["instance_pixels"] = self.pixels(key)
+            item["instance_pixels"] = self.pixels(key, rng)
         if self.class_paths:
-            key = ("class", i % len(self.class_paths), self._flip())
+            key = ("class", i % len(self.class_paths), flips[1])
             item.update(class_key=key, class_prompt=self.class_prompt)
             if self.load_pixels:
-                item["class_pixels"] = self.pixels(key)
+                item["class_pixels"] = self.pixels(key, rng)
         return item
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch, drawn from (seed, epoch) alone; can start part-way into an epoch.
+
+    Unlike a shuffling DataLoader's running generator, the order of epoch e can be rebuilt without replaying
+    epochs 0..e-1, which is what an exact resume needs.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return iter(order[self.start :])
+
+    def __len__(self) -> int:
+        return self.n - self.start
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -5,8 +5,10 @@ Read top to bottom: nothing is written to disk until every input has been checke
 
 from __future__ import annotations
 
-import math
 import os
+import signal
+import sys
+import threading
 import shutil
 import tempfile
 import time
@@ -21,8 +23,12 @@ from tqdm.auto import tqdm
 
 from . import adapters as ad
 from .cache import LatentCache, TextCache
+from .checkpoint import (
+    TrainState, acquire_lock, check_compatible, data_fingerprint, load_checkpoint, release_lock, resolve_resume,
+    save_checkpoint,
+)
 from .config import TrainConfig, UsageError, to_dict
-from .data import DreamBoothDataset, collate, list_images, load_captions, load_image
+from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_captions, load_image
 from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss
 from .models import Components, load_components
@@ -44,6 +50,11 @@ class Run:
     dataloader: DataLoader
     weight_dtype: torch.dtype
     output_dir: Path
+    sampler: EpochSampler
+    dataset: DreamBoothDataset
+    state: TrainState  # where the loop stands (fresh, or restored from a checkpoint)
+    fingerprint: str  # of the instance photos, recorded in checkpoints
+    lock: Path | None = None
     latent_cache: LatentCache | None = None  # VAE posteriors per (image, flip), when cached
     text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
 
@@ -51,16 +62,22 @@ class Run:
 def train(cfg: TrainConfig) -> Path:
     """Run a whole training job; return the output folder."""
     run = setup(cfg)
-    stats = fit(run)
-    return save(run, stats)
+    try:
+        stats = fit(run)
+        return save(run, stats)
+    finally:
+        release_lock(run.lock)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # setup
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[list, list[str]]:
-    """Validate the config, the output folder and the instance images; return (images, prompts). Writes nothing."""
+def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
+    """Validate config, output folder, photos and resume; return (images, prompts, fingerprint, checkpoint).
+
+    Writes nothing.
+    """
     cfg.validate()
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
@@ -72,6 +89,14 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str]]:
     if not paths:
         raise UsageError(f"--instance-data-dir {d.instance_data_dir}: no images (jpg, jpeg, png, webp) found")
     images = [load_image(p, max_side=2 * d.resolution) for p in paths]
+    for p, img in zip(paths, images):
+        if min(img.size) < 8:
+            raise UsageError(f"{p}: image is only {img.size[0]}x{img.size[1]} px; use photos of at least 8 px a side")
+    fingerprint = data_fingerprint(paths)
+    checkpoint = None
+    if cfg.train.resume:
+        checkpoint = resolve_resume(cfg.train.resume, out)
+        check_compatible(checkpoint, cfg, fingerprint, cfg.train.resume_force)
     if d.with_prior_preservation and d.class_data_dir and Path(d.class_data_dir).is_file():
         raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
     if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
@@ -84,7 +109,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str]]:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UsageError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-    return images, load_captions(paths, d.instance_prompt)
+    return images, load_captions(paths, d.instance_prompt), fingerprint, checkpoint
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
@@ -97,7 +122,7 @@ def setup(cfg: TrainConfig) -> Run:
     from diffusers.optimization import get_scheduler
 
     cfg = cfg.resolved()
-    images, prompts = check_inputs(cfg)
+    images, prompts, fingerprint, checkpoint = check_inputs(cfg)
     t, d = cfg.train, cfg.data
     components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant)
     # Check adapter targets against the loaded modules before anything is written.
@@ -110,6 +135,7 @@ def setup(cfg: TrainConfig) -> Run:
     # --- inputs are valid: from here on files are written
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(out)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Every optimizer step sums exactly N micro-batches. Accelerate's default also steps at the end of each
@@ -168,7 +194,7 @@ def setup(cfg: TrainConfig) -> Run:
     if t.cache_latents and not d.center_crop:
         accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
     dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
-                                d.class_prompt, load_pixels=not cache_latents)
+                                d.class_prompt, load_pixels=not cache_latents, seed=t.seed)
     latent_cache = text_cache = None
     if cache_latents:
         latent_cache = LatentCache.build(dataset, components.vae, accelerator.device, weight_dtype, d.sample_batch_size)
@@ -177,8 +203,9 @@ def setup(cfg: TrainConfig) -> Run:
         all_prompts = prompts + ([d.class_prompt] if class_paths else [])
         text_cache = TextCache.build(all_prompts, components.tokenizer, text_encoder, accelerator.device)
         offload(text_encoder, accelerator.device)
+    sampler = EpochSampler(len(dataset), t.seed)  # the data order is a function of (seed, epoch): resumable
     dataloader = DataLoader(
-        dataset, batch_size=d.train_batch_size, shuffle=True, num_workers=d.dataloader_num_workers,
+        dataset, batch_size=d.train_batch_size, sampler=sampler, num_workers=d.dataloader_num_workers,
         collate_fn=partial(collate, tokenizer=None if text_cache else components.tokenizer),
         generator=torch.Generator().manual_seed(t.seed), pin_memory=accelerator.device.type == "cuda",
     )
@@ -194,8 +221,12 @@ def setup(cfg: TrainConfig) -> Run:
         unet = maybe_compile(unet, accelerator)
     if accelerator.is_main_process and t.report_to != "none":
         accelerator.init_trackers("peftbooth")
-    return Run(cfg, accelerator, components, unet, text_encoder, optimizer, lr_scheduler, dataloader, weight_dtype,
-               out, latent_cache, text_cache)
+    run = Run(cfg, accelerator, components, unet, text_encoder, optimizer, lr_scheduler, dataloader, weight_dtype,
+              out, sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache)
+    if checkpoint is not None:
+        run.state = load_checkpoint(run, checkpoint)
+        accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
+    return run
 
 
 def offload(model: torch.nn.Module, device: torch.device) -> None:
@@ -272,45 +303,131 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight)
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the current step was finished and a checkpoint written. `exit_code` is 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped after a checkpoint at {checkpoint}; "
+                         "run the same command with --resume latest to continue")
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: note it, so the loop ends after the current step with a checkpoint.
+    Second: exit at once (the last complete checkpoint stays valid: checkpoints are renamed into place)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def begin_epoch(run: Run, state: TrainState) -> None:
+    """Point the sampler and dataset at `state`'s epoch, skipping the micro-batches already consumed."""
+    if hasattr(run.dataloader, "set_epoch"):
+        run.dataloader.set_epoch(state.epoch)  # Accelerate's loader passes it on to the sampler
+    run.sampler.set_epoch(state.epoch)
+    run.dataset.set_epoch(state.epoch)
+    run.sampler.start = state.position * run.cfg.data.train_batch_size
+
+
 def fit(run: Run) -> dict:
-    """Optimise the adapters for max_train_steps optimizer steps. Returns a few statistics for the run card."""
-    t, acc = run.cfg.train, run.accelerator
+    """Optimise the adapters until max_train_steps optimizer steps. Returns a few statistics for the run card.
+
+    Continues from `run.state` (a resumed run starts mid-way); writes checkpoints every --checkpointing-steps
+    and when interrupted; stops on a non-finite loss per --nan-policy.
+    """
+    t, acc, state = run.cfg.train, run.accelerator, run.state
     trained = [run.unet] + ([run.text_encoder] if t.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for m in trained:
         m.train()
-    progress = tqdm(total=t.max_train_steps, desc="train", disable=not acc.is_local_main_process)
-    step, last_loss, start = 0, float("nan"), time.perf_counter()
-    while step < t.max_train_steps:
-        for batch in run.dataloader:
-            with acc.accumulate(*trained):
-                loss, instance_loss, prior_loss = training_step(run, batch)
-                acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, t.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if not acc.sync_gradients:
-                continue
-            run.lr_scheduler.step()
-            step += 1
-            progress.update(1)
-            if step % t.logging_steps == 0 or step == t.max_train_steps:
-                # .item() waits for the device: only every logging_steps steps, not every step
-                last_loss = loss.detach().item()
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"loss is {last_loss} at step {step}; lower --learning-rate")
-                logs = {"loss": last_loss, "instance_loss": instance_loss.item(), "lr": run.lr_scheduler.get_last_lr()[0]}
-                if prior_loss is not None:
-                    logs["prior_loss"] = prior_loss.item()
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
-                if t.report_to != "none":
-                    acc.log(logs, step=step)
-            if step >= t.max_train_steps:
-                break
+    progress = tqdm(total=t.max_train_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
+    # The first step with a non-finite loss, tracked on the device so that no step waits for the host.
+    first_bad = torch.tensor(-1, device=acc.device)
+    last_loss, history, start, start_step = float("nan"), [], time.perf_counter(), state.step
+    with StopSignals() as signals:
+        while state.step < t.max_train_steps:
+            begin_epoch(run, state)
+            for batch in run.dataloader:
+                state.position += 1
+                with acc.accumulate(*trained):
+                    loss, instance_loss, prior_loss = training_step(run, batch)
+                    finite = torch.isfinite(loss)
+                    if t.nan_policy == "skip-step" and not finite.item():  # one host sync per step
+                        acc.print(f"warning: non-finite loss at step {state.step + 1}; skipping this batch")
+                        run.optimizer.zero_grad(set_to_none=True)
+                        continue
+                    first_bad = torch.where(~finite & (first_bad < 0), state.step + 1, first_bad)
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, t.max_grad_norm)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                run.lr_scheduler.step()
+                state.step += 1
+                progress.update(1)
+                checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
+                if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due \
+                        or signals.received:
+                    # .item() waits for the device: only at these steps, not every step
+                    check_finite(first_bad, params, state.step)
+                    last_loss = loss.detach().item()
+                    history.append((state.step, last_loss))
+                    logs = {"loss": last_loss, "instance_loss": instance_loss.item(),
+                            "lr": run.lr_scheduler.get_last_lr()[0]}
+                    if prior_loss is not None:
+                        logs["prior_loss"] = prior_loss.item()
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                    if t.report_to != "none":
+                        acc.log(logs, step=state.step)
+                if checkpoint_due or signals.received:
+                    path = save_checkpoint(run, state, run.fingerprint)
+                    if signals.received:
+                        progress.close()
+                        raise TrainingInterrupted(signals.received, path)
+                if state.step >= t.max_train_steps:
+                    break
+            else:  # the epoch ran out before max_train_steps
+                state.epoch, state.position = state.epoch + 1, 0
     progress.close()
     seconds = time.perf_counter() - start
-    return {"steps": step, "final_loss": last_loss, "seconds": seconds, "it_s": step / max(seconds, 1e-9)}
+    steps = state.step - start_step
+    return {"steps": state.step, "final_loss": last_loss, "seconds": seconds, "it_s": steps / max(seconds, 1e-9),
+            "loss_history": history}
+
+
+def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int) -> None:
+    """Raise FloatingPointError naming the first step with a non-finite loss, or non-finite adapter weights.
+
+    Called before a checkpoint is written, so a checkpoint never holds a diverged adapter.
+    """
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise FloatingPointError(f"loss became NaN/inf at step {bad}; the last checkpoint before it is kept; "
+                                 "lower --learning-rate or use --nan-policy skip-step")
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise FloatingPointError(f"adapter weights became NaN/inf by step {step}; the last checkpoint before it "
+                                 "is kept; lower --learning-rate or --max-grad-norm")
 
 
 # ---------------------------------------------------------------------------------------------------------------

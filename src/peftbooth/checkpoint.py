@@ -1,0 +1,287 @@
+"""Checkpoints that survive crashes, exact resume, and the output-folder lock.
+
+A checkpoint is a folder `OUTPUT/checkpoints/checkpoint-NNNNNN/` holding everything that determines the rest
+of the run: adapter weights (safetensors), optimizer, lr scheduler and grad-scaler state, every RNG state, the
+position in the data, and the config it was made with. It is written into a hidden temp folder, fsynced and
+renamed, so a `checkpoint-N` folder is always complete; older ones are pruned only after a new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainConfig, UsageError, to_dict
+
+CHECKPOINTS = "checkpoints"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"  # written last inside the temp folder
+REQUIRED = ("unet/adapter_model.safetensors", "optimizer.pt", "state.pt", STATE_FILE)
+LOCK = ".peftbooth.lock"
+
+# Config fields that may change between a run and its resume without changing what is trained.
+RESUME_FREE = {
+    "train.output_dir", "train.overwrite", "train.resume", "train.resume_force", "train.logging_steps",
+    "train.report_to", "train.checkpointing_steps", "train.checkpoints_total_limit", "train.push_to_hub",
+    "train.validation_prompt", "train.validation_steps", "train.num_validation_images", "train.nan_policy",
+    "train.compile", "data.dataloader_num_workers", "data.sample_batch_size", "data.class_image_steps",
+    "data.class_data_dir",
+}
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+@dataclass
+class TrainState:
+    """Where the loop stands: optimizer steps done, and the epoch / micro-batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a checkpoint must match
+
+
+def data_fingerprint(instance_paths: list[Path]) -> str:
+    """sha256 over the instance images' names and bytes and their captions: 'the same photos'."""
+    h = hashlib.sha256()
+    for p in instance_paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        caption = p.with_suffix(".txt")
+        if caption.exists():
+            h.update(b"caption\0" + caption.read_bytes())
+    return h.hexdigest()
+
+
+def flat(cfg_dict: dict) -> dict:
+    return {f"{section}.{k}": v for section, values in cfg_dict.items() for k, v in values.items()}
+
+
+def differing_fields(saved: dict, current: dict) -> list[str]:
+    """Names of resolved-config fields that differ and matter for what is trained."""
+    a, b = flat(saved), flat(current)
+    free = set(RESUME_FREE)
+    if not a.get("train.train_text_encoder") and not b.get("train.train_text_encoder"):
+        free |= {k for k in a.keys() | b.keys() if k.startswith("text_encoder_adapter.")}  # not trained: moot
+    return sorted(k for k in a.keys() | b.keys() if k not in free and a.get(k) != b.get(k))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding checkpoints
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if all((p / r).is_file() for r in REQUIRED)]
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    """--resume latest|PATH -> a complete checkpoint folder, or UsageError."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        for path in reversed(found):
+            try:
+                json.loads((path / STATE_FILE).read_text())
+                return path
+            except (OSError, ValueError):
+                warnings.warn(f"--resume latest: skipping unreadable checkpoint {path}", stacklevel=2)
+        raise UsageError(f"--resume latest: no complete checkpoint in {output_dir / CHECKPOINTS}")
+    path = Path(resume)
+    missing = [r for r in REQUIRED if not (path / r).is_file()]
+    if not path.is_dir() or missing:
+        raise UsageError(f"--resume {resume}: not a complete peftbooth checkpoint"
+                         + (f" (missing {', '.join(missing)})" if path.is_dir() else " (no such folder)"))
+    return path
+
+
+def check_compatible(path: Path, cfg: TrainConfig, fingerprint: str, force: bool) -> None:
+    """Refuse a checkpoint made with another config or other photos (naming what differs) unless forced."""
+    saved = json.loads((path / STATE_FILE).read_text())
+    diffs = differing_fields(saved["config"], to_dict(cfg))
+    if saved.get("data_fingerprint") != fingerprint:
+        diffs.append("instance images (files or captions changed)")
+    if diffs and not force:
+        raise UsageError(f"--resume {path}: made with a different setup ({', '.join(diffs)}); "
+                         "pass --resume-force to resume anyway")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray: stored as a tensor so the file loads with weights_only=True
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing and reading
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
+    """Write checkpoint-<step> atomically, then prune beyond --checkpoints-total-limit. Returns its path."""
+    acc, t = run.accelerator, run.cfg.train
+    root = run.output_dir / CHECKPOINTS
+    final = root / f"checkpoint-{state.step:06d}"
+    tmp = root / f".tmp-checkpoint-{state.step:06d}"
+    previous = list_checkpoints(run.output_dir)
+    try:
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier write of this step
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        # every process keeps its own RNG streams
+        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        if acc.is_main_process:
+            acc.unwrap_model(run.unet).save_pretrained(tmp / "unet", save_embedding_layers=False)
+            if t.train_text_encoder:
+                acc.unwrap_model(run.text_encoder).save_pretrained(tmp / "text_encoder", save_embedding_layers=False)
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+            scaler = getattr(acc, "scaler", None)
+            torch.save({"lr_scheduler": run.lr_scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(
+                {**asdict(state), "config": to_dict(run.cfg), "data_fingerprint": fingerprint}, indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write the checkpoint of step {state.step} in {root} "
+                              f"({e.strerror or e}); {kept}") from e
+    if acc.is_main_process and t.checkpoints_total_limit:
+        for old in list_checkpoints(run.output_dir)[: -t.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run, path: Path) -> TrainState:
+    """Restore adapters, optimizer, scheduler, scaler and RNG from `path`; return where the loop stands."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    acc = run.accelerator
+    parts = [("unet", run.unet)] + ([("text_encoder", run.text_encoder)] if run.cfg.train.train_text_encoder else [])
+    for part, model in parts:
+        weights = load_file(path / part / "adapter_model.safetensors", device=str(acc.device))
+        result = set_peft_model_state_dict(acc.unwrap_model(model), weights, adapter_name="default")
+        if result.unexpected_keys:
+            raise UsageError(f"--resume {path}: {part} weights do not fit this model "
+                             f"(e.g. {result.unexpected_keys[0]})")
+    # weights_only=True: these files are read without unpickling arbitrary objects
+    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+    extra = torch.load(path / "state.pt", weights_only=True)
+    run.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+    if extra["scaler"] is not None and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(extra["scaler"])
+    rng_file = path / f"rng-{acc.process_index}.pt"
+    set_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng-0.pt", weights_only=True))
+    saved = json.loads((path / STATE_FILE).read_text())
+    return TrainState(saved["step"], saved["epoch"], saved["position"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the output-folder lock
+
+
+def acquire_lock(output_dir: Path) -> Path:
+    """Claim the output folder for this process; refuse one in use by a live run, take over a stale lock."""
+    lock = output_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and holder.get("pid") not in (None, me["pid"]) and _alive(holder["pid"]):
+                raise UsageError(f"--output-dir {output_dir}: in use by another run (pid {holder['pid']}); "
+                                 f"wait for it or choose another folder") from None
+            if holder.get("host") not in (None, me["host"]):
+                raise UsageError(f"--output-dir {output_dir}: in use by a run on host {holder['host']} "
+                                 f"(pid {holder.get('pid')}); if it is gone, delete {lock}") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone (or it is this very process)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+
+
+def release_lock(lock: Path | None) -> None:
+    if lock is None:
+        return
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
