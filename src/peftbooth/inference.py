@@ -36,6 +36,18 @@ def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path
     return found
 
 
+def mismatch(error: Exception) -> str:
+    """The first 'module: shapes' of a state-dict size mismatch (an adapter trained on another base model)."""
+    import re
+
+    m = re.search(r"size mismatch for (\S+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
+                  r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", str(error))
+    if m:
+        module = m.group(1).removeprefix("base_model.model.")
+        return f"{module}: the adapter has shape {m.group(2)[11:-1]}, this model needs {m.group(3)[11:-1]}"
+    return str(error).strip().splitlines()[0][:300]
+
+
 def read_adapter(folder: Path, model: torch.nn.Module):
     """(PEFT config, state dict) of an adapter folder, with keys laid out like `model`'s modules.
 
@@ -100,9 +112,7 @@ class AdapterPipeline:
                     self._peft[part].add_adapter(name, config)
                 result = set_peft_model_state_dict(self._peft[part], state, adapter_name=name)
             except (RuntimeError, ValueError, KeyError) as e:
-                # shape mismatches: an adapter trained on another base model
-                first = str(e).strip().splitlines()[0]
-                raise UsageError(f"--adapter {path}: does not fit this base model ({first[:300]})") from e
+                raise UsageError(f"--adapter {path}: does not fit this base model ({mismatch(e)})") from e
             # loud, not silent: weights that land nowhere mean the adapter would not be applied as trained
             stray = list(result.unexpected_keys) + [
                 k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")  # this adapter's own
