@@ -1,8 +1,8 @@
 """Work done once instead of every step: VAE posteriors of the training images and text-encoder states of prompts.
 
 Both caches reproduce the uncached computation: the latent cache stores the VAE posterior (mean, std) rather
-than one sample, and draws a fresh sample each step exactly as `latent_dist.sample()` would, so caching changes
-speed, not the training.
+than one sample, and the training step draws a fresh sample from it every step, as it does from a posterior
+computed on the spot; caching changes speed, not the training.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ class LatentCache:
             stds.append(dist.std)
         return cls(keys, torch.cat(means), torch.cat(stds))
 
-    def sample(self, keys: list[tuple]) -> torch.Tensor:
-        """Unscaled latents (N, 4, H/f, W/f): mean + std * N(0, 1), one fresh draw per call."""
+    def posterior(self, keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (N, 4, H/f, W/f), of the images named by `keys`."""
         idx = torch.tensor([self.index[k] for k in keys], device=self.mean.device)
-        mean, std = self.mean[idx], self.std[idx]
-        return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return self.mean[idx], self.std[idx]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -149,18 +150,27 @@ class DreamBoothDataset(Dataset):
         return keys + [("class", j, f) for j in range(len(self.class_paths)) for f in flips]
 
     def __getitem__(self, i: int) -> dict:
-        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        rng = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i))
         flips = [self.random_flip and bool(torch.rand((), generator=rng) < 0.5) for _ in range(2)]
         key = ("instance", i % len(self.instance_images), flips[0])
-        item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]]}
+        # each row's noise, timestep and latent sample are drawn from its own seed in the training step, so a
+        # row trains the same whatever batch or process it lands in
+        item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]],
+                "instance_seed": mix_seed(self.seed, self.epoch, i, 0)}
         if self.load_pixels:
             item["instance_pixels"] = self.pixels(key, rng)
         if self.class_paths:
             key = ("class", i % len(self.class_paths), flips[1])
-            item.update(class_key=key, class_prompt=self.class_prompt)
+            item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(self.seed, self.epoch, i, 1))
             if self.load_pixels:
                 item["class_pixels"] = self.pixels(key, rng)
         return item
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (hash-mixed: nearby inputs give unrelated streams)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -177,7 +187,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))).tolist()
         return iter(order[self.start :])
 
     def __len__(self) -> int:
@@ -201,6 +211,7 @@ def collate(examples: list[dict], tokenizer=None) -> dict:
     batch = {
         "keys": [e[f"{h}_key"] for h in halves for e in examples],
         "prompts": [e[f"{h}_prompt"] for h in halves for e in examples],
+        "seeds": [e[f"{h}_seed"] for h in halves for e in examples],
         "num_instance": len(examples),
     }
     if "instance_pixels" in examples[0]:

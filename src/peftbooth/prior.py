@@ -69,12 +69,16 @@ def generate_class_images(
     variant: str | None = None,
     device: str | torch.device | None = None,
     show_progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier=None,
 ) -> list[Path]:
     """Make `class_data_dir` hold `num_class_images` readable images; return the paths (sorted, at most N).
 
     Images already there count (so an interrupted run resumes); corrupt ones are named in a warning and not
     counted. Image k is drawn from seed `seed + k` and named `class-k-HASH.png`; a resumed run makes the lowest
     indices not on disk, so it never repeats an image it already made (even if one in the middle was lost).
+    With several processes, each makes every num_processes-th missing image (`barrier` waits for all of them).
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -89,6 +93,8 @@ def generate_class_images(
         names = ", ".join(p.name for p in corrupt)
         warnings.warn(f"--class-data-dir {folder}: ignoring unreadable images (delete them): {names}", stacklevel=2)
     missing = num_class_images - len(good)
+    if barrier is not None:
+        barrier()  # all processes have listed the folder before any of them writes to it
     if missing > 0:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=generation_dtype(device))
@@ -98,6 +104,8 @@ def generate_class_images(
         pipe.to(device)
         on_disk = {int(m.group(1)) for p in good if (m := NAME.match(p.name))}
         todo = [k for k in range(num_class_images + len(on_disk)) if k not in on_disk][:missing]
+        todo = todo[process_index::num_processes]  # this process's share: no image is made twice
+        missing = len(todo)
         bar = tqdm(total=missing, desc="class images", disable=not show_progress)
         for first in range(0, missing, sample_batch_size):
             indices = todo[first : first + sample_batch_size]
@@ -115,5 +123,8 @@ def generate_class_images(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if barrier is not None:
+        barrier()  # every process waits until all shares are on disk
+    if missing > 0 or barrier is not None:
         good, _ = valid_class_images(folder)
     return good[:num_class_images]

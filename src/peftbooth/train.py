@@ -135,7 +135,6 @@ def setup(cfg: TrainConfig) -> Run:
     # --- inputs are valid: from here on files are written
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(out)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Every optimizer step sums exactly N micro-batches. Accelerate's default also steps at the end of each
@@ -146,6 +145,7 @@ def setup(cfg: TrainConfig) -> Run:
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    lock = acquire_lock(out) if accelerator.is_main_process else None  # one lock per run, not per process
     set_seed(t.seed)
 
     class_paths = None
@@ -156,7 +156,8 @@ def setup(cfg: TrainConfig) -> Run:
         class_paths = generate_class_images(
             components.model_path, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size,
             d.class_image_steps, t.seed, cfg.model.revision, cfg.model.variant, accelerator.device,
-            show_progress=accelerator.is_local_main_process,
+            show_progress=accelerator.is_local_main_process, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
         )
         set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
 
@@ -279,17 +280,21 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     """Loss of one (micro-)batch: encode, noise, predict, compare with the target. Returns (loss, inst, prior)."""
     c, device = run.components, run.accelerator.device
     if run.latent_cache is not None:
-        latents = run.latent_cache.sample(batch["keys"])
+        mean, std = run.latent_cache.posterior(batch["keys"])
     else:
         pixel_values = batch["pixel_values"].to(device, dtype=run.weight_dtype, non_blocking=True)  # (N, 3, H, W)
         with torch.no_grad():
-            latents = c.vae.encode(pixel_values).latent_dist.sample()
+            posterior = c.vae.encode(pixel_values).latent_dist
+        mean, std = posterior.mean, posterior.std
+    # Per-row randomness from per-row seeds (see DreamBoothDataset): the same row gets the same latent sample,
+    # noise and timestep in any batch, on any process, before or after a resume.
+    rows = [torch.Generator(device).manual_seed(s) for s in batch["seeds"]]
+    eps = torch.stack([torch.randn(mean.shape[1:], generator=g, device=device) for g in rows]).to(mean.dtype)
     # (N, 4, H/f, W/f), scaled so latents have roughly unit variance (0.18215 for SD 1.x)
-    latents = latents * c.latent_scale
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(
-        0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
-    ).long()
+    latents = (mean + std * eps) * c.latent_scale
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=device) for g in rows]).to(latents.dtype)
+    T = c.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, T, (1,), generator=g, device=device) for g in rows]).long()
     noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
     if run.text_cache is not None:
         encoder_hidden_states = run.text_cache.lookup(batch["prompts"])  # (N, 77, D)
@@ -345,7 +350,8 @@ def begin_epoch(run: Run, state: TrainState) -> None:
         run.dataloader.set_epoch(state.epoch)  # Accelerate's loader passes it on to the sampler
     run.sampler.set_epoch(state.epoch)
     run.dataset.set_epoch(state.epoch)
-    run.sampler.start = state.position * run.cfg.data.train_batch_size
+    # every process consumes train_batch_size items per micro-batch
+    run.sampler.start = state.position * run.cfg.data.train_batch_size * run.accelerator.num_processes
 
 
 def fit(run: Run) -> dict:
