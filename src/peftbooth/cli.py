@@ -76,9 +76,45 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg.resolved()), sort_keys=False), end="")
         return 0
-    out = train(cfg)
-    print(f"adapters written to {out}/unet" + (" and text_encoder" if cfg.train.train_text_encoder else ""))
+    if args.num_processes < 1:
+        raise UsageError(f"--num-processes must be >= 1 (got {args.num_processes})")
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from .train import check_inputs
+
+        check_inputs(cfg.resolved())  # bad input is reported once, here, not by every process
+        return launch(args.num_processes, args.argv)
+    train(cfg)
     return 0
+
+
+def launch(num_processes: int, argv: list[str]) -> int:
+    """`--num-processes N`: rerun this command as N data-parallel processes (torch.distributed on this machine).
+
+    Same as `accelerate launch --num_processes N -m peftbooth train ...`; without a GPU the processes use the
+    CPU with the gloo backend.
+    """
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port for the processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"
+    rest, skip = [], False
+    for a in argv:  # drop --num-processes N / --num-processes=N from the relaunched command
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
+           f"--master_port={port}", "-m", "peftbooth", *rest]
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_class_images(args) -> int:
@@ -194,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train DreamBooth adapters")
     p.add_argument("--config", help="YAML file with sections model, unet_adapter, text_encoder_adapter, data, train")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="data-parallel processes on this machine (like accelerate launch --num_processes)")
     for section in SECTIONS:
         add_section_flags(p, section)
     p.set_defaults(func=cmd_train)
@@ -269,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .train import TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
     except SystemExit as e:  # bad usage (code 2) or --help (0): return the code like every other outcome
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     quiet_libraries()

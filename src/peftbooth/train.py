@@ -440,6 +440,18 @@ def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int)
 # saving
 
 
+def check_ranks_agree(run: Run) -> None:
+    """Data-parallel processes must end with the same adapters (only rank 0's are saved): compare exactly."""
+    acc = run.accelerator
+    models = [run.unet] + ([run.text_encoder] if run.cfg.train.train_text_encoder else [])
+    # one float64 checksum per adapter tensor: (P,) per process, gathered to (world * P,)
+    sums = torch.stack([p.detach().double().sum() for m in models for p in m.parameters() if p.requires_grad])
+    per_rank = acc.gather(sums.to(acc.device)).view(acc.num_processes, -1)
+    if not bool((per_rank == per_rank[0]).all()):
+        raise RuntimeError("data-parallel processes ended with different adapter weights; not saving")
+    acc.print(f"adapter weights identical on all {acc.num_processes} processes")
+
+
 def save(run: Run, stats: dict) -> Path:
     """Write unet/ (and text_encoder/) adapter folders, config.yaml and README.md atomically into the output dir.
 
@@ -448,6 +460,8 @@ def save(run: Run, stats: dict) -> Path:
     """
     acc, out = run.accelerator, run.output_dir
     acc.wait_for_everyone()
+    if acc.num_processes > 1:
+        check_ranks_agree(run)
     if acc.is_main_process:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
         try:
@@ -470,6 +484,7 @@ def save(run: Run, stats: dict) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     acc.end_training()
+    acc.print(f"adapters written to {out / 'unet'}" + (" and text_encoder" if run.cfg.train.train_text_encoder else ""))
     if run.cfg.train.push_to_hub and acc.is_main_process:
         url = push(out, run.cfg.train.push_to_hub)
         acc.print(f"pushed to {url}")
