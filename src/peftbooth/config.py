@@ -113,6 +113,8 @@ class TrainArgs:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting with this gamma (5.0 is common); off when unset")
+    noise_offset: float = _f(0.0, "offset-noise strength (e.g. 0.05): lets the model learn very dark/bright images")
     mixed_precision: str = _f("no", "compute precision of the frozen weights", choices=MIXED_PRECISION)
     train_text_encoder: bool = _f(False, "also train an adapter on the CLIP text encoder")
     cache_latents: bool = _f(True, "VAE-encode each image (and its flip) once instead of every step; off with random crops")
@@ -207,6 +209,10 @@ class TrainConfig:
             problems.append(f"--lr-warmup-steps must be >= 0 (got {t.lr_warmup_steps})")
         if t.checkpointing_steps < 0 or t.checkpoints_total_limit < 0:
             problems.append("--checkpointing-steps and --checkpoints-total-limit must be >= 0")
+        if t.snr_gamma is not None and t.snr_gamma <= 0:
+            problems.append(f"--snr-gamma must be > 0 (got {t.snr_gamma})")
+        if t.noise_offset < 0:
+            problems.append(f"--noise-offset must be >= 0 (got {t.noise_offset})")
         if t.max_grad_norm < 0:
             problems.append(f"--max-grad-norm must be >= 0 (got {t.max_grad_norm})")
         for prefix, adapter, presets in [

@@ -22,16 +22,52 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise UsageError(f"the model's scheduler has prediction_type {prediction_type!r}; supported: epsilon, v_prediction")
 
 
+def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) per row, (N,)."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1 - alpha_bar)
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per row (Hang et al., 2023), (N,).
+
+    The MSE on epsilon equals SNR x the MSE on x0; clamping that factor at gamma stops low-noise timesteps from
+    dominating: w = min(SNR, gamma) / SNR. A v-prediction MSE equals (SNR + 1) x the x0 MSE: w = min(SNR, gamma) / (SNR + 1).
+    """
+    clamped = torch.minimum(snr_t, torch.full_like(snr_t, gamma))
+    return clamped / (snr_t + 1) if prediction_type == "v_prediction" else clamped / snr_t
+
+
+def offset_noise(noise: torch.Tensor, offset: torch.Tensor, strength: float) -> torch.Tensor:
+    """Noise plus a per-channel constant, noise + strength * offset, offset (N, C, 1, 1) ~ N(0, 1).
+
+    Plain noise never changes an image's mean brightness much, so models cannot learn very dark or very bright
+    images; the offset lets them (Guttenberg, 2023).
+    """
+    return noise + strength * offset
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (N,)
+    return (per_row * weights).mean()
+
+
 def dreambooth_loss(
-    pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float
+    pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, instance_loss, prior_loss) for a batch whose first `num_instance` rows are instance images.
 
-    pred, target: (B_inst + B_class, C, h, w). loss = MSE(instance) + prior_loss_weight * MSE(class); computed
-    in fp32 so a bf16/fp16 forward does not lose the small differences the MSE is made of.
+    pred, target: (B_inst + B_class, C, h, w); weights: optional (N,) per-row weights (Min-SNR).
+    loss = MSE(instance) + prior_loss_weight * MSE(class); computed in fp32 so a bf16/fp16 forward does not lose
+    the small differences the MSE is made of.
     """
-    instance_loss = F.mse_loss(pred[:num_instance].float(), target[:num_instance].float())
+    w_inst = None if weights is None else weights[:num_instance]
+    instance_loss = _mse(pred[:num_instance], target[:num_instance], w_inst)
     if pred.shape[0] == num_instance:
         return instance_loss, instance_loss, None
-    prior_loss = F.mse_loss(pred[num_instance:].float(), target[num_instance:].float())
+    w_prior = None if weights is None else weights[num_instance:]
+    prior_loss = _mse(pred[num_instance:], target[num_instance:], w_prior)
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss

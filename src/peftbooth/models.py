@@ -148,6 +148,18 @@ SHAPES = {
                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16, sample_size=64),
         text=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     ),
+    # SD 2.x differences that matter to the code: linear (not 1x1 conv) transformer projections, per-block head
+    # dims, a GELU text encoder; paired with a v-prediction scheduler it is a tiny SD 2.x 768-v.
+    "tiny-sd2": dict(
+        unet=dict(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16),
+        vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16, sample_size=64),
+        text=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  hidden_act="gelu"),
+    ),
     "sd15": dict(
         unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

@@ -30,7 +30,7 @@ from .checkpoint import (
 from .config import TrainConfig, UsageError, to_dict
 from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_captions, load_image
 from .hub import check_repo_id, hub_token, model_card, push
-from .losses import diffusion_target, dreambooth_loss
+from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
 from .models import Components, load_components
 
 RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
@@ -295,6 +295,10 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=device) for g in rows]).to(latents.dtype)
     T = c.noise_scheduler.config.num_train_timesteps
     timesteps = torch.cat([torch.randint(0, T, (1,), generator=g, device=device) for g in rows]).long()
+    tr = run.cfg.train
+    if tr.noise_offset:
+        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g, device=device) for g in rows])
+        noise = offset_noise(noise, offset.to(noise.dtype), tr.noise_offset)
     noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
     if run.text_cache is not None:
         encoder_hidden_states = run.text_cache.lookup(batch["prompts"])  # (N, 77, D)
@@ -305,7 +309,10 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
             encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"].to(device))
     pred = run.unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
-    return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight)
+    weights = None
+    if tr.snr_gamma is not None:
+        weights = min_snr_weights(snr(c.noise_scheduler, timesteps), tr.snr_gamma, c.prediction_type)
+    return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight, weights)
 
 
 class TrainingInterrupted(Exception):
