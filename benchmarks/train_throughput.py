@@ -79,6 +79,18 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def timed(step, args) -> float:
+    """Seconds for args.steps calls of `step` after args.warmup calls; the last loss is read (a device sync)."""
+    for _ in range(args.warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    return time.perf_counter() - start
+
+
 def run_peftbooth(args, cfg) -> float:
     """Seconds for args.steps optimizer steps of peftbooth's own loop, after warm-up steps."""
     from peftbooth.train import fit, setup
@@ -133,14 +145,7 @@ def run_floor(args, cfg) -> float:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss.item()
-    return time.perf_counter() - start
+    return timed(step, args)
 
 
 def run_plain(args, cfg) -> float:
@@ -194,14 +199,7 @@ def run_plain(args, cfg) -> float:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss.item()
-    return time.perf_counter() - start
+    return timed(step, args)
 
 
 def worker(args) -> None:
