@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .formats import add_commands
 
     add_commands(sub)  # export, import, fuse
+    from .evaluate import add_commands as add_eval_commands
+
+    add_eval_commands(sub)  # eval
 
     p = sub.add_parser("push", help="upload a run's adapters, model card and samples to the Hugging Face Hub")
     p.add_argument("run_dir")

@@ -29,9 +29,12 @@ from .checkpoint import (
 )
 from .config import TrainConfig, UsageError, to_dict
 from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_captions, load_image
+from .evaluate import write_proxies
 from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
 from .models import Components, load_components
+from .report import write_report
+from .validation import maybe_validate
 
 RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
 
@@ -376,6 +379,11 @@ def fit(run: Run) -> dict:
     # The first step with a non-finite loss, tracked on the device so that no step waits for the host.
     first_bad = torch.tensor(-1, device=acc.device)
     last_loss, history, start, start_step = float("nan"), [], time.perf_counter(), state.step
+    validation_seconds = 0.0  # time spent sampling validation images, left out of the throughput
+    if state.step == 0:  # the "before training" row; a resumed run has it already
+        tick = time.perf_counter()
+        maybe_validate(run, 0)
+        validation_seconds += time.perf_counter() - tick
     with StopSignals() as signals:
         while state.step < t.max_train_steps:
             begin_epoch(run, state)
@@ -418,15 +426,20 @@ def fit(run: Run) -> dict:
                     if signals.received:
                         progress.close()
                         raise TrainingInterrupted(signals.received, path)
+                tick = time.perf_counter()
+                if maybe_validate(run, state.step):
+                    validation_seconds += time.perf_counter() - tick
                 if state.step >= t.max_train_steps:
                     break
             else:  # the epoch ran out before max_train_steps
                 state.epoch, state.position = state.epoch + 1, 0
     progress.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - validation_seconds
     steps = state.step - start_step
-    return {"steps": state.step, "final_loss": last_loss, "seconds": seconds, "it_s": steps / max(seconds, 1e-9),
-            "loss_history": history}
+    stats = {"steps": state.step, "final_loss": last_loss, "seconds": seconds, "it_s": steps / max(seconds, 1e-9),
+             "loss_history": history, "validation_seconds": validation_seconds}
+    stats["proxies"] = write_proxies(run)  # instance loss before/after, class drift -> OUTPUT/proxies.json
+    return stats
 
 
 def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int) -> None:
@@ -490,6 +503,7 @@ def save(run: Run, stats: dict) -> Path:
                 os.replace(src, dst)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk
     acc.end_training()
     acc.print(f"adapters written to {out / 'unet'}" + (" and text_encoder" if run.cfg.train.train_text_encoder else ""))
     if run.cfg.train.push_to_hub and acc.is_main_process:

@@ -1,0 +1,380 @@
+"""OUTPUT/report.html: one static page that says whether a run worked, readable offline in any browser.
+
+It shows the settings, the loss curve, the validation grids over time (step 0 = before training), the offline
+proxies (proxies.json), the protocol metrics when `peftbooth eval` has been run (eval/metrics.json), the adapter
+size on disk, training time and throughput, and how to load the adapter. No scripts and nothing fetched: the loss
+curve is embedded as a data URI, other images are the PNGs already in the run folder, linked relatively.
+
+Training statistics are kept in OUTPUT/train_stats.json so the page can be rebuilt later (`peftbooth eval` does,
+to add its metrics) without the training process.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+from PIL import Image, ImageDraw, ImageFont
+
+REPORT_FILE = "report.html"
+STATS_FILE = "train_stats.json"
+ADAPTER_PARTS = ("unet", "text_encoder")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def has_training_stats(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / STATS_FILE).is_file()
+
+
+def save_stats(run_dir: str | Path, stats: dict) -> dict:
+    """Keep fit()'s statistics (steps, seconds, it_s, final_loss, loss_history) beside the run, as JSON."""
+    from .evaluate import write_json
+
+    keep = {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list, tuple, dict, type(None)))}
+    keep["loss_history"] = loss_points(stats.get("loss_history") or [])
+    write_json(Path(run_dir) / STATS_FILE, keep)
+    return json.loads((Path(run_dir) / STATS_FILE).read_text())
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def loss_points(history) -> list[list[float]]:
+    """[(step, loss), ...] or [{'step', 'loss'}, ...] -> [[step, loss], ...], finite losses only, by step."""
+    points = []
+    for item in history:
+        step, loss = (item["step"], item["loss"]) if isinstance(item, dict) else item
+        if loss is not None and math.isfinite(float(loss)):
+            points.append([int(step), float(loss)])
+    return sorted(points)
+
+
+def adapter_sizes(run_dir: Path) -> dict[str, int]:
+    """Bytes on disk of each adapter folder (unet/, text_encoder/)."""
+    sizes = {}
+    for part in ADAPTER_PARTS:
+        folder = run_dir / part
+        if folder.is_dir():
+            sizes[part] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return sizes
+
+
+def validation_grids(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, relative path of grid.png) in step order."""
+    from .validation import step_dir, validation_steps_on_disk
+
+    rows = []
+    for step in validation_steps_on_disk(run_dir):
+        grid = step_dir(run_dir, step) / "grid.png"
+        if grid.is_file():
+            rows.append((step, grid.relative_to(run_dir).as_posix()))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loss curve, drawn with PIL (no plotting dependency)
+
+
+def loss_curve(points: list[list[float]], size: tuple[int, int] = (720, 260)) -> Image.Image | None:
+    """A line chart of loss against step with min/max labels on both axes; None without points."""
+    if not points:
+        return None
+    w, h = size
+    left, right, top, bottom = 64, 16, 16, 34
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    steps, losses = [p[0] for p in points], [p[1] for p in points]
+    s0, s1 = min(steps), max(steps)
+    l0, l1 = min(losses), max(losses)
+    if s1 == s0:
+        s0, s1 = s0 - 1, s1 + 1  # one point: centre it
+    if l1 == l0:
+        l0, l1 = l0 - 0.5 * abs(l0 or 1), l1 + 0.5 * abs(l1 or 1)
+
+    def xy(step, loss):
+        x = left + (step - s0) / (s1 - s0) * (w - left - right)
+        y = top + (l1 - loss) / (l1 - l0) * (h - top - bottom)
+        return x, y
+
+    draw.rectangle((left, top, w - right, h - bottom), outline=(160, 160, 160))
+    for frac in (0.25, 0.5, 0.75):  # light grid lines
+        y = top + frac * (h - top - bottom)
+        draw.line((left, y, w - right, y), fill=(232, 232, 232))
+    xy_points = [xy(s, l) for s, l in points]
+    if len(xy_points) > 1:
+        draw.line(xy_points, fill=(31, 119, 180), width=2)
+    for x, y in xy_points if len(xy_points) <= 60 else []:
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
+    draw.text((4, top - 4), f"{l1:.4g}", fill="black", font=font)
+    draw.text((4, h - bottom - 8), f"{l0:.4g}", fill="black", font=font)
+    draw.text((left, h - bottom + 6), f"step {min(steps)}", fill="black", font=font)
+    label = f"step {max(steps)}"
+    draw.text((w - right - 8 * len(label), h - bottom + 6), label, fill="black", font=font)
+    draw.text((w // 2 - 12, h - bottom + 6), "loss", fill=(90, 90, 90), font=font)
+    return img
+
+
+def data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# formatting helpers
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def human_seconds(s: float) -> str:
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(round(s)), 60)
+    return f"{m} min {s} s" if m < 60 else f"{m // 60} h {m % 60} min"
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def percent_change(before, after) -> str:
+    return f"{(after - before) / before * 100:+.1f}%" if before else "-"
+
+
+def esc(v) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def src(rel: str) -> str:
+    """A run-relative file path as a safe relative URL (spaces and other characters percent-encoded)."""
+    return esc(quote(rel))
+
+
+def table(rows: list[list], header: list[str] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sections
+
+
+def summary_section(cfg: dict, stats: dict, sizes: dict[str, int]) -> str:
+    m, u, te = cfg.get("model", {}), cfg.get("unet_adapter", {}), cfg.get("text_encoder_adapter", {})
+    d, t = cfg.get("data", {}), cfg.get("train", {})
+    rows = [
+        ["base model", f"<code>{esc(m.get('model'))}</code>"],
+        ["instance prompt", f"<code>{esc(d.get('instance_prompt'))}</code>"],
+        ["UNet adapter", esc(f"{u.get('adapter')}, rank {u.get('rank')}, alpha {u.get('alpha')}, "
+                             f"targets {u.get('target_modules')}")],
+    ]
+    if t.get("train_text_encoder"):
+        rows.append(["text-encoder adapter", esc(f"{te.get('adapter')}, rank {te.get('rank')}, alpha "
+                                                 f"{te.get('alpha')}, targets {te.get('target_modules')}")])
+    if d.get("with_prior_preservation"):
+        rows.append(["prior preservation", esc(f"{d.get('class_prompt')!r}, {d.get('num_class_images')} class "
+                                               f"images, weight {d.get('prior_loss_weight')}")])
+    size = ", ".join(f"{p}/ {human_bytes(n)}" for p, n in sizes.items())
+    if len(sizes) > 1:
+        size += f" (total {human_bytes(sum(sizes.values()))})"
+    rows.append(["adapter size on disk", esc(size) if sizes else "no adapter saved yet"])
+    if stats:
+        steps, seconds, it_s = stats.get("steps"), stats.get("seconds"), stats.get("it_s")
+        per_step = (d.get("train_batch_size") or 1) * (t.get("gradient_accumulation_steps") or 1)
+        per_step *= 2 if d.get("with_prior_preservation") else 1  # a class image beside every instance image
+        rows += [
+            ["optimizer steps", esc(steps)],
+            ["training time", esc(human_seconds(seconds)) if seconds is not None else "-"],
+            ["throughput", esc(f"{it_s:.3f} steps/s, {it_s * per_step:.2f} images/s "
+                               f"({per_step} images per step)") if it_s else "-"],
+            ["final loss", esc(fmt(stats.get("final_loss")))],
+        ]
+        if stats.get("validation_seconds"):
+            rows.append(["validation sampling", esc(human_seconds(stats["validation_seconds"]))
+                         + " (not counted in training time)"])
+    return section("Run", table(rows), "run")
+
+
+def loss_section(stats: dict) -> str:
+    curve = loss_curve(loss_points((stats or {}).get("loss_history") or []))
+    if curve is None:
+        return section("Loss", "<p>No loss history recorded (fit() returns it as stats['loss_history']).</p>", "loss")
+    n = len((stats or {}).get("loss_history") or [])
+    body = (f'<img class="chart" src="{data_uri(curve)}" alt="training loss against step" width="{curve.width}" '
+            f'height="{curve.height}"><p class="note">{n} logged points (every --logging-steps steps); the loss '
+            "of single steps is noisy: the timestep is random.</p>")
+    return section("Loss", body, "loss")
+
+
+def validation_section(run_dir: Path) -> str:
+    grids = validation_grids(run_dir)
+    if not grids:
+        return section("Validation", "<p>No validation images (train with --validation-prompt).</p>", "validation")
+    prompts = read_json(run_dir / "validation" / "prompts.json") or []
+    legend = "".join(f"<li><code>{esc(p)}</code></li>" for p in prompts)
+    body = (f"<p>Rows: the prompts, in order; columns: fixed seeds, identical at every step, so each column shows "
+            f"what training changed.</p><ol>{legend}</ol>")
+    for step, rel in grids:
+        label = f"step {step}" + (" (before training)" if step == 0 else "")
+        with Image.open(run_dir / rel) as g:
+            w, h = g.size
+        scale = max(1, 128 // max(h // max(len(prompts), 1), 1))  # tiny 32 px images are scaled up, crisply
+        body += (f'<figure><figcaption>{esc(label)}</figcaption><img class="grid" src="{src(rel)}" '
+                 f'alt="{esc(label)}" width="{w * scale}" height="{h * scale}"></figure>')
+    return section("Validation over time", body, "validation")
+
+
+def proxies_section(run_dir: Path) -> str:
+    p = read_json(run_dir / "proxies.json")
+    if not p:
+        return section("Offline proxies", "<p>Not computed (proxies.json is written at the end of training).</p>",
+                       "proxies")
+    i = p["instance"]
+    rows = [["instance loss (instance images, instance prompt)", fmt(i["loss_before"]), fmt(i["loss_after"]),
+             percent_change(i["loss_before"], i["loss_after"])]]
+    c = p.get("class")
+    if c:
+        rows.append([esc(f"class loss ({c['prompt']})"), fmt(c["loss_before"]), fmt(c["loss_after"]),
+                     percent_change(c["loss_before"], c["loss_after"])])
+    body = table(rows, ["denoising loss", "before (base)", "after (adapter)", "change"])
+    if c:
+        body += table([[fmt(c["drift"], 6), fmt(c["relative_drift"], 6), esc(c["images"]),
+                        "yes" if p.get("with_prior_preservation") else "no"]],
+                      ["class drift (MSE adapted vs base prediction)", "relative to the base prediction",
+                       "class images", "prior preservation"])
+    else:
+        body += f"<p>{esc(p.get('class_note') or 'class drift not measured')}</p>"
+    body += (f'<p class="note">Fixed noise (seed {esc(p.get("noise_seed"))}) at {len(p["timesteps"])} fixed '
+             f"timesteps ({esc(', '.join(map(str, p['timesteps'])))}); latents are VAE posterior means. A lower "
+             "instance loss means the adapter fits the photos; class drift says how much the class itself moved "
+             "(compare runs with and without prior preservation).</p>")
+    return section("Offline proxies", body, "proxies")
+
+
+def metrics_section(run_dir: Path) -> str:
+    from .evaluate import EVAL_DIR, adapter_fingerprint
+
+    m = read_json(run_dir / EVAL_DIR / "metrics.json")
+    if not m:
+        return section("DreamBooth metrics", "<p>Not computed yet: <code>peftbooth eval RUN_DIR --class-name CLASS"
+                       "</code> adds DINO, CLIP-I and CLIP-T here.</p>", "metrics")
+    labels = {"adapter": "adapter", "base": "base model (no adapter)", "real": "real images (reference)"}
+    rows = [[esc(labels.get(k, k)), fmt(v.get("dino"), 3), fmt(v.get("clip_i"), 3), fmt(v.get("clip_t"), 3)]
+            for k, v in m["results"].items()]
+    body = table(rows, ["model", "DINO", "CLIP-I", "CLIP-T"])
+    if m.get("adapter_fingerprint") != adapter_fingerprint(run_dir):
+        body = ('<p class="warn">These metrics were computed for a different adapter (an earlier run in this '
+                "folder): run <code>peftbooth eval</code> again.</p>") + body
+    a = m.get("args", {})
+    body += (f'<p class="note">{esc(m["num_prompts"])} prompts ({esc(m["subject"])} list'
+             + ("" if m.get("protocol_complete") else ", not the full protocol")
+             + f"), {esc(a.get('num_images'))} images each, {esc(m['num_real_images'])} real images; evaluators "
+             f"{esc(m['evaluators'].get('dino'))} and {esc(m['evaluators'].get('clip'))}; CLIP-T text: "
+             f"{esc('prompt without the identifier' if m.get('clip_t_prompt') == 'class' else 'full prompt')}.</p>")
+    for name in ("adapter", "base"):
+        sheet = run_dir / EVAL_DIR / f"{name}_sheet.png"
+        if sheet.is_file():
+            rel = sheet.relative_to(run_dir).as_posix()
+            body += (f'<figure><figcaption>{esc(labels[name])}: first image of each prompt</figcaption>'
+                     f'<img class="grid" src="{src(rel)}" alt="{esc(name)}"></figure>')
+    return section("DreamBooth metrics", body, "metrics")
+
+
+def usage_section(run_dir: Path, cfg: dict) -> str:
+    model = (cfg.get("model") or {}).get("model") or "MODEL"
+    prompt = (cfg.get("data") or {}).get("instance_prompt") or "a photo of sks dog"
+    run = str(run_dir.resolve())
+    te = (run_dir / "text_encoder").is_dir()
+    code = (
+        f'peftbooth generate --model {model} --adapter {run} \\\n    --prompt "{prompt}" --output-dir samples/\n\n'
+        "# Python\nfrom peftbooth import AdapterPipeline\n"
+        f'pipe = AdapterPipeline("{model}")\npipe.load_adapter("{run}", "subject")\n'
+        f'images = pipe.generate("{prompt}", num_images=4, seed=0)\n\n'
+        "# plain PEFT on diffusers components\nfrom peft import PeftModel\n"
+        f'unet = PeftModel.from_pretrained(pipe.unet, "{run}/unet")'
+        + (f'\ntext_encoder = PeftModel.from_pretrained(pipe.text_encoder, "{run}/text_encoder")' if te else "")
+    )
+    return section("Use the adapter", f"<pre>{esc(code)}</pre>", "use")
+
+
+def config_section(run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    text = path.read_text() if path.is_file() else "(no config.yaml)"
+    return section("Configuration", f"<pre>{esc(text)}</pre>", "config")
+
+
+STYLE = """
+body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;
+vertical-align:top}th{background:#f5f5f5}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:13px}
+figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:.3em}img.grid{image-rendering:pixelated;
+max-width:100%;height:auto}img.chart{max-width:100%;height:auto}.note{color:#666;font-size:13px}
+.warn{background:#fff4e0;padding:.5em}nav a{margin-right:1em}
+"""
+
+
+def render_html(run_dir: Path, stats: dict) -> str:
+    cfg = read_json_yaml(run_dir / "config.yaml")
+    name = esc(run_dir.resolve().name)
+    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("run", "run"), ("loss", "loss"), ("validation",
+                  "validation"), ("proxies", "proxies"), ("metrics", "metrics"), ("use", "use"), ("config", "config")])
+    parts = [
+        summary_section(cfg, stats, adapter_sizes(run_dir)), loss_section(stats), validation_section(run_dir),
+        proxies_section(run_dir), metrics_section(run_dir), usage_section(run_dir, cfg), config_section(run_dir),
+    ]
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>peftbooth run {name}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>'
+            f"<body><h1>peftbooth run <code>{name}</code></h1><nav>{nav}</nav>{''.join(parts)}</body></html>\n")
+
+
+def read_json_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def write_report(run_dir: str | Path, stats: dict | None = None) -> Path:
+    """Write OUTPUT/report.html (atomically). `stats` from fit() is saved to train_stats.json; without it the
+    saved one is used, so the report can be rebuilt after training (as `peftbooth eval` does)."""
+    run_dir = Path(run_dir)
+    stats = save_stats(run_dir, stats) if stats is not None else (read_json(run_dir / STATS_FILE) or {})
+    page = render_html(run_dir, stats)
+    path = run_dir / REPORT_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
