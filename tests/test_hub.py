@@ -1,6 +1,8 @@
 """Model card and sharing. The Hub cannot be reached from the test machines: what is checked is exactly which
 files would be uploaded and that pushing is refused, clearly and before any work, without a token or offline."""
 
+import json
+
 import yaml
 
 from conftest import tiny_config
@@ -28,6 +30,10 @@ def test_model_card_of_a_run(tiny_model, photos, tmp_path):
     assert "UNet adapter: loha, rank 4, alpha 4.0" in card and "text-encoder adapter: loha" in card
     assert "prior preservation: `a photo of a dog`, 1 class images" in card
     assert "![step_0](samples/step_0.png)" in card
+    # train() also leaves the offline proxies and the report in the run folder
+    proxies = json.loads((out / "proxies.json").read_text())
+    assert proxies["instance"]["loss_before"] > 0 and proxies["class"]["drift"] >= 0
+    assert "<img" in (out / "report.html").read_text()
 
 
 def test_exactly_these_files_are_uploaded(tmp_path):

@@ -67,6 +67,7 @@ def train(cfg: TrainConfig) -> Path:
     run = setup(cfg)
     try:
         stats = fit(run)
+        stats["proxies"] = write_proxies(run)  # instance loss before/after, class drift -> OUTPUT/proxies.json
         return save(run, stats)
     finally:
         release_lock(run.lock)
@@ -438,7 +439,6 @@ def fit(run: Run) -> dict:
     steps = state.step - start_step
     stats = {"steps": state.step, "final_loss": last_loss, "seconds": seconds, "it_s": steps / max(seconds, 1e-9),
              "loss_history": history, "validation_seconds": validation_seconds}
-    stats["proxies"] = write_proxies(run)  # instance loss before/after, class drift -> OUTPUT/proxies.json
     return stats
 
 
