@@ -98,7 +98,7 @@ def run_peftbooth(args, cfg) -> float:
     cfg.train.max_train_steps = args.warmup
     run = setup(cfg)
     fit(run)  # warm-up (and compilation, with --compile)
-    run.cfg.train.max_train_steps = args.steps
+    run.cfg.train.max_train_steps = args.warmup + args.steps  # fit continues from the warm-up's last step
     sync()
     start = time.perf_counter()
     fit(run)
