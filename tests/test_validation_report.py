@@ -1,11 +1,6 @@
-"""Validation during training (in-memory model, fixed seeds, step 0 = before training) and OUTPUT/report.html.
-
-Until train.fit calls validation itself, these tests call it around fit the way fit will (step 0 before the
-first step, the last step after it); once fit is wired (it mentions maybe_validate), fit's own calls are checked.
-"""
+"""Validation during training (in-memory model, fixed seeds, step 0 = before training) and OUTPUT/report.html."""
 
 import base64
-import inspect
 import io
 import os
 import shutil
@@ -38,21 +33,11 @@ STEPS = 2  # denoising steps: enough to exercise the sampler on the tiny model
 CHROMIUM = "/usr/bin/chromium"
 
 
-def fit_is_wired() -> bool:
-    return any(name in inspect.getsource(fit) for name in ("maybe_validate", "run_validation"))
-
-
 def train_with_validation(run) -> dict:
-    """fit, with the validation calls fit makes once wired (sampling STEPS steps, as fit's calls do here)."""
-    wired = fit_is_wired()
+    """fit, whose validation calls sample STEPS denoising steps here (few: the images only have to differ)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(validation, "DEFAULT_INFERENCE_STEPS", STEPS)
-        if not wired:
-            maybe_validate(run, 0)
-        stats = fit(run)
-        if not wired:
-            maybe_validate(run, stats["steps"])
-    return stats
+        return fit(run)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -89,9 +74,7 @@ def validated_run(tiny_model, tmp_path_factory):
 def test_validation_images_at_the_configured_steps_differ_from_step_0(validated_run):
     run, _ = validated_run
     out = run.output_dir
-    # wired into fit: every configured step; until then the calls train_with_validation makes (first and last)
-    expected = validation_schedule(4, 2) if fit_is_wired() else [0, 4]
-    assert validation_steps_on_disk(out) == expected
+    assert validation_steps_on_disk(out) == validation_schedule(4, 2) == [0, 2, 4]  # step 0, every 2, the last
     names = {f"prompt{j:02d}_{i:02d}.png" for j in range(2) for i in range(2)} | {"grid.png"}
     for step in (0, 4):
         assert {p.name for p in step_dir(out, step).iterdir()} == names
@@ -102,7 +85,7 @@ def test_validation_images_at_the_configured_steps_differ_from_step_0(validated_
     # 2 prompts x 2 seeds in one grid: rows are prompts
     assert Image.open(step_dir(out, 4) / "grid.png").size == (64, 64)
     assert maybe_validate(run, 3, num_inference_steps=STEPS) == []  # not a validation step
-    assert validation_steps_on_disk(out) == expected
+    assert validation_steps_on_disk(out) == [0, 2, 4]
 
 
 def test_validation_uses_the_in_memory_model_with_fixed_seeds_and_restores_state(validated_run):
