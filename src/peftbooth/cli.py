@@ -308,6 +308,7 @@ def quiet_libraries() -> None:
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # libraries' notes to their own developers
     warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
     warnings.filterwarnings("ignore", message="Could not find a config file.*")
 
@@ -325,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     import warnings
 
-    # our warnings (skipped files, corrupt class images) as one readable line, without source excerpts
-    warnings.formatwarning = lambda message, category, *_, **__: f"peftbooth: warning: {message}\n"
+    # our warnings (skipped files, corrupt class images) as one readable line, without source excerpts;
+    # anything else keeps Python's own format, so a library's warning is not passed off as ours
+    default_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: (
+        f"peftbooth: warning: {message}\n" if category is UserWarning else default_format(message, category, *rest, **kw)
+    )
     try:
         return args.func(args)
     except UsageError as e:
