@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -298,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_libraries() -> None:
     """Hide the libraries' own loading progress bars and chatter; our progress bars and errors stay."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import warnings
-
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -313,6 +312,17 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file.*")
 
 
+_python_formatwarning = warnings.formatwarning
+
+
+def format_warning(message, category, *rest, **kw) -> str:
+    """Our warnings (skipped files, corrupt class images) as one readable line, without source excerpts; any
+    other warning keeps Python's format, so a library's warning is not passed off as ours."""
+    if category is UserWarning:
+        return f"peftbooth: warning: {message}\n"
+    return _python_formatwarning(message, category, *rest, **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .train import TrainingInterrupted
@@ -324,14 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # bad usage (code 2) or --help (0): return the code like every other outcome
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     quiet_libraries()
-    import warnings
-
-    # our warnings (skipped files, corrupt class images) as one readable line, without source excerpts;
-    # anything else keeps Python's own format, so a library's warning is not passed off as ours
-    default_format = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *rest, **kw: (
-        f"peftbooth: warning: {message}\n" if category is UserWarning else default_format(message, category, *rest, **kw)
-    )
+    warnings.formatwarning = format_warning
     try:
         return args.func(args)
     except UsageError as e:
