@@ -202,11 +202,12 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(root)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
         raise CheckpointError(f"could not write the checkpoint of step {state.step} in {root} "
-                              f"({e.strerror or e}); {kept}") from e
+                              f"({why}); {kept}") from e
     if acc.is_main_process and t.checkpoints_total_limit:
         for old in list_checkpoints(run.output_dir)[: -t.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)

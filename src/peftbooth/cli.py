@@ -169,6 +169,9 @@ def cmd_generate(args) -> int:
             raise UsageError(f"--mix {name}: no --adapter of that name; loaded: {', '.join(names) or 'none'}")
     if args.num_images < 1 or args.steps < 1:
         raise UsageError("--num-images and --steps must be >= 1")
+    for flag, value in [("--height", args.height), ("--width", args.width)]:
+        if value is not None and (value <= 0 or value % 8):
+            raise UsageError(f"{flag} must be a positive multiple of 8 (got {value})")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")

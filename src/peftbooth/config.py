@@ -205,6 +205,13 @@ class TrainConfig:
             problems.append(f"--dataloader-num-workers must be >= 0 (got {d.dataloader_num_workers})")
         if t.learning_rate <= 0:
             problems.append(f"--learning-rate must be > 0 (got {t.learning_rate})")
+        if t.text_encoder_learning_rate is not None and t.text_encoder_learning_rate <= 0:
+            problems.append(f"--text-encoder-learning-rate must be > 0 (got {t.text_encoder_learning_rate})")
+        for flag, beta in [("--adam-beta1", t.adam_beta1), ("--adam-beta2", t.adam_beta2)]:
+            if not 0.0 <= beta < 1.0:
+                problems.append(f"{flag} must be in [0, 1) (got {beta})")
+        if t.adam_epsilon <= 0 or t.adam_weight_decay < 0:
+            problems.append("--adam-epsilon must be > 0 and --adam-weight-decay >= 0")
         if t.lr_warmup_steps < 0:
             problems.append(f"--lr-warmup-steps must be >= 0 (got {t.lr_warmup_steps})")
         if t.checkpointing_steps < 0 or t.checkpoints_total_limit < 0:

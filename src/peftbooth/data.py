@@ -57,9 +57,11 @@ def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit grayscale: scale to 8 bits instead of clipping everything above 255 to white
+                # 16-bit grayscale: 0..65535 -> 0..255 (convert('L') would clip everything above 255 to white);
+                # a 32-bit 'I' image whose values exceed 16 bits is scaled by its own maximum
                 arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8), "L")
+                top = 65535.0 if arr.max() <= 65535 else arr.max()
+                img = Image.fromarray(np.round(arr / top * 255).astype(np.uint8), "L")
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # composite transparency on white rather than letting convert('RGB') turn it black
                 rgba = img.convert("RGBA")
@@ -75,7 +77,10 @@ def load_captions(images: list[Path], default_prompt: str) -> list[str]:
     prompts = []
     for path in images:
         caption = path.with_suffix(".txt")
-        text = caption.read_text(encoding="utf-8").strip() if caption.exists() else ""
+        try:
+            text = caption.read_text(encoding="utf-8").strip() if caption.exists() else ""
+        except (UnicodeDecodeError, OSError) as e:
+            raise UsageError(f"{caption}: caption is not readable UTF-8 text ({type(e).__name__}); fix or remove it") from e
         prompts.append(text or default_prompt)
     return prompts
 

@@ -564,13 +564,13 @@ def _context(text_encoder, tokenizer, prompts: list[str], device) -> torch.Tenso
 
 
 def class_images_for(cfg, output_dir: Path, limit: int) -> list[Path]:
-    """Class images of the run (its --class-data-dir, else OUTPUT/class_images), first `limit`; [] if none."""
-    from .data import list_images
+    """Readable class images of the run (its --class-data-dir, else OUTPUT/class_images), first `limit`."""
+    from .prior import valid_class_images
 
     folder = Path(cfg.data.class_data_dir) if cfg.data.class_data_dir else Path(output_dir) / "class_images"
     if not folder.is_dir():
         return []
-    return list_images(folder, "--class-data-dir")[:limit]
+    return valid_class_images(folder)[0][:limit]  # a corrupt file left by a crash is skipped, as in training
 
 
 def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, seed: int | None = None) -> dict:

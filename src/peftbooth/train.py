@@ -12,6 +12,7 @@ import threading
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from . import adapters as ad
 from .cache import LatentCache, TextCache
 from .checkpoint import (
-    TrainState, acquire_lock, check_compatible, data_fingerprint, load_checkpoint, release_lock, resolve_resume,
+    CHECKPOINTS, TrainState, acquire_lock, check_compatible, data_fingerprint, load_checkpoint, release_lock, resolve_resume,
     save_checkpoint,
 )
 from .config import TrainConfig, UsageError, to_dict
@@ -67,10 +68,20 @@ def train(cfg: TrainConfig) -> Path:
     run = setup(cfg)
     try:
         stats = fit(run)
-        stats["proxies"] = write_proxies(run)  # instance loss before/after, class drift -> OUTPUT/proxies.json
+        stats["proxies"] = proxies_or_warning(run)
         return save(run, stats)
     finally:
         release_lock(run.lock)
+
+
+def proxies_or_warning(run: Run) -> dict | None:
+    """Instance loss before/after and class drift -> OUTPUT/proxies.json. A measurement must never cost the user
+    the adapter they just trained: a failure here is a warning, and saving goes on."""
+    try:
+        return write_proxies(run)
+    except Exception as e:  # noqa: BLE001 - anything at all: the trained adapter is saved regardless
+        warnings.warn(f"proxies not computed ({type(e).__name__}: {e})", stacklevel=2)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,6 +99,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
         raise UsageError(f"--output-dir {out}: is a file")
     if (out / RUN_MARKER).exists() and not cfg.train.overwrite:
         raise UsageError(f"--output-dir {out}: already holds a finished run; pass --overwrite or choose another folder")
+    if (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()) and not cfg.train.resume \
+            and not cfg.train.overwrite:
+        raise UsageError(f"--output-dir {out}: holds checkpoints of an unfinished run; pass --resume latest to "
+                         "continue it, or --overwrite to start over (its checkpoints are deleted)")
     d = cfg.data
     paths = list_images(d.instance_data_dir, "--instance-data-dir")
     if not paths:
@@ -121,9 +136,9 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    """Validate everything, then load, claim the output folder and build the Run."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     cfg = cfg.resolved()
     images, prompts, fingerprint, checkpoint = check_inputs(cfg)
@@ -150,6 +165,22 @@ def setup(cfg: TrainConfig) -> Run:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     lock = acquire_lock(out) if accelerator.is_main_process else None  # one lock per run, not per process
+    if checkpoint is None and accelerator.is_main_process and (out / CHECKPOINTS).exists():
+        shutil.rmtree(out / CHECKPOINTS)  # --overwrite: the old run's checkpoints must not be resumed by mistake
+    try:
+        return build_run(cfg, accelerator, components, images, prompts, fingerprint, checkpoint, lock)
+    except BaseException:
+        release_lock(lock)  # a failed setup must not leave the folder looking busy
+        raise
+
+
+def build_run(cfg: TrainConfig, accelerator, components: Components, images: list, prompts: list[str],
+              fingerprint: str, checkpoint: Path | None, lock: Path | None) -> Run:
+    """The rest of setup, once the output folder is ours: class images, adapters, dtypes, caches, optimizer."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    t, d, out = cfg.train, cfg.data, Path(cfg.train.output_dir)
     set_seed(t.seed)
 
     class_paths = None
@@ -460,6 +491,15 @@ def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int)
 # saving
 
 
+def replayable(cfg: TrainConfig) -> TrainConfig:
+    """The config as saved in OUTPUT/config.yaml: one-off actions of this invocation (resume, overwrite, push)
+    reset, so `train --config OUTPUT/config.yaml --output-dir NEW` trains the same thing again and nothing more."""
+    import dataclasses
+
+    train_args = dataclasses.replace(cfg.train, resume=None, resume_force=False, overwrite=False, push_to_hub=None)
+    return dataclasses.replace(cfg, train=train_args)
+
+
 def check_ranks_agree(run: Run) -> None:
     """Data-parallel processes must end with the same adapters (only rank 0's are saved): compare exactly."""
     acc = run.accelerator
@@ -489,7 +529,7 @@ def save(run: Run, stats: dict) -> Path:
             acc.unwrap_model(run.unet).save_pretrained(staging / "unet", save_embedding_layers=False)
             if run.cfg.train.train_text_encoder:
                 acc.unwrap_model(run.text_encoder).save_pretrained(staging / "text_encoder", save_embedding_layers=False)
-            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(replayable(run.cfg)), sort_keys=False))
             (staging / "README.md").write_text(model_card(run.cfg, stats, out))
             # config.yaml and README.md first, unet/ (the finished-run marker) last
             for name in ["config.yaml", "README.md", "text_encoder", "unet"]:
