@@ -249,3 +249,18 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_mode
         subprocess.run(cli_args(tiny_model, photos, out, steps, bool(list_checkpoints(out))), check=True,
                        capture_output=True)
     assert_bitwise_equal(adapter_tensors(out), adapter_tensors(reference))
+
+
+def test_skip_step_drops_the_whole_accumulated_step(tiny_model, photos, tmp_path, monkeypatch):
+    real, calls = train_module.training_step, []
+
+    def step(run, batch):
+        calls.append(1)
+        loss, inst, prior = real(run, batch)
+        return (loss * float("nan") if len(calls) == 1 else loss), inst, prior
+
+    monkeypatch.setattr(train_module, "training_step", step)
+    out = train(tiny_config(tiny_model, photos, tmp_path / "run", **{
+        "train.max_train_steps": 2, "train.gradient_accumulation_steps": 2, "train.nan_policy": "skip-step"}))
+    assert len(calls) == 6  # micro-batches 1-2 dropped together, then 2 clean steps of 2
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())

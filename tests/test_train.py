@@ -144,17 +144,14 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_model, photos, tmp_pa
         "train.gradient_accumulation_steps": 2, "train.max_train_steps": 2, "train.lr_scheduler": "linear",
     })
     run = setup(cfg)
-    seen = []
-    original = run.optimizer.step
-
-    def counting_step(*a, **k):
-        seen.append(run.accelerator.sync_gradients)
-        return original(*a, **k)
-
-    run.optimizer.step = counting_step
+    events = []
+    backward, step = run.accelerator.backward, run.optimizer.step
+    run.accelerator.backward = lambda loss, **k: events.append("backward") or backward(loss, **k)
+    run.optimizer.step = lambda *a, **k: events.append("step") or step(*a, **k)
     stats = fit(run)
     assert stats["steps"] == 2
-    assert seen == [False, True, False, True]  # 4 micro-batches, 2 of them end an optimizer step
+    # 4 micro-batches; every 2nd ends an optimizer step
+    assert events == ["backward", "backward", "step", "backward", "backward", "step"]
     assert run.lr_scheduler.last_epoch == 2  # the schedule advanced once per optimizer step
     assert run.lr_scheduler.get_last_lr()[0] == 0.0  # linear decay reached its end exactly at max_train_steps
 

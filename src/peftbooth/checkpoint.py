@@ -119,6 +119,10 @@ def check_compatible(path: Path, cfg: TrainConfig, fingerprint: str, force: bool
     diffs = differing_fields(saved["config"], to_dict(cfg))
     if saved.get("data_fingerprint") != fingerprint:
         diffs.append("instance images (files or captions changed)")
+    # the position in the data is counted in micro-batches of every process: another world size lands elsewhere
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved.get("num_processes", 1) != world:
+        diffs.append(f"number of processes ({saved.get('num_processes', 1)} then, {world} now)")
     if diffs and not force:
         raise UsageError(f"--resume {path}: made with a different setup ({', '.join(diffs)}); "
                          "pass --resume-force to resume anyway")
@@ -194,7 +198,8 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
             torch.save({"lr_scheduler": run.lr_scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
             (tmp / STATE_FILE).write_text(json.dumps(
-                {**asdict(state), "config": to_dict(run.cfg), "data_fingerprint": fingerprint}, indent=1))
+                {**asdict(state), "config": to_dict(run.cfg), "data_fingerprint": fingerprint,
+                 "num_processes": acc.num_processes}, indent=1))
         acc.wait_for_everyone()
         if acc.is_main_process:
             _fsync_tree(tmp)
@@ -247,25 +252,34 @@ def acquire_lock(output_dir: Path) -> Path:
     """Claim the output folder for this process; refuse one in use by a live run, take over a stale lock."""
     lock = output_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    # the lock appears with its contents or not at all: written beside it, then hard-linked into place (the link
+    # fails if a lock exists), so no other run can read a half-written lock and take it for stale
+    tmp = output_dir / f".peftbooth.lock.{os.getpid()}"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)
+                return lock
+            except FileExistsError:
+                pass
             try:
                 holder = json.loads(lock.read_text())
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
             except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == me["host"] and holder.get("pid") not in (None, me["pid"]) and _alive(holder["pid"]):
+                raise UsageError(f"--output-dir {output_dir}: its lock {lock} is unreadable; if no run uses the "
+                                 "folder, delete the lock") from None
+            if holder.get("host") != me["host"]:
+                raise UsageError(f"--output-dir {output_dir}: in use by a run on host {holder.get('host')} "
+                                 f"(pid {holder.get('pid')}); if it is gone, delete {lock}")
+            if holder.get("pid") != me["pid"] and _alive(holder.get("pid", -1)):
                 raise UsageError(f"--output-dir {output_dir}: in use by another run (pid {holder['pid']}); "
-                                 f"wait for it or choose another folder") from None
-            if holder.get("host") not in (None, me["host"]):
-                raise UsageError(f"--output-dir {output_dir}: in use by a run on host {holder['host']} "
-                                 f"(pid {holder.get('pid')}); if it is gone, delete {lock}") from None
+                                 f"wait for it or choose another folder")
             lock.unlink(missing_ok=True)  # stale: its process is gone (or it is this very process)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return lock
+        raise UsageError(f"--output-dir {output_dir}: could not take the lock {lock}; try again")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def release_lock(lock: Path | None) -> None:

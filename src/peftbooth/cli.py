@@ -83,6 +83,9 @@ def cmd_train(args) -> int:
         from .train import check_inputs
 
         check_inputs(cfg.resolved())  # bad input is reported once, here, not by every process
+        from .models import resolve_model
+
+        resolve_model(cfg.model.model)  # 'tiny' is built once, here, not by N processes at the same time
         return launch(args.num_processes, args.argv)
     train(cfg)
     return 0
@@ -115,7 +118,15 @@ def launch(num_processes: int, argv: list[str]) -> int:
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
            f"--master_port={port}", "-m", "peftbooth", *rest]
-    return subprocess.call(cmd, env=env)
+    import signal
+
+    # Ctrl-C reaches the workers directly (same process group): they checkpoint and exit with 130, and that
+    # code is returned here instead of a KeyboardInterrupt of the launcher
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_class_images(args) -> int:

@@ -185,18 +185,25 @@ class EpochSampler(torch.utils.data.Sampler):
     epochs 0..e-1, which is what an exact resume needs.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, seed: int, multiple: int = 1):
+        # multiple = batch size x processes: each epoch is padded (with its own first items) to whole global
+        # batches here, so no later stage pads it differently after a resume has cut it at `start`
+        self.n, self.seed, self.multiple, self.epoch, self.start = n, seed, multiple, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def order(self) -> list[int]:
+        """The whole epoch's item order, padded to a multiple of `multiple`."""
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))).tolist()
-        return iter(order[self.start :])
+        pad = -len(order) % self.multiple
+        return order + (order * (pad // len(order) + 1))[:pad]
+
+    def __iter__(self):
+        return iter(self.order()[self.start :])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return max(len(self.order()) - self.start, 0)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

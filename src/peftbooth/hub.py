@@ -63,8 +63,9 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path) -> str:
         "## Use",
         "",
         "```bash",
-        f'peftbooth generate --model {cfg.model.model} --adapter {run_dir} --prompt "{d.instance_prompt}"',
-        f"peftbooth export {run_dir} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge",
+        # the folder's name, not its local path: the card is uploaded by `push`
+        f'peftbooth generate --model {cfg.model.model} --adapter {run_dir.name} --prompt "{d.instance_prompt}"',
+        f"peftbooth export {run_dir.name} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge",
         "```",
         "",
         "`unet/` and `text_encoder/` are PEFT adapter folders: `PeftModel.from_pretrained(unet, 'unet')` loads them.",

@@ -125,6 +125,6 @@ def generate_class_images(
             torch.cuda.empty_cache()
     if barrier is not None:
         barrier()  # every process waits until all shares are on disk
-    if missing > 0 or barrier is not None:
+    if missing > 0 or num_processes > 1:  # images were added (here, or by another process)
         good, _ = valid_class_images(folder)
     return good[:num_class_images]

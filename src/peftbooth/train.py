@@ -239,7 +239,8 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         all_prompts = prompts + ([d.class_prompt] if class_paths else [])
         text_cache = TextCache.build(all_prompts, components.tokenizer, text_encoder, accelerator.device)
         offload(text_encoder, accelerator.device)
-    sampler = EpochSampler(len(dataset), t.seed)  # the data order is a function of (seed, epoch): resumable
+    # the data order is a function of (seed, epoch): resumable; whole global batches: no padding by Accelerate
+    sampler = EpochSampler(len(dataset), t.seed, d.train_batch_size * accelerator.num_processes)
     dataloader = DataLoader(
         dataset, batch_size=d.train_batch_size, sampler=sampler, num_workers=d.dataloader_num_workers,
         collate_fn=partial(collate, tokenizer=None if text_cache else components.tokenizer),
@@ -362,7 +363,8 @@ class TrainingInterrupted(Exception):
 
 class StopSignals:
     """First SIGINT/SIGTERM: note it, so the loop ends after the current step with a checkpoint.
-    Second: exit at once (the last complete checkpoint stays valid: checkpoints are renamed into place)."""
+    The same signal again: exit at once (the last complete checkpoint stays valid: checkpoints are renamed into
+    place)."""
 
     def __init__(self):
         self.received: int | None = None
@@ -375,15 +377,35 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        # the same signal again: the user insists. A different one right after (torchrun answers the terminal's
+        # SIGINT by sending its workers SIGTERM) must not cut the checkpoint short.
+        if self.received == signum:
             os._exit(128 + signum)
+        if self.received is not None:
+            return
         self.received = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 
+    def agreed(self, accelerator) -> int:
+        """The signal to stop on (0: none), the same on every process: a process that got it a step earlier
+        must not wait in the checkpoint while the others wait in the gradient exchange."""
+        received = self.received or 0
+        if accelerator.num_processes > 1:
+            flags = accelerator.gather(torch.tensor([received], device=accelerator.device))
+            received = int(flags.max())
+        return received
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def all_true(accelerator, flag: torch.Tensor) -> bool:
+    """A boolean that holds on every process (a host sync; with several processes, a gather too)."""
+    if accelerator.num_processes > 1:
+        return bool(accelerator.gather(flag.reshape(1).float()).min() > 0)
+    return bool(flag)
 
 
 def begin_epoch(run: Run, state: TrainState) -> None:
@@ -416,6 +438,7 @@ def fit(run: Run) -> dict:
         tick = time.perf_counter()
         maybe_validate(run, 0)
         validation_seconds += time.perf_counter() - tick
+    skip_group = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
     with StopSignals() as signals:
         while state.step < t.max_train_steps:
             begin_epoch(run, state)
@@ -424,24 +447,29 @@ def fit(run: Run) -> dict:
                 with acc.accumulate(*trained):
                     loss, instance_loss, prior_loss = training_step(run, batch)
                     finite = torch.isfinite(loss)
-                    if t.nan_policy == "skip-step" and not finite.item():  # one host sync per step
-                        acc.print(f"warning: non-finite loss at step {state.step + 1}; skipping this batch")
+                    if t.nan_policy == "skip-step" and not all_true(acc, finite):  # one host sync per step
+                        skip_group = True  # every process skips the same optimizer step
+                    else:
+                        first_bad = torch.where(~finite & (first_bad < 0), state.step + 1, first_bad)
+                        acc.backward(loss)
+                    if acc.sync_gradients and not skip_group:
+                        if t.max_grad_norm > 0:
+                            acc.clip_grad_norm_(params, t.max_grad_norm)
+                        run.optimizer.step()
+                    if acc.sync_gradients:
                         run.optimizer.zero_grad(set_to_none=True)
-                        continue
-                    first_bad = torch.where(~finite & (first_bad < 0), state.step + 1, first_bad)
-                    acc.backward(loss)
-                    if acc.sync_gradients and t.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, t.max_grad_norm)
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
+                    continue
+                if skip_group:  # a non-finite loss in this optimizer step's micro-batches: drop the whole step
+                    acc.print(f"warning: non-finite loss in step {state.step + 1}; that step was skipped")
+                    skip_group = False
                     continue
                 run.lr_scheduler.step()
                 state.step += 1
                 progress.update(1)
                 checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
-                if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due \
-                        or signals.received:
+                stop = signals.agreed(acc)  # all processes stop after the same step
+                if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
                     # .item() waits for the device: only at these steps, not every step
                     check_finite(first_bad, params, state.step)
                     last_loss = loss.detach().item()
@@ -453,11 +481,11 @@ def fit(run: Run) -> dict:
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
                     if t.report_to != "none":
                         acc.log(logs, step=state.step)
-                if checkpoint_due or signals.received:
+                if checkpoint_due or stop:
                     path = save_checkpoint(run, state, run.fingerprint)
-                    if signals.received:
+                    if stop:
                         progress.close()
-                        raise TrainingInterrupted(signals.received, path)
+                        raise TrainingInterrupted(stop, path)
                 tick = time.perf_counter()
                 if maybe_validate(run, state.step):
                     validation_seconds += time.perf_counter() - tick
@@ -513,10 +541,11 @@ def check_ranks_agree(run: Run) -> None:
 
 
 def save(run: Run, stats: dict) -> Path:
-    """Write unet/ (and text_encoder/) adapter folders, config.yaml and README.md atomically into the output dir.
+    """Write unet/ (and text_encoder/) adapter folders, config.yaml and README.md into the output dir.
 
-    Everything is written into a hidden staging folder first, then moved into place; a run that dies while
-    saving leaves the previous contents intact.
+    Everything is written complete into a hidden staging folder first, then moved into place one by one, unet/
+    (the finished-run marker) last: no file is ever half-written, though a crash between moves can leave the new
+    config.yaml beside the previous adapter.
     """
     acc, out = run.accelerator, run.output_dir
     acc.wait_for_everyone()
