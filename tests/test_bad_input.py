@@ -156,3 +156,22 @@ def test_adapter_from_another_base_model_is_refused(tiny_model, tmp_path, capsys
     assert f"does not fit this base model ({module}" in err
     assert "the adapter has shape [4, 768], this model needs [4, 32]" in err
     assert not out.exists()
+
+
+def test_model_with_pickle_weights_only_is_refused(tiny_model, tmp_path, capsys):
+    """Base-model weights are read from safetensors only: a folder holding only .bin files is not unpickled."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), model / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    photos = draw_photos(tmp_path / "photos", n=2)
+    assert main(train_argv(str(model), photos, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"--model {model}: could not load" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

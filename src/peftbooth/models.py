@@ -75,15 +75,17 @@ def load_components(model: str, revision: str | None = None, variant: str | None
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model(model)
+    # use_safetensors: weights are never read from pickles (a model with only .bin files is refused)
     kw = dict(revision=revision)
+    wkw = dict(revision=revision, variant=variant, use_safetensors=True)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         # The training scheduler comes from the model's own config: prediction_type (epsilon or v_prediction),
         # beta schedule and timestep count are kept instead of being hard-coded.
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **wkw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **wkw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **wkw)
     except OSError as e:  # hub id not found, offline, or a weights variant that is not there
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {model}: could not load ({first})") from e
@@ -103,7 +105,7 @@ def load_pipeline(model: str, revision: str | None = None, variant: str | None =
             # newer diffusers rename torch_dtype to dtype; the old name keeps older releases working
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             return StableDiffusionPipeline.from_pretrained(
-                path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                path, revision=revision, variant=variant, torch_dtype=torch_dtype, use_safetensors=True,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
     except OSError as e:
