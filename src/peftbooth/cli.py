@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train lora, loha and lokr on synthetic photos with the tiny model (CPU, ~1 min)")
     p.add_argument("--output-dir", default="demo-output")
-    p.add_argument("--steps", type=int, default=40, help="training steps per adapter")
+    p.add_argument("--steps", type=int, default=30, help="training steps per adapter")
     p.set_defaults(func=cmd_demo)
     return parser
 

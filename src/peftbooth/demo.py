@@ -35,7 +35,7 @@ def draw_subject_photos(folder: Path, n: int = 5, size: int = 96, seed: int = 0)
     return paths
 
 
-def run_demo(output_dir: str | Path = "demo-output", steps: int = 40, resolution: int = 64) -> dict:
+def run_demo(output_dir: str | Path = "demo-output", steps: int = 30, resolution: int = 64) -> dict:
     from .inference import AdapterPipeline, image_grid
     from .train import train
 
@@ -58,7 +58,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = 40, resolution
         cfg.data.with_prior_preservation = True
         cfg.data.class_prompt = CLASS_PROMPT
         cfg.data.class_data_dir = str(out / "class_images")  # shared: generated once, reused by the next runs
-        cfg.data.num_class_images = 8
+        cfg.data.num_class_images = 4
         cfg.data.class_image_steps = 10
         cfg.train.output_dir = str(out / f"run-{adapter}")
         cfg.train.overwrite = True
@@ -88,6 +88,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = 40, resolution
     print(f"  photos/         the synthetic subject photos ({INSTANCE_PROMPT!r})")
     print(f"  class_images/   class images made by the base model ({CLASS_PROMPT!r})")
     for adapter, path in runs.items():
-        print(f"  {Path(path).name + '/':<15} {adapter} adapter: unet/ (+ text_encoder/), config.yaml, README.md, logs/")
+        extra = " + text_encoder/" if (Path(path) / "text_encoder").is_dir() else ""
+        print(f"  {Path(path).name + '/':<15} {adapter}: unet/{extra}, report.html, proxies.json, config.yaml, README.md")
     print("  samples/        before_after.png: base, each adapter, and a 50/50 mix, same seed")
     return {"runs": runs, "samples": samples / "before_after.png"}
