@@ -4,7 +4,6 @@ nothing written. Plus --config / --print-config handling and one end-to-end run 
 Real training uses the tiny model at resolution 32 for 1 step, a few seconds each on 2 CPU cores.
 """
 
-import hashlib
 import os
 import shutil
 import subprocess

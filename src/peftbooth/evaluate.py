@@ -580,15 +580,15 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     all start as a zero update. Class drift needs a class prompt and class images (the run's class-image folder);
     for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
     """
-    from .data import list_images, load_captions, load_image
+    from .data import load_image
     from .validation import eval_mode, on_device, untouched_rng
 
     cfg, acc, c = run.cfg, run.accelerator, run.components
     d, device = cfg.data, acc.device
     seed = cfg.train.seed if seed is None else seed
     timesteps = fixed_timesteps(c.noise_scheduler.config.num_train_timesteps, num_timesteps)
-    paths = list_images(d.instance_data_dir, "--instance-data-dir")
-    instance_prompts = load_captions(paths, d.instance_prompt)
+    # the photos and per-image prompts as setup decoded them for training: not read a second time
+    instance_images, instance_prompts = run.dataset.instance_images, run.dataset.instance_prompts
     class_paths = class_images_for(cfg, run.output_dir, max_class_images) if d.class_prompt else []
     handles = [_peft_handle(acc, run.unet)]
     if cfg.train.train_text_encoder:
@@ -598,7 +598,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
               "latents": "VAE posterior mean", "class": None, "class_note": None}
     with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, run.text_encoder, c.vae), \
             on_device(device, c.vae, c.text_encoder), acc.autocast():
-        groups = {"instance": ([load_image(p) for p in paths], instance_prompts)}
+        groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
             groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))
         runs = {}

@@ -142,7 +142,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     cfg = cfg.resolved()
     images, prompts, fingerprint, checkpoint = check_inputs(cfg)
-    t, d = cfg.train, cfg.data
+    t = cfg.train
     components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant)
     # Check adapter targets against the loaded modules before anything is written.
     ad.check_targets(components.unet, cfg.unet_adapter.target_modules, ad.UNET_PRESETS, "")
@@ -275,9 +275,6 @@ def offload(model: torch.nn.Module, device: torch.device) -> None:
 
 def maybe_compile(unet: torch.nn.Module, accelerator) -> torch.nn.Module:
     """torch.compile the UNet; where compiling cannot work, warn and train eagerly instead of failing."""
-    import shutil
-    import warnings
-
     import torch._dynamo
 
     why = None
