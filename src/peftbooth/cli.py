@@ -223,9 +223,8 @@ def cmd_tiny_model(args) -> int:
     path = Path(args.dir)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"tiny-model {path}: exists and is not empty; choose a new folder")
-    if args.kind == "sdxl":
-        raise UsageError("tiny-model --kind sdxl: SDXL is not supported yet; use sd1 or sd2-v")
-    shape, prediction = {"sd1": ("tiny", args.prediction_type), "sd2-v": ("tiny-sd2", "v_prediction")}[args.kind]
+    shape, prediction = {"sd1": ("tiny", args.prediction_type), "sd2-v": ("tiny-sd2", "v_prediction"),
+                         "sdxl": ("tiny-sdxl", args.prediction_type)}[args.kind]
     build_tiny_model(path, prediction_type=prediction, seed=args.seed, shape=shape)
     print(f"tiny Stable Diffusion model ({args.kind}, {prediction}) written to {path}")
     return 0
@@ -297,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion model folder (offline)")
     p.add_argument("dir")
     p.add_argument("--kind", choices=("sd1", "sd2-v", "sdxl"), default="sd1",
-                   help="sd1: SD 1.x layout; sd2-v: SD 2.x layout with v-prediction (sdxl: not supported yet)")
+                   help="sd1: SD 1.x layout; sd2-v: SD 2.x layout with v-prediction; sdxl: SDXL layout "
+                        "(two text encoders, micro-conditioning; 64 px images)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
-                   help="scheduler prediction type of --kind sd1")
+                   help="scheduler prediction type of --kind sd1 and sdxl")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 

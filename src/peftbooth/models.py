@@ -18,9 +18,12 @@ import torch
 
 from .config import UsageError
 
-# Sub-folders a Stable Diffusion (1.x / 2.x) diffusers folder must hold for training.
+# Sub-folders a Stable Diffusion (1.x / 2.x) diffusers folder must hold for training; SDXL adds its second text
+# encoder and tokenizer.
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = REQUIRED_SUBFOLDERS + ("text_encoder_2", "tokenizer_2")
 TINY_NAME = "tiny"
+FAMILIES = ("sd", "sdxl")  # SD 1.x / 2.x (one CLIP text encoder) and SDXL (two, plus micro-conditioning)
 
 
 @dataclass
@@ -31,6 +34,22 @@ class Components:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
     model_path: str  # local folder or hub id, as passed to from_pretrained
+    # SDXL only: the second tokenizer and text encoder (CLIPTextModelWithProjection: gives the pooled embedding)
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The base text-encoder modules (they hold the adapter layers when a text-encoder adapter is trained)."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
 
     @property
     def latent_scale(self) -> float:
@@ -64,17 +83,51 @@ def check_model_folder(path: str) -> None:
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"--model {path}: not a folder; pass a diffusers model folder or a hub id")
-    missing = [s for s in REQUIRED_SUBFOLDERS if not (p / s).is_dir()]
-    if not (p / "model_index.json").is_file() or missing:
-        what = f"missing {', '.join(s + '/' for s in missing)}" if missing else "missing model_index.json"
-        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder ({what})")
+    if not (p / "model_index.json").is_file():
+        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder (missing model_index.json)")
+    needed = SDXL_SUBFOLDERS if family_of(read_model_index(path)) == "sdxl" else REQUIRED_SUBFOLDERS
+    missing = [s for s in needed if not (p / s).is_dir()]
+    if missing:
+        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder "
+                         f"(missing {', '.join(s + '/' for s in missing)})")
 
 
-def load_components(model: str, revision: str | None = None, variant: str | None = None) -> Components:
+def read_model_index(path: str, revision: str | None = None) -> dict:
+    """model_index.json of a local folder or hub id (one small file: the family is known before any weights)."""
+    local = Path(path) / "model_index.json"
+    try:
+        if local.is_file():
+            return json.loads(local.read_text())
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except (OSError, ValueError) as e:  # not found, offline, or not JSON
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {path}: could not read model_index.json ({first})") from e
+
+
+def family_of(index: dict) -> str:
+    """'sdxl' when the pipeline has a second text encoder, else 'sd' (1.x / 2.x); refiners are refused."""
+    def present(name):
+        value = index.get(name)
+        return isinstance(value, list) and any(v is not None for v in value)
+
+    if present("text_encoder_2"):
+        if not present("text_encoder"):
+            raise UsageError("--model: an SDXL refiner (no first text encoder) cannot be trained; use an SDXL base model")
+        return "sdxl"
+    return "sd"
+
+
+def load_components(model: str, revision: str | None = None, variant: str | None = None,
+                    vae: str | None = None) -> Components:
+    """Tokenizer(s), training scheduler, VAE, UNet and text encoder(s), frozen; `vae` replaces the model's VAE
+    (a folder or hub id holding one AutoencoderKL, e.g. an fp16-safe SDXL VAE)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = resolve_model(model)
+    sdxl = family_of(read_model_index(path, revision)) == "sdxl"
     # use_safetensors: weights are never read from pickles (a model with only .bin files is refused)
     kw = dict(revision=revision)
     wkw = dict(revision=revision, variant=variant, use_safetensors=True)
@@ -83,31 +136,60 @@ def load_components(model: str, revision: str | None = None, variant: str | None
         # The training scheduler comes from the model's own config: prediction_type (epsilon or v_prediction),
         # beta schedule and timestep count are kept instead of being hard-coded.
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **wkw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **wkw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **wkw)
+        tokenizer_2 = text_encoder_2 = None
+        if sdxl:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **wkw)
+        if vae is None:
+            vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", **wkw)
+        else:
+            vae_model = load_vae(vae)
     except OSError as e:  # hub id not found, offline, or a weights variant that is not there
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {model}: could not load ({first})") from e
-    for m in (vae, unet, text_encoder):
-        m.requires_grad_(False)
-        m.eval()
-    return Components(tokenizer, noise_scheduler, vae, unet, text_encoder, path)
+    for m in (vae_model, unet, text_encoder, text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    return Components(tokenizer, noise_scheduler, vae_model, unet, text_encoder, path, tokenizer_2, text_encoder_2)
 
 
-def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None):
-    """The full StableDiffusionPipeline (for generation), without safety checker."""
-    from diffusers import StableDiffusionPipeline
+def load_vae(vae: str):
+    """--vae: an AutoencoderKL folder or hub id (its config.json at the top, or in a vae/ subfolder)."""
+    from diffusers import AutoencoderKL
+
+    subfolder = "vae" if (Path(vae) / "vae" / "config.json").is_file() else None
+    if not os.path.exists(vae) and (vae.startswith((".", "/", "~")) or vae.count("/") > 1):
+        raise UsageError(f"--vae {vae}: no such folder")
+    try:
+        return AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=True)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--vae {vae}: could not load ({first})") from e
+
+
+def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None,
+                  vae: str | None = None):
+    """The full pipeline for generation: StableDiffusionPipeline (no safety checker) or, for an SDXL model,
+    StableDiffusionXLPipeline (no watermarker). The class is chosen here from model_index.json, never by
+    importing whatever class the file names."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = resolve_model(model)
+    extra = {} if vae is None else {"vae": load_vae(vae).to(torch_dtype)}
+    if family_of(read_model_index(path, revision)) == "sdxl":
+        cls, extra = StableDiffusionXLPipeline, {**extra, "add_watermarker": False}
+    else:
+        cls, extra = StableDiffusionPipeline, {**extra, "safety_checker": None, "feature_extractor": None,
+                                               "requires_safety_checker": False}
     try:
         with warnings.catch_warnings():
             # newer diffusers rename torch_dtype to dtype; the old name keeps older releases working
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return StableDiffusionPipeline.from_pretrained(
-                path, revision=revision, variant=variant, torch_dtype=torch_dtype, use_safetensors=True,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+            return cls.from_pretrained(path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                                       use_safetensors=True, **extra)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {model}: could not load ({first})") from e
@@ -162,6 +244,23 @@ SHAPES = {
         text=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   hidden_act="gelu"),
     ),
+    # SDXL layout: no attention in the first block, several transformer layers per block, linear projections, a
+    # UNet conditioned on the pooled text embedding and 6 micro-conditioning numbers ("text_time"), and two text
+    # encoders whose penultimate states are concatenated (32 + 32 = cross_attention_dim 64).
+    "tiny-sdxl": dict(
+        unet=dict(sample_size=32, block_out_channels=(32, 64), layers_per_block=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+                  cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16),
+        vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16, sample_size=64,
+                 scaling_factor=0.13025, force_upcast=True),
+        text=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+        text_2=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    hidden_act="gelu", projection_dim=32),
+    ),
     "sd15": dict(
         unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -176,44 +275,58 @@ SHAPES = {
 
 
 def random_components(shape: str = "tiny", prediction_type: str = "epsilon", seed: int = 0):
-    """Randomly initialised SD components built from the configs in SHAPES."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Randomly initialised SD components built from the configs in SHAPES: (unet, vae, text_encoder, scheduler,
+    text_encoder_2), the last None except for SDXL shapes."""
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = SHAPES[shape]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **cfg["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, **cfg["text"]
-    ))
-    scheduler = DDPMScheduler(
+    ids = dict(max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **cfg["text"]))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **cfg["text_2"])) if "text_2" in cfg else None
+    # SDXL ships an Euler sampler config; training reads it as DDPM (same betas), as for any model
+    sched_cls = EulerDiscreteScheduler if text_encoder_2 is not None else DDPMScheduler
+    extra = {"timestep_spacing": "leading"} if text_encoder_2 is not None else {"clip_sample": False}
+    scheduler = sched_cls(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+        prediction_type=prediction_type, steps_offset=1, **extra,
     )
-    return unet, vae, text_encoder, scheduler
+    return unet, vae, text_encoder, scheduler, text_encoder_2
 
 
 def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: int = 0, shape: str = "tiny") -> Path:
     """Write a random SD pipeline folder (tiny by default) at `path` atomically: built in a temp folder, renamed."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     try:
-        unet, vae, text_encoder, scheduler = random_components(shape, prediction_type, seed)
+        unet, vae, text_encoder, scheduler, text_encoder_2 = random_components(shape, prediction_type, seed)
         _write_tokenizer(tmp / "_tok")
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "_tok"))
         tokenizer.model_max_length = 77
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        if text_encoder_2 is None:
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        else:
+            # SDXL's second tokenizer pads with '!' (id 0) instead of the end token, as the real one does
+            tokenizer_2 = CLIPTokenizer.from_pretrained(str(tmp / "_tok"), pad_token="!")
+            tokenizer_2.model_max_length = 77
+            pipe = StableDiffusionXLPipeline(
+                vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+            )
         pipe.save_pretrained(str(tmp / "model"), safe_serialization=True)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(tmp / "_tok" / name, tmp / "model" / "tokenizer" / name)
+        for folder in ("tokenizer", "tokenizer_2") if text_encoder_2 is not None else ("tokenizer",):
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(tmp / "_tok" / name, tmp / "model" / folder / name)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp / "model", path)
