@@ -174,7 +174,7 @@ def run_plain(args, cfg) -> float:
     paths = list_images(d.instance_data_dir, "photos")
     ds = DreamBoothDataset([load_image(p) for p in paths], [d.instance_prompt] * len(paths), d.resolution,
                            class_paths=list_images(d.class_data_dir, "class"), class_prompt=d.class_prompt)
-    loader = DataLoader(ds, batch_size=1, shuffle=True, collate_fn=lambda e: collate(e, c.tokenizer))
+    loader = DataLoader(ds, batch_size=1, shuffle=True, collate_fn=lambda e: collate(e, [c.tokenizer]))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def batches():
@@ -188,7 +188,7 @@ def run_plain(args, cfg) -> float:
         with autocast:
             with torch.no_grad():
                 latents = c.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() * c.latent_scale
-                context = c.text_encoder(batch["input_ids"].to(device))[0]
+                context = c.text_encoder(batch["input_ids"][0].to(device))[0]
             noise = torch.randn_like(latents)
             t = torch.randint(0, 1000, (latents.shape[0],), device=device)
             pred = unet(c.noise_scheduler.add_noise(latents, noise, t), t, context).sample

@@ -27,12 +27,12 @@ def test_batch_pairs_each_half_with_its_own_prompt(tiny_model, tmp_path):
                            class_prompt="a photo of a dog")
     assert len(ds) == 3
     tok = load_components(tiny_model).tokenizer
-    batch = collate([ds[0], ds[1]], tok)  # batch size 2 + 2 class images
+    batch = collate([ds[0], ds[1]], [tok])  # batch size 2 + 2 class images
     assert batch["num_instance"] == 2
     assert batch["prompts"] == ["a photo of sks dog", "a photo of sks dog on a beach",
                                 "a photo of a dog", "a photo of a dog"]
     for row, prompt in enumerate(batch["prompts"]):
-        assert torch.equal(batch["input_ids"][row], tok(prompt, padding="max_length", max_length=77,
+        assert torch.equal(batch["input_ids"][0][row], tok(prompt, padding="max_length", max_length=77,
                                                         truncation=True, return_tensors="pt").input_ids[0])
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     # rows 2 and 3 are the class images 0 and 1, in order

@@ -10,49 +10,57 @@ from __future__ import annotations
 import torch
 
 from .data import DreamBoothDataset, tokenize
+from .models import encode_text
 
 
 class LatentCache:
-    """(mean, std) of the VAE posterior per dataset key ('instance' | 'class', index, flipped)."""
+    """(mean, std) of the VAE posterior and the SDXL time ids per dataset key ('instance' | 'class', index, flipped)."""
 
-    def __init__(self, keys: list[tuple], mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, keys: list[tuple], mean: torch.Tensor, std: torch.Tensor, time_ids: torch.Tensor):
         self.index = {key: i for i, key in enumerate(keys)}
         self.mean, self.std = mean, std  # (K, 4, H/f, W/f) each, on the training device
+        self.time_ids = time_ids  # (K, 6): the crop that made these latents (SDXL micro-conditioning)
 
     @classmethod
     @torch.no_grad()
     def build(cls, dataset: DreamBoothDataset, vae, device, dtype, batch_size: int = 8) -> "LatentCache":
         keys = dataset.all_keys()
-        means, stds = [], []
+        means, stds, time_ids = [], [], []
         for start in range(0, len(keys), batch_size):
-            pixels = torch.stack([dataset.pixels(k) for k in keys[start : start + batch_size]])
-            dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        return cls(keys, torch.cat(means), torch.cat(stds))
+            pixels, ids = zip(*[dataset.pixels(k) for k in keys[start : start + batch_size]])
+            # a VAE kept in fp32 (SDXL's overflows in fp16) encodes in fp32; the cache holds the compute dtype
+            vae_dtype = next(vae.parameters()).dtype
+            dist = vae.encode(torch.stack(pixels).to(device, dtype=vae_dtype)).latent_dist
+            means.append(dist.mean.to(dtype))
+            stds.append(dist.std.to(dtype))
+            time_ids += ids
+        return cls(keys, torch.cat(means), torch.cat(stds), torch.stack(time_ids).to(device))
 
-    def posterior(self, keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std), each (N, 4, H/f, W/f), of the images named by `keys`."""
+    def posterior(self, keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std), each (N, 4, H/f, W/f), and time ids (N, 6) of the images named by `keys`."""
         idx = torch.tensor([self.index[k] for k in keys], device=self.mean.device)
-        return self.mean[idx], self.std[idx]
+        return self.mean[idx], self.std[idx], self.time_ids[idx]
 
     def __len__(self) -> int:
         return len(self.index)
 
 
 class TextCache:
-    """Last hidden states (77, D) of the frozen text encoder per distinct prompt."""
+    """The frozen text encoders' output per distinct prompt: the context (77, D) and, for SDXL, the pooled
+    embedding (P,)."""
 
-    def __init__(self, states: dict[str, torch.Tensor]):
-        self.states = states
+    def __init__(self, states: dict[str, torch.Tensor], pooled: dict[str, torch.Tensor] | None = None):
+        self.states, self.pooled = states, pooled
 
     @classmethod
     @torch.no_grad()
-    def build(cls, prompts: list[str], tokenizer, text_encoder, device) -> "TextCache":
+    def build(cls, prompts: list[str], tokenizers: list, text_encoders: list, device) -> "TextCache":
         unique = list(dict.fromkeys(prompts))
-        hidden = text_encoder(tokenize(tokenizer, unique).to(device))[0]  # (P, 77, D)
-        return cls(dict(zip(unique, hidden)))
+        ids = [tokenize(tok, unique).to(device) for tok in tokenizers]
+        context, pooled = encode_text(text_encoders, ids)  # (P, 77, D), (P, D2) or None
+        return cls(dict(zip(unique, context)), None if pooled is None else dict(zip(unique, pooled)))
 
-    def lookup(self, prompts: list[str]) -> torch.Tensor:
-        """(N, 77, D) states for a batch's prompts, in order."""
-        return torch.stack([self.states[p] for p in prompts])
+    def lookup(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 77, D) states and (N, P) pooled embeddings (None unless SDXL) for a batch's prompts, in order."""
+        pooled = None if self.pooled is None else torch.stack([self.pooled[p] for p in prompts])
+        return torch.stack([self.states[p] for p in prompts]), pooled

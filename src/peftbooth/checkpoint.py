@@ -190,9 +190,8 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
         # every process keeps its own RNG streams
         torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
         if acc.is_main_process:
-            acc.unwrap_model(run.unet).save_pretrained(tmp / "unet", save_embedding_layers=False)
-            if t.train_text_encoder:
-                acc.unwrap_model(run.text_encoder).save_pretrained(tmp / "text_encoder", save_embedding_layers=False)
+            for name, model in run.trained().items():
+                acc.unwrap_model(model).save_pretrained(tmp / name, save_embedding_layers=False)
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
             scaler = getattr(acc, "scaler", None)
             torch.save({"lr_scheduler": run.lr_scheduler.state_dict(),
@@ -225,8 +224,7 @@ def load_checkpoint(run, path: Path) -> TrainState:
     from safetensors.torch import load_file
 
     acc = run.accelerator
-    parts = [("unet", run.unet)] + ([("text_encoder", run.text_encoder)] if run.cfg.train.train_text_encoder else [])
-    for part, model in parts:
+    for part, model in run.trained().items():
         weights = load_file(path / part / "adapter_model.safetensors", device=str(acc.device))
         result = set_peft_model_state_dict(acc.unwrap_model(model), weights, adapter_name="default")
         if result.unexpected_keys:

@@ -143,7 +143,7 @@ def cmd_class_images(args) -> int:
         if v < 1:
             raise UsageError(f"{flag} must be >= 1 (got {v})")
     paths = generate_class_images(m.model, d.class_prompt, d.class_data_dir, d.num_class_images, d.sample_batch_size,
-                                  d.class_image_steps, cfg.train.seed, m.revision, m.variant)
+                                  d.class_image_steps, cfg.train.seed, m.revision, m.variant, vae=m.vae)
     print(f"{len(paths)} class images in {d.class_data_dir}")
     return 0
 
@@ -187,7 +187,7 @@ def cmd_generate(args) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")
 
-    pipe = AdapterPipeline(args.model, args.revision, args.variant)
+    pipe = AdapterPipeline(args.model, args.revision, args.variant, vae=args.vae)
     for (_, path), name in zip(adapters, names):
         pipe.load_adapter(path, name)
     runs = [("mix", dict(mix))] if mix else [(n, {n: 1.0}) for n in names] or [("base", {})]
@@ -264,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="base model: hub id, diffusers folder, or 'tiny'")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
+    p.add_argument("--vae", default=None, help="replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a run folder (unet/ and optional text_encoder/ adapter folders); repeatable")
+                   help="a run folder (unet/ and optional text_encoder/, text_encoder_2/ adapter folders); repeatable")
     p.add_argument("--mix", nargs="+", default=[], metavar="NAME=WEIGHT", help="generate with a weighted mix")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)

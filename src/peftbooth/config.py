@@ -34,6 +34,10 @@ class ModelArgs:
     model: str = _f("tiny", "hub id or local diffusers folder of the base model; 'tiny' builds a tiny random SD model")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of --model")
     variant: Optional[str] = _f(None, "weights variant of --model, e.g. 'fp16'")
+    vae: Optional[str] = _f(None, "replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE "
+                        "'madebyollin/sdxl-vae-fp16-fix'")
+    upcast_vae: Optional[bool] = _f(None, "run the VAE in fp32 (default: on for SDXL's own VAE, which overflows in "
+                                    "fp16; off otherwise and with --vae)")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from .config import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+ORIGINAL_SIZE = "peftbooth_original_size"  # key in a loaded image's .info: (width, height) of the file itself
 
 
 def list_images(folder: str | Path, flag: str) -> list[Path]:
@@ -52,6 +53,9 @@ def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
+            original_size = img.size  # before draft mode shrinks it: SDXL is conditioned on the photo's own size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
+                original_size = original_size[::-1]
             if max_side and img.format == "JPEG":
                 img.draft("RGB", (max_side, max_side))
             img.load()
@@ -67,7 +71,9 @@ def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, rgba)
-            return img.convert("RGB")
+            img = img.convert("RGB")
+            img.info[ORIGINAL_SIZE] = original_size  # (width, height)
+            return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
 
@@ -88,6 +94,13 @@ def load_captions(images: list[Path], default_prompt: str) -> list[str]:
 def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool, flip: bool,
                     rng: torch.Generator | None = None) -> Image.Image:
     """Resize the short side to `resolution`, crop a square (center, or random from `rng`), optionally flip."""
+    return resize_crop_coords(img, resolution, center_crop, flip, rng)[0]
+
+
+def resize_crop_coords(img: Image.Image, resolution: int, center_crop: bool, flip: bool,
+                       rng: torch.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """resize_and_crop, also returning the crop's (top, left) in the resized image as the model sees it: after a
+    flip the crop's left edge is measured in the flipped image (SDXL's crop conditioning)."""
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -100,7 +113,17 @@ def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool, flip: 
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img
+        left = nw - resolution - left  # pixels cut from the left of the flipped image
+    return img, (top, left)
+
+
+def micro_conditioning(original_size: tuple[int, int], top_left: tuple[int, int], resolution: int) -> torch.Tensor:
+    """SDXL's per-image time ids, (6,): original (height, width), crop (top, left), target (height, width).
+
+    `original_size` is (width, height) as PIL gives it.
+    """
+    w, h = original_size
+    return torch.tensor([h, w, *top_left, resolution, resolution], dtype=torch.float32)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -142,11 +165,13 @@ class DreamBoothDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def pixels(self, key: tuple, rng: torch.Generator | None = None) -> torch.Tensor:
-        """(3, H, W) in [-1, 1] for a key ('instance' | 'class', index, flipped); `rng` draws random crops."""
+    def pixels(self, key: tuple, rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, H, W) in [-1, 1] and the (6,) SDXL time ids of a key ('instance' | 'class', index, flipped);
+        `rng` draws random crops. Class images keep their own size and crop in their time ids."""
         kind, index, flip = key
         img = self.instance_images[index] if kind == "instance" else load_image(self.class_paths[index], 2 * self.resolution)
-        return to_tensor(resize_and_crop(img, self.resolution, self.center_crop, flip, rng))
+        cropped, top_left = resize_crop_coords(img, self.resolution, self.center_crop, flip, rng)
+        return to_tensor(cropped), micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, self.resolution)
 
     def all_keys(self) -> list[tuple]:
         """Every distinct (image, flip) the dataset can produce; what a latent cache must hold."""
@@ -163,12 +188,12 @@ class DreamBoothDataset(Dataset):
         item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]],
                 "instance_seed": mix_seed(self.seed, self.epoch, i, 0)}
         if self.load_pixels:
-            item["instance_pixels"] = self.pixels(key, rng)
+            item["instance_pixels"], item["instance_time_ids"] = self.pixels(key, rng)
         if self.class_paths:
             key = ("class", i % len(self.class_paths), flips[1])
             item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(self.seed, self.epoch, i, 1))
             if self.load_pixels:
-                item["class_pixels"] = self.pixels(key, rng)
+                item["class_pixels"], item["class_time_ids"] = self.pixels(key, rng)
         return item
 
 
@@ -213,11 +238,12 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def collate(examples: list[dict], tokenizer=None) -> dict:
+def collate(examples: list[dict], tokenizers: list | None = None) -> dict:
     """One batch for one UNet forward: instance rows first, then class rows, each with its own prompt.
 
-    pixel_values (when loaded): (B, 3, H, W), or (2B, 3, H, W) with prior preservation; keys, prompts and
-    input_ids (when a tokenizer is given) have the same leading size and order.
+    pixel_values (when loaded): (B, 3, H, W), or (2B, 3, H, W) with prior preservation; time_ids (with the pixels)
+    (B or 2B, 6); keys, prompts and input_ids (one (B or 2B, 77) tensor per tokenizer, when tokenizers are given)
+    have the same leading size and order.
     """
     halves = ["instance"] + (["class"] if "class_key" in examples[0] else [])
     batch = {
@@ -228,6 +254,7 @@ def collate(examples: list[dict], tokenizer=None) -> dict:
     }
     if "instance_pixels" in examples[0]:
         batch["pixel_values"] = torch.stack([e[f"{h}_pixels"] for h in halves for e in examples]).contiguous()
-    if tokenizer is not None:
-        batch["input_ids"] = tokenize(tokenizer, batch["prompts"])
+        batch["time_ids"] = torch.stack([e[f"{h}_time_ids"] for h in halves for e in examples])
+    if tokenizers:
+        batch["input_ids"] = [tokenize(tok, batch["prompts"]) for tok in tokenizers]
     return batch

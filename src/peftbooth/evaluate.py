@@ -279,7 +279,7 @@ class EvalArgs:
 def adapter_fingerprint(run_dir: str | Path) -> str | None:
     """sha256 (16 hex) of the run's adapter weights: ties eval results to the adapter they were computed for."""
     h, found = hashlib.sha256(), False
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", "text_encoder", "text_encoder_2"):
         f = Path(run_dir) / part / "adapter_model.safetensors"
         if f.is_file():
             h.update(part.encode())
@@ -373,7 +373,9 @@ def evaluate_run(args: EvalArgs) -> dict:
     texts = [clip_t_text(t, a.identifier, a.class_name, a.clip_t_prompt) for t in templates]
 
     ev = Evaluators.load(a.clip_model, a.dino_model, a.device)  # before generating: a missing model fails fast
-    pipe = AdapterPipeline(a.model, device=a.device)
+    # the VAE the run trained with (--vae), e.g. an fp16-safe SDXL VAE
+    vae = (read_run_config(Path(a.run_dir)).get("model") or {}).get("vae")
+    pipe = AdapterPipeline(a.model, device=a.device, vae=vae)
     # DPM-Solver++: the scheduler class prior.py and validation use; the model's own may need 50+ steps
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     pipe.load_adapter(a.run_dir, "adapter")
@@ -509,9 +511,14 @@ def fixed_noise(k: int, shape: tuple, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predictions(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, timesteps: list[int],
-                noise: torch.Tensor, chunk: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, 4, h, w)."""
+                noise: torch.Tensor, added: dict | None = None, chunk: int = 8
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, 4, h, w); `added`:
+    SDXL's added_cond_kwargs, each (N, ...)."""
     from .losses import diffusion_target
+
+    def rows(s):
+        return None if added is None else {k: v[s : s + chunk] for k, v in added.items()}
 
     preds, targets = [], []
     for k, t in enumerate(timesteps):
@@ -519,7 +526,8 @@ def predictions(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, t
         eps = noise[k].to(latents.device, latents.dtype)
         noisy = scheduler.add_noise(latents, eps, tt)
         # in chunks: a folder of 20 photos at 768 px is one UNet batch too many on a small GPU
-        preds.append(torch.cat([unet(noisy[s : s + chunk], tt[s : s + chunk], context[s : s + chunk]).sample.float()
+        preds.append(torch.cat([unet(noisy[s : s + chunk], tt[s : s + chunk], context[s : s + chunk],
+                                     added_cond_kwargs=rows(s)).sample.float()
                                 for s in range(0, latents.shape[0], chunk)]))
         targets.append(diffusion_target(scheduler, latents, eps, tt).float())
     return preds, targets
@@ -548,19 +556,28 @@ def adapters_disabled(*peft_models):
         yield
 
 
-def _latents(vae, images: list, resolution: int, device, dtype) -> torch.Tensor:
-    """VAE posterior means (not samples: the proxy must not depend on a random draw), scaled for the UNet."""
-    from .data import resize_and_crop, to_tensor
+def _latents(vae, images: list, resolution: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior means (not samples: the proxy must not depend on a random draw), scaled for the UNet, and
+    each center crop's SDXL time ids (N, 6)."""
+    from .data import ORIGINAL_SIZE, micro_conditioning, resize_crop_coords, to_tensor
 
-    pixels = torch.stack([to_tensor(resize_and_crop(img, resolution, True, False)) for img in images])
-    means = [vae.encode(pixels[s : s + 8].to(device, dtype)).latent_dist.mean for s in range(0, len(images), 8)]
-    return torch.cat(means) * float(vae.config.scaling_factor)
+    pixels, time_ids = [], []
+    for img in images:
+        crop, top_left = resize_crop_coords(img, resolution, True, False)
+        pixels.append(to_tensor(crop))
+        time_ids.append(micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, resolution))
+    pixels = torch.stack(pixels)
+    vae_dtype = next(vae.parameters()).dtype  # fp32 for SDXL's own VAE
+    means = [vae.encode(pixels[s : s + 8].to(device, vae_dtype)).latent_dist.mean for s in range(0, len(images), 8)]
+    return (torch.cat(means) * float(vae.config.scaling_factor)).to(dtype), torch.stack(time_ids).to(device)
 
 
-def _context(text_encoder, tokenizer, prompts: list[str], device) -> torch.Tensor:
+def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, pooled) of prompts through the text encoders as they are now (adapters included)."""
     from .data import tokenize
+    from .models import encode_text
 
-    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+    return encode_text(components.text_encoders, [tokenize(tok, prompts).to(device) for tok in components.tokenizers])
 
 
 def class_images_for(cfg, output_dir: Path, limit: int) -> list[Path]:
@@ -581,6 +598,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
     """
     from .data import load_image
+    from .models import added_conditioning
     from .validation import eval_mode, on_device, untouched_rng
 
     cfg, acc, c = run.cfg, run.accelerator, run.components
@@ -590,27 +608,27 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     # the photos and per-image prompts as setup decoded them for training: not read a second time
     instance_images, instance_prompts = run.dataset.instance_images, run.dataset.instance_prompts
     class_paths = class_images_for(cfg, run.output_dir, max_class_images) if d.class_prompt else []
-    handles = [_peft_handle(acc, run.unet)]
-    if cfg.train.train_text_encoder:
-        handles.append(_peft_handle(acc, run.text_encoder))
+    handles = [_peft_handle(acc, m) for m in run.trained().values()]
 
     result = {"timesteps": timesteps, "noise_seed": seed, "with_prior_preservation": d.with_prior_preservation,
               "latents": "VAE posterior mean", "class": None, "class_note": None}
-    with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, run.text_encoder, c.vae), \
-            on_device(device, c.vae, c.text_encoder), acc.autocast():
+    with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, *run.text_encoders, c.vae), \
+            on_device(device, c.vae, *c.text_encoders), acc.autocast():
         groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
             groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))
         runs = {}
         for name, (images, prompts) in groups.items():
-            latents = _latents(c.vae, images, d.resolution, device, run.weight_dtype)
+            latents, time_ids = _latents(c.vae, images, d.resolution, device, run.weight_dtype)
             noise = fixed_noise(len(timesteps), tuple(latents.shape), seed if name == "instance" else seed + 1)
             # the prompts are encoded in each state: a trained text-encoder adapter is part of "after"
-            ctx = _context(c.text_encoder, c.tokenizer, prompts, device)
-            after = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise)  # (preds, targets)
+            ctx, pooled = _context(c, prompts, device)
+            after = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise,  # (preds, targets)
+                                added_conditioning(pooled, time_ids))
             with adapters_disabled(*handles):
-                ctx = _context(c.text_encoder, c.tokenizer, prompts, device)
-                before = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise)
+                ctx, pooled = _context(c, prompts, device)
+                before = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise,
+                                     added_conditioning(pooled, time_ids))
             runs[name] = (before, after, len(images), prompts)
 
     def losses(before, after):

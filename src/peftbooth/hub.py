@@ -15,7 +15,8 @@ import yaml
 from .config import TrainConfig, UsageError
 
 # What a shared run holds (relative glob patterns), and what it never holds even if a pattern would match.
-UPLOAD_PATTERNS = ("README.md", "config.yaml", "unet/*", "text_encoder/*", "samples/*.png", "validation/*/*.png")
+UPLOAD_PATTERNS = ("README.md", "config.yaml", "unet/*", "text_encoder/*", "text_encoder_2/*", "samples/*.png",
+                   "validation/*/*.png")
 NEVER_UPLOAD = ("checkpoints", "class_images", "logs")
 
 
@@ -25,15 +26,16 @@ def sample_images(run_dir: Path) -> list[str]:
     return sorted(p.relative_to(run_dir).as_posix() for p in found)
 
 
-def model_card(cfg: TrainConfig, stats: dict, run_dir: Path) -> str:
+def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False) -> str:
     """README.md with YAML front matter in the Hub's model-card convention, then the settings and samples."""
     u, te, d, t = cfg.unet_adapter, cfg.text_encoder_adapter, cfg.data, cfg.train
+    family = "stable-diffusion-xl" if sdxl else "stable-diffusion"
     meta = {
         "base_model": cfg.model.model,
         "library_name": "peft",
         "license": "other",  # placeholder: the base model's license applies; set it before sharing
         "instance_prompt": d.instance_prompt,
-        "tags": ["text-to-image", "stable-diffusion", "diffusers", "dreambooth", u.adapter, "peftbooth"],
+        "tags": ["text-to-image", family, "diffusers", "dreambooth", u.adapter, "peftbooth"],
     }
     lines = [
         "---",
@@ -50,8 +52,8 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path) -> str:
         f"- UNet adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets `{u.target_modules}`",
     ]
     if t.train_text_encoder:
-        lines.append(f"- text-encoder adapter: {te.adapter}, rank {te.rank}, alpha {te.alpha}, "
-                     f"targets `{te.target_modules}`")
+        lines.append(f"- text-encoder adapter{'s (both SDXL text encoders)' if sdxl else ''}: {te.adapter}, "
+                     f"rank {te.rank}, alpha {te.alpha}, targets `{te.target_modules}`")
     if d.with_prior_preservation:
         lines.append(f"- prior preservation: `{d.class_prompt}`, {d.num_class_images} class images, "
                      f"weight {d.prior_loss_weight}")
@@ -68,7 +70,8 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path) -> str:
         f"peftbooth export {run_dir.name} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge",
         "```",
         "",
-        "`unet/` and `text_encoder/` are PEFT adapter folders: `PeftModel.from_pretrained(unet, 'unet')` loads them.",
+        f"`unet/`, `text_encoder/`{' and `text_encoder_2/`' if sdxl else ''} are PEFT adapter folders: "
+        "`PeftModel.from_pretrained(unet, 'unet')` loads them.",
         "",
     ]
     images = sample_images(run_dir)

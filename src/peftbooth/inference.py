@@ -10,10 +10,12 @@ from PIL import Image
 from .config import UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
 
 
 def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path]:
-    """{'unet': dir, 'text_encoder': dir?} of a run folder (ours or the PEFT DreamBooth example's layout).
+    """{'unet': dir, 'text_encoder': dir?, 'text_encoder_2': dir?} of a run folder (ours or the PEFT DreamBooth
+    example's layout; text_encoder_2/ for SDXL).
 
     Only safetensors weights are accepted: a folder with nothing but a pickled adapter_model.bin is refused
     rather than unpickled.
@@ -22,7 +24,7 @@ def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path
     if not root.is_dir():
         raise UsageError(f"{flag} {path}: no such folder")
     found = {}
-    for part in ("unet", "text_encoder"):
+    for part in PARTS:
         folder = root / part
         if not (folder / "adapter_config.json").is_file():
             continue
@@ -72,26 +74,30 @@ def read_adapter(folder: Path, model: torch.nn.Module):
 
 
 class AdapterPipeline:
-    """A StableDiffusionPipeline plus named PEFT adapters on its UNet and text encoder.
+    """A StableDiffusion(XL)Pipeline plus named PEFT adapters on its UNet and text encoder(s).
 
     PEFT injects adapter layers into the pipeline's own modules, so `self.pipe` runs with whatever adapters are
     active; the PeftMixedModel handles (`self._peft`) only manage them.
     """
 
     def __init__(self, model: str = "tiny", revision: str | None = None, variant: str | None = None,
-                 device: str | None = None, dtype: torch.dtype | None = None):
+                 device: str | None = None, dtype: torch.dtype | None = None, vae: str | None = None):
         from .models import load_pipeline
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=dtype).to(self.device)
+        # an SDXL VAE in fp16 is upcast by the pipeline itself while decoding (its config's force_upcast)
+        self.pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=dtype, vae=vae).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftMixedModel
         self.adapters: dict[str, set[str]] = {}  # adapter name -> parts it has
 
     @property
     def model(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+        parts = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            parts["text_encoder_2"] = self.pipe.text_encoder_2
+        return parts
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a run folder's adapters under `name` (default: the folder name) and make it the active one."""
@@ -102,6 +108,10 @@ class AdapterPipeline:
         name = name or Path(path).resolve().name
         if name in self.adapters:
             raise UsageError(f"--adapter {name}={path}: an adapter named {name!r} is already loaded")
+        extra = [part for part in folders if part not in self.model]
+        if extra:  # checked before anything is loaded: no half-loaded adapter
+            raise UsageError(f"--adapter {path}: has {extra[0]}/, which this base model does not have "
+                             "(an SDXL adapter on an SD 1.x/2.x model?)")
         for part, folder in folders.items():
             config, state = read_adapter(folder, self.model[part])
             try:

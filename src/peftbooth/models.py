@@ -60,6 +60,30 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
 
+def encode_text(text_encoders: list, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (one (N, 77) tensor per text encoder) -> (context, pooled): what the UNet is conditioned on.
+
+    SD 1.x / 2.x: the last hidden states (N, 77, D) and no pooled embedding. SDXL: the penultimate hidden states of
+    both encoders side by side (N, 77, D1 + D2), as SDXL was trained, and the second encoder's projected pooled
+    embedding (N, P).
+    """
+    if len(text_encoders) == 1:
+        return text_encoders[0](input_ids[0])[0], None
+    states, pooled = [], None
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # of the last encoder (CLIPTextModelWithProjection): text_embeds, (N, P)
+    return torch.cat(states, dim=-1), pooled
+
+
+def added_conditioning(pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
+    """The UNet's `added_cond_kwargs`: SDXL's pooled text embedding (N, P) and time ids (N, 6); None otherwise."""
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PEFTBOOTH_CACHE", Path.home() / ".cache" / "peftbooth"))
 
@@ -83,13 +107,12 @@ def check_model_folder(path: str) -> None:
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"--model {path}: not a folder; pass a diffusers model folder or a hub id")
-    if not (p / "model_index.json").is_file():
-        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder (missing model_index.json)")
-    needed = SDXL_SUBFOLDERS if family_of(read_model_index(path)) == "sdxl" else REQUIRED_SUBFOLDERS
+    has_index = (p / "model_index.json").is_file()
+    needed = SDXL_SUBFOLDERS if has_index and family_of(read_model_index(path)) == "sdxl" else REQUIRED_SUBFOLDERS
     missing = [s for s in needed if not (p / s).is_dir()]
-    if missing:
-        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder "
-                         f"(missing {', '.join(s + '/' for s in missing)})")
+    if not has_index or missing:
+        what = f"missing {', '.join(s + '/' for s in missing)}" if missing else "missing model_index.json"
+        raise UsageError(f"--model {path}: not a diffusers Stable Diffusion folder ({what})")
 
 
 def read_model_index(path: str, revision: str | None = None) -> dict:

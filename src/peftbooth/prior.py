@@ -72,6 +72,7 @@ def generate_class_images(
     process_index: int = 0,
     num_processes: int = 1,
     barrier=None,
+    vae: str | None = None,
 ) -> list[Path]:
     """Make `class_data_dir` hold `num_class_images` readable images; return the paths (sorted, at most N).
 
@@ -97,7 +98,8 @@ def generate_class_images(
         barrier()  # all processes have listed the folder before any of them writes to it
     if missing > 0:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=generation_dtype(device))
+        # SDXL: the pipeline upcasts its own VAE to fp32 for decoding (force_upcast), so half precision is safe
+        pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=generation_dtype(device), vae=vae)
         # DPM-Solver++ gives class images of the quality DDPM needs 1000 steps for in 20-25 steps.
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 REPORT_FILE = "report.html"
 STATS_FILE = "train_stats.json"
-ADAPTER_PARTS = ("unet", "text_encoder")
+ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def loss_points(history) -> list[list[float]]:
 
 
 def adapter_sizes(run_dir: Path) -> dict[str, int]:
-    """Bytes on disk of each adapter folder (unet/, text_encoder/)."""
+    """Bytes on disk of each adapter folder (unet/, text_encoder/, text_encoder_2/)."""
     sizes = {}
     for part in ADAPTER_PARTS:
         folder = run_dir / part
@@ -315,6 +315,7 @@ def usage_section(run_dir: Path, cfg: dict) -> str:
     prompt = (cfg.get("data") or {}).get("instance_prompt") or "a photo of sks dog"
     run = str(run_dir.resolve())
     te = (run_dir / "text_encoder").is_dir()
+    te2 = (run_dir / "text_encoder_2").is_dir()
     code = (
         f'peftbooth generate --model {model} --adapter {run} \\\n    --prompt "{prompt}" --output-dir samples/\n\n'
         "# Python\nfrom peftbooth import AdapterPipeline\n"
@@ -323,6 +324,7 @@ def usage_section(run_dir: Path, cfg: dict) -> str:
         "# plain PEFT on diffusers components\nfrom peft import PeftModel\n"
         f'unet = PeftModel.from_pretrained(pipe.unet, "{run}/unet")'
         + (f'\ntext_encoder = PeftModel.from_pretrained(pipe.text_encoder, "{run}/text_encoder")' if te else "")
+        + (f'\ntext_encoder_2 = PeftModel.from_pretrained(pipe.text_encoder_2, "{run}/text_encoder_2")' if te2 else "")
     )
     return section("Use the adapter", f"<pre>{esc(code)}</pre>", "use")
 

@@ -33,7 +33,7 @@ from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_ca
 from .evaluate import write_proxies
 from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
-from .models import Components, load_components
+from .models import Components, added_conditioning, encode_text, load_components
 from .report import write_report
 from .validation import maybe_validate
 
@@ -61,6 +61,20 @@ class Run:
     lock: Path | None = None
     latent_cache: LatentCache | None = None  # VAE posteriors per (image, flip), when cached
     text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (PeftModel when trained)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        """The models with adapters, by the folder name their adapter is saved under."""
+        parts = {"unet": self.unet}
+        if self.cfg.train.train_text_encoder:
+            parts["text_encoder"] = self.text_encoder
+            if self.text_encoder_2 is not None:
+                parts["text_encoder_2"] = self.text_encoder_2
+        return parts
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -143,13 +157,12 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = cfg.resolved()
     images, prompts, fingerprint, checkpoint = check_inputs(cfg)
     t = cfg.train
-    components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant)
+    components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant, cfg.model.vae)
     # Check adapter targets against the loaded modules before anything is written.
     ad.check_targets(components.unet, cfg.unet_adapter.target_modules, ad.UNET_PRESETS, "")
     if t.train_text_encoder:
-        ad.check_targets(
-            components.text_encoder, cfg.text_encoder_adapter.target_modules, ad.TEXT_ENCODER_PRESETS, "text-encoder-"
-        )
+        for encoder in components.text_encoders:
+            ad.check_targets(encoder, cfg.text_encoder_adapter.target_modules, ad.TEXT_ENCODER_PRESETS, "text-encoder-")
 
     # --- inputs are valid: from here on files are written
     out = Path(t.output_dir)
@@ -192,24 +205,27 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
             components.model_path, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size,
             d.class_image_steps, t.seed, cfg.model.revision, cfg.model.variant, accelerator.device,
             show_progress=accelerator.is_local_main_process, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+            num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone, vae=cfg.model.vae,
         )
         set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
 
     unet = ad.attach(components.unet, cfg.unet_adapter, ad.UNET_PRESETS, "", cfg.model.model)
-    text_encoder = components.text_encoder
+    # one text encoder (SD 1.x / 2.x) or two (SDXL); with --train-text-encoder each gets its own adapter of the
+    # --text-encoder-* settings, saved as text_encoder/ and text_encoder_2/
+    text_encoders = list(components.text_encoders)
     if t.train_text_encoder:
-        text_encoder = ad.attach(text_encoder, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-",
-                                 cfg.model.model)
-    for name, model in [("unet", unet)] + ([("text_encoder", text_encoder)] if t.train_text_encoder else []):
+        text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-", cfg.model.model)
+                         for m in text_encoders]
+    names = ["unet"] + (["text_encoder", "text_encoder_2"][: len(text_encoders)] if t.train_text_encoder else [])
+    for name, model in zip(names, [unet, *text_encoders]):
         trainable, total = ad.count_parameters(model)
         accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     # Frozen weights in the compute dtype, adapter weights in fp32: the optimizer sees exact fp32 parameters
     # and gradients while the big frozen matmuls run in half precision.
     weight_dtype = weight_dtype_for(t.mixed_precision)
-    components.vae.to(accelerator.device, dtype=weight_dtype)
-    for model in (unet, text_encoder):
+    components.vae.to(accelerator.device, dtype=torch.float32 if upcast_vae(cfg, components) else weight_dtype)
+    for model in (unet, *text_encoders):
         model.to(accelerator.device, dtype=weight_dtype)
         for p in model.parameters():
             if p.requires_grad:
@@ -217,11 +233,12 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     if t.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if t.train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for encoder in components.text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
     if t.train_text_encoder:
-        params.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+        params.append({"params": [p for m in text_encoders for p in m.parameters() if p.requires_grad],
                        "lr": t.text_encoder_learning_rate or t.learning_rate})
     optimizer = make_optimizer(params, t, accelerator.device)
 
@@ -237,13 +254,14 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         offload(components.vae, accelerator.device)
     if t.cache_text_states and not t.train_text_encoder:
         all_prompts = prompts + ([d.class_prompt] if class_paths else [])
-        text_cache = TextCache.build(all_prompts, components.tokenizer, text_encoder, accelerator.device)
-        offload(text_encoder, accelerator.device)
+        text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, accelerator.device)
+        for encoder in text_encoders:
+            offload(encoder, accelerator.device)
     # the data order is a function of (seed, epoch): resumable; whole global batches: no padding by Accelerate
     sampler = EpochSampler(len(dataset), t.seed, d.train_batch_size * accelerator.num_processes)
     dataloader = DataLoader(
         dataset, batch_size=d.train_batch_size, sampler=sampler, num_workers=d.dataloader_num_workers,
-        collate_fn=partial(collate, tokenizer=None if text_cache else components.tokenizer),
+        collate_fn=partial(collate, tokenizers=None if text_cache else components.tokenizers),
         generator=torch.Generator().manual_seed(t.seed), pin_memory=accelerator.device.type == "cuda",
     )
     # The schedule counts optimizer steps; it is stepped by hand once per optimizer step (see fit).
@@ -251,19 +269,28 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_train_steps
     )
     if t.train_text_encoder:
-        unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
+        unet, *text_encoders, optimizer, dataloader = accelerator.prepare(unet, *text_encoders, optimizer, dataloader)
     else:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     if t.compile:
         unet = maybe_compile(unet, accelerator)
     if accelerator.is_main_process and t.report_to != "none":
         accelerator.init_trackers("peftbooth")
-    run = Run(cfg, accelerator, components, unet, text_encoder, optimizer, lr_scheduler, dataloader, weight_dtype,
-              out, sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache)
+    run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, weight_dtype,
+              out, sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
+              text_encoders[1] if len(text_encoders) > 1 else None)
     if checkpoint is not None:
         run.state = load_checkpoint(run, checkpoint)
         accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
     return run
+
+
+def upcast_vae(cfg: TrainConfig, components: Components) -> bool:
+    """--upcast-vae, by default on for SDXL's own VAE: in fp16 it overflows to NaN latents (an fp16-fixed --vae
+    does not, so a replacement VAE runs in the compute dtype unless asked)."""
+    if cfg.model.upcast_vae is not None:
+        return cfg.model.upcast_vae
+    return components.is_sdxl and cfg.model.vae is None
 
 
 def offload(model: torch.nn.Module, device: torch.device) -> None:
@@ -304,21 +331,18 @@ def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.O
 # the loop
 
 
-def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 77) token ids -> (B, 77, D) last hidden states, the UNet's cross-attention context."""
-    return text_encoder(input_ids)[0]
-
-
 def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss of one (micro-)batch: encode, noise, predict, compare with the target. Returns (loss, inst, prior)."""
     c, device = run.components, run.accelerator.device
     if run.latent_cache is not None:
-        mean, std = run.latent_cache.posterior(batch["keys"])
+        mean, std, time_ids = run.latent_cache.posterior(batch["keys"])
     else:
-        pixel_values = batch["pixel_values"].to(device, dtype=run.weight_dtype, non_blocking=True)  # (N, 3, H, W)
+        vae_dtype = next(c.vae.parameters()).dtype  # fp32 for SDXL's own VAE (see upcast_vae)
+        pixel_values = batch["pixel_values"].to(device, dtype=vae_dtype, non_blocking=True)  # (N, 3, H, W)
         with torch.no_grad():
             posterior = c.vae.encode(pixel_values).latent_dist
-        mean, std = posterior.mean, posterior.std
+        mean, std = posterior.mean.to(run.weight_dtype), posterior.std.to(run.weight_dtype)
+        time_ids = batch["time_ids"].to(device)  # (N, 6) SDXL micro-conditioning of each row's crop
     # Per-row randomness from per-row seeds (see DreamBoothDataset): the same row gets the same latent sample,
     # noise and timestep in any batch, on any process, before or after a resume.
     rows = [torch.Generator(device).manual_seed(s) for s in batch["seeds"]]
@@ -333,14 +357,13 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
         offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g, device=device) for g in rows])
         noise = offset_noise(noise, offset.to(noise.dtype), tr.noise_offset)
     noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
+    # context (N, 77, D); pooled (N, P) for SDXL, else None
     if run.text_cache is not None:
-        encoder_hidden_states = run.text_cache.lookup(batch["prompts"])  # (N, 77, D)
-    elif run.cfg.train.train_text_encoder:
-        encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"].to(device))
+        context, pooled = run.text_cache.lookup(batch["prompts"])
     else:
-        with torch.no_grad():
-            encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"].to(device))
-    pred = run.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        with torch.set_grad_enabled(run.cfg.train.train_text_encoder):
+            context, pooled = encode_text(run.text_encoders, [ids.to(device) for ids in batch["input_ids"]])
+    pred = run.unet(noisy_latents, timesteps, context, added_cond_kwargs=added_conditioning(pooled, time_ids)).sample
     target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
     weights = None
     if tr.snr_gamma is not None:
@@ -422,7 +445,7 @@ def fit(run: Run) -> dict:
     and when interrupted; stops on a non-finite loss per --nan-policy.
     """
     t, acc, state = run.cfg.train, run.accelerator, run.state
-    trained = [run.unet] + ([run.text_encoder] if t.train_text_encoder else [])
+    trained = list(run.trained().values())
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for m in trained:
         m.train()
@@ -528,7 +551,7 @@ def replayable(cfg: TrainConfig) -> TrainConfig:
 def check_ranks_agree(run: Run) -> None:
     """Data-parallel processes must end with the same adapters (only rank 0's are saved): compare exactly."""
     acc = run.accelerator
-    models = [run.unet] + ([run.text_encoder] if run.cfg.train.train_text_encoder else [])
+    models = list(run.trained().values())
     # one float64 checksum per adapter tensor: (P,) per process, gathered to (world * P,)
     sums = torch.stack([p.detach().double().sum() for m in models for p in m.parameters() if p.requires_grad])
     per_rank = acc.gather(sums.to(acc.device)).view(acc.num_processes, -1)
@@ -552,16 +575,15 @@ def save(run: Run, stats: dict) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
         try:
             # save_embedding_layers=False: no embeddings are trained, and 'auto' would look the base model up online
-            acc.unwrap_model(run.unet).save_pretrained(staging / "unet", save_embedding_layers=False)
-            if run.cfg.train.train_text_encoder:
-                acc.unwrap_model(run.text_encoder).save_pretrained(staging / "text_encoder", save_embedding_layers=False)
+            for name, model in run.trained().items():
+                acc.unwrap_model(model).save_pretrained(staging / name, save_embedding_layers=False)
             (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(replayable(run.cfg)), sort_keys=False))
-            (staging / "README.md").write_text(model_card(run.cfg, stats, out))
+            (staging / "README.md").write_text(model_card(run.cfg, stats, out, sdxl=run.components.is_sdxl))
             # config.yaml and README.md first, unet/ (the finished-run marker) last
-            for name in ["config.yaml", "README.md", "text_encoder", "unet"]:
+            for name in ["config.yaml", "README.md", "text_encoder", "text_encoder_2", "unet"]:
                 src, dst = staging / name, out / name
                 if not src.exists():
-                    if dst.is_dir() and name == "text_encoder":
+                    if dst.is_dir() and name.startswith("text_encoder"):
                         shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
                     continue
                 if dst.is_dir():
@@ -571,7 +593,7 @@ def save(run: Run, stats: dict) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
         acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk
     acc.end_training()
-    acc.print(f"adapters written to {out / 'unet'}" + (" and text_encoder" if run.cfg.train.train_text_encoder else ""))
+    acc.print(f"adapters written to {out}: " + ", ".join(f"{name}/" for name in run.trained()))
     if run.cfg.train.push_to_hub and acc.is_main_process:
         url = push(out, run.cfg.train.push_to_hub)
         acc.print(f"pushed to {url}")

@@ -119,17 +119,24 @@ def untouched_rng(device: torch.device):
 
 
 def in_memory_pipeline(components):
-    """A StableDiffusionPipeline over the run's own modules (shared, not copied) with a DPM-Solver++ scheduler.
+    """A StableDiffusion(XL)Pipeline over the run's own modules (shared, not copied) with a DPM-Solver++ scheduler.
 
     The scheduler is built from the model's own scheduler config, so a v-prediction model is sampled as one.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    c = components
+    scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
+    if c.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=scheduler, add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -194,9 +201,10 @@ def run_validation(run, step: int, num_inference_steps: int | None = None,
     if step == 0:
         # a fresh run (or --overwrite): rows from an earlier run in this folder would be mixed into the report
         shutil.rmtree(Path(run.output_dir) / VALIDATION_DIR, ignore_errors=True)
-    text_encoder = c.text_encoder  # the base module: holds the text-encoder adapter layers when one is trained
-    with torch.no_grad(), untouched_rng(acc.device), eval_mode(run.unet, run.text_encoder, c.vae), \
-            on_device(acc.device, c.vae, text_encoder), acc.autocast():
+    # the base modules: they hold the text-encoder adapter layers when those are trained
+    text_encoders = c.text_encoders
+    with torch.no_grad(), untouched_rng(acc.device), eval_mode(run.unet, *run.text_encoders, c.vae), \
+            on_device(acc.device, c.vae, *text_encoders), acc.autocast():
         pipe = in_memory_pipeline(c)
         rows = sample(pipe, prompts, image_seeds(t.seed, t.num_validation_images), run.cfg.data.resolution,
                       num_inference_steps or DEFAULT_INFERENCE_STEPS,
