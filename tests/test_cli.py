@@ -92,6 +92,8 @@ def _copy_finished_run(tmp, finished):
 # Extra argv comes after the valid base arguments, so a repeated flag overrides the valid value (argparse: last wins).
 # '{tmp}', '{photos}' and '{out}' are filled in with the test's folders.
 BAD_INPUTS = {
+    "vae-missing": (
+        None, ["--vae", "{tmp}/novae"], ["--vae {tmp}/novae: no such folder; pass an AutoencoderKL folder or hub id"]),
     "instance-dir-missing": (
         None, ["--instance-data-dir", "{tmp}/nope"], ["--instance-data-dir {tmp}/nope: no such folder"]),
     "instance-dir-empty": (

@@ -216,3 +216,31 @@ def test_sdxl_generate_cli_and_adapter_on_the_wrong_family(sdxl_model, tiny_mode
     assert main(["generate", "--model", tiny_model, "--adapter", str(out), "--prompt", "x", "--steps", "1",
                  "--output-dir", str(tmp_path / "wrong")]) == 2
     assert "has text_encoder_2/, which this base model does not have" in capsys.readouterr().err
+
+
+def test_sdxl_resume_with_both_text_encoders_is_bitwise_identical(sdxl_model, sized_photos, tmp_path):
+    """A checkpoint holds all three adapters; stopping and resuming trains exactly what one run trains."""
+    from safetensors.torch import load_file
+
+    from peftbooth.train import train
+
+    def tensors(out):
+        return {f"{p}/{k}": v for p in ("unet", "text_encoder", "text_encoder_2")
+                for k, v in load_file(out / p / "adapter_model.safetensors").items()}
+
+    settings = {"train.train_text_encoder": True, "train.max_train_steps": 4, "data.random_flip": True,
+                "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",
+                "data.num_class_images": 2, "data.class_data_dir": str(tmp_path / "class"), "train.seed": 3}
+    reference = tensors(train(sdxl_config(sdxl_model, sized_photos, tmp_path / "ref", **settings)))
+    first = sdxl_config(sdxl_model, sized_photos, tmp_path / "run", **{**settings, "train.max_train_steps": 2,
+                                                                         "train.checkpointing_steps": 2})
+    train(first)
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000002"
+    assert {p.name for p in checkpoint.iterdir()} >= {"unet", "text_encoder", "text_encoder_2"}
+    # the second half: the same run to 4 steps, resumed from step 2's checkpoint
+    resumed = train(sdxl_config(sdxl_model, sized_photos, tmp_path / "run2", **{
+        **settings, "train.resume": str(checkpoint), "train.resume_force": True}))
+    got = tensors(resumed)
+    assert got.keys() == reference.keys()
+    for k in got:
+        assert torch.equal(got[k], reference[k]), k

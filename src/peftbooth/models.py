@@ -98,9 +98,20 @@ def resolve_model(model: str) -> str:
     if os.path.exists(model):
         check_model_folder(model)
         return model
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an 'owner/name' hub id
+    if looks_like_path(model):
         raise UsageError(f"--model {model}: no such folder")
     return model  # a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than an 'owner/name' hub id (which has exactly one slash and no leading dot or slash)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_vae_arg(vae: str | None) -> None:
+    """--vae: a missing local folder is refused before anything is loaded."""
+    if vae and not os.path.exists(vae) and looks_like_path(vae):
+        raise UsageError(f"--vae {vae}: no such folder; pass an AutoencoderKL folder or hub id")
 
 
 def check_model_folder(path: str) -> None:
@@ -183,9 +194,8 @@ def load_vae(vae: str):
     """--vae: an AutoencoderKL folder or hub id (its config.json at the top, or in a vae/ subfolder)."""
     from diffusers import AutoencoderKL
 
+    check_vae_arg(vae)
     subfolder = "vae" if (Path(vae) / "vae" / "config.json").is_file() else None
-    if not os.path.exists(vae) and (vae.startswith((".", "/", "~")) or vae.count("/") > 1):
-        raise UsageError(f"--vae {vae}: no such folder")
     try:
         return AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=True)
     except OSError as e:

@@ -33,7 +33,7 @@ from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_ca
 from .evaluate import write_proxies
 from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
-from .models import Components, added_conditioning, encode_text, load_components
+from .models import Components, added_conditioning, check_vae_arg, encode_text, load_components
 from .report import write_report
 from .validation import maybe_validate
 
@@ -117,6 +117,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
             and not cfg.train.overwrite:
         raise UsageError(f"--output-dir {out}: holds checkpoints of an unfinished run; pass --resume latest to "
                          "continue it, or --overwrite to start over (its checkpoints are deleted)")
+    check_vae_arg(cfg.model.vae)
     d = cfg.data
     paths = list_images(d.instance_data_dir, "--instance-data-dir")
     if not paths:
