@@ -25,7 +25,7 @@ import torch
 from ..config import UsageError
 from ..inference import PICKLE_SUFFIXES, adapter_folders
 
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
 PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained keys: PREFIX + module path + "." + parameter
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,9 +41,9 @@ PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
 
 @dataclass
 class Adapter:
-    """One PEFT adapter (of the UNet or of the text encoder), grouped by adapted module."""
+    """One PEFT adapter (of the UNet or of a text encoder), grouped by adapted module."""
 
-    part: str  # 'unet' | 'text_encoder'
+    part: str  # 'unet' | 'text_encoder' | 'text_encoder_2' (SDXL)
     kind: str  # 'lora' | 'loha' | 'lokr'
     config: dict  # the adapter_config.json contents
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module path -> {param: tensor}
@@ -167,7 +167,7 @@ def read_adapter(folder: Path, part: str) -> Adapter:
 @dataclass
 class RunFolder:
     path: Path
-    adapters: dict[str, Adapter]  # 'unet' -> Adapter, optional 'text_encoder'
+    adapters: dict[str, Adapter]  # 'unet' -> Adapter, optional 'text_encoder' and (SDXL) 'text_encoder_2'
     train_config: dict  # config.yaml as a dict ({} if the folder has none, e.g. the PEFT example's layout)
 
     @property
@@ -208,15 +208,36 @@ def read_run(run_dir: str | Path) -> RunFolder:
 
 def text_model_path(module: str) -> str:
     """The CLIP text-encoder path with its 'text_model.' root: transformers 5 flattened CLIPTextModel (modules are
-    'encoder.layers.0...'), older releases and every file format outside PEFT spell 'text_model.encoder.layers.0...'."""
+    'encoder.layers.0...'; CLIPTextModelWithProjection keeps the level), older releases and every file format
+    outside PEFT spell 'text_model.encoder.layers.0...'."""
     return module if module.startswith("text_model.") else "text_model." + module
 
 
-def kohya_module_name(part: str, module: str) -> str:
-    """kohya / LyCORIS name of a module: 'lora_unet_' or 'lora_te_' + the diffusers path with dots as underscores."""
+# kohya prefixes of the text encoders: one CLIP in SD 1.x / 2.x, two in SDXL (sd-scripts' te1 = CLIP ViT-L =
+# diffusers' text_encoder, te2 = OpenCLIP bigG = text_encoder_2)
+KOHYA_TE_PREFIX = {"text_encoder": "lora_te_"}
+KOHYA_SDXL_TE_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_module_name(part: str, module: str, sgm=None) -> str:
+    """kohya / LyCORIS name of a module: 'lora_unet_' + the UNet path, or the text encoder's prefix + its path
+    from 'text_model' on, dots as underscores.
+
+    `sgm` (an :class:`~peftbooth.formats.sgm.SgmNames`) marks an SDXL model: its UNet paths are written in the
+    original SGM layout (``input_blocks_4_1_...``) and the text encoders as lora_te1_ / lora_te2_, as sd-scripts
+    names them. Without it (SD 1.x / 2.x) the UNet keeps its diffusers path and the text encoder is lora_te_.
+    """
     if part == "unet":
-        return "lora_unet_" + module.replace(".", "_")
-    return "lora_te_" + text_model_path(module).replace(".", "_")
+        return "lora_unet_" + (module if sgm is None else sgm.to_sgm(module)).replace(".", "_")
+    return kohya_text_name(part, module, sdxl=sgm is not None)
+
+
+def kohya_text_name(part: str, module: str, sdxl: bool) -> str:
+    """kohya name of a text-encoder module: lora_te_ (SD 1.x / 2.x) or lora_te1_ / lora_te2_ (SDXL) + its path."""
+    prefixes = KOHYA_SDXL_TE_PREFIX if sdxl else KOHYA_TE_PREFIX
+    if part not in prefixes:
+        raise UsageError(f"a {part} adapter belongs to an SDXL model, but the base model is SD 1.x / 2.x")
+    return prefixes[part] + text_model_path(module).replace(".", "_")
 
 
 # ---------------------------------------------------------------------------------------------------------------
