@@ -1,6 +1,7 @@
 """Fuse: merge a run's adapters into the base weights and save a plain diffusers pipeline folder.
 
-The fused folder loads anywhere a Stable Diffusion checkpoint loads (no PEFT needed) and runs at base-model speed.
+The fused folder loads anywhere a Stable Diffusion (or, for an SDXL run, SDXL) checkpoint loads (no PEFT needed)
+and runs at base-model speed.
 `fuse_adapters` / `unfuse_adapters` merge in place and undo it, for comparing fused and unfused outputs.
 """
 
@@ -22,14 +23,18 @@ def set_strength(peft_model, scale: float) -> None:
 
 
 def fuse_adapters(pipe, run_dir: str | Path, scale: float = 1.0) -> dict:
-    """Merge the run's adapters into `pipe.unet` / `pipe.text_encoder` in place, at `scale` x their strength.
+    """Merge the run's adapters into `pipe.unet` / `pipe.text_encoder` (/ `pipe.text_encoder_2`, SDXL) in place, at
+    `scale` x their strength.
 
-    Returns the PeftModel handles ('unet', 'text_encoder'), which `unfuse_adapters` uses to subtract the updates
-    again (merging keeps the adapter weights for exactly that).
+    Returns the PeftModel handles ('unet', 'text_encoder', 'text_encoder_2'), which `unfuse_adapters` uses to
+    subtract the updates again (merging keeps the adapter weights for exactly that).
     """
     from peft import PeftModel
 
     run = read_run(run_dir)  # checks every adapter before the pipeline is touched
+    if "text_encoder_2" in run.adapters and getattr(pipe, "text_encoder_2", None) is None:
+        raise UsageError(f"RUN_DIR {run_dir}: has a text_encoder_2 adapter (SDXL) but the base model is "
+                         f"{type(pipe).__name__}, without a second text encoder; pass an SDXL base model as --model")
     handles = {}
     for part in run.adapters:
         folder = Path(run_dir) / part
@@ -64,7 +69,7 @@ def base_model_of(run, model: str | None) -> str:
 
 def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, scale: float = 1.0,
              overwrite: bool = False) -> Path:
-    """Write base model + run adapters (at `scale`) as a full StableDiffusionPipeline folder (safetensors).
+    """Write base model + run adapters (at `scale`) as a full StableDiffusion(XL)Pipeline folder (safetensors).
 
     `model` None takes the base model the run was trained on (its config.yaml).
     """
@@ -83,7 +88,7 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").write_text(
             f"# peftbooth fused model\n\nBase model `{model}` with the adapters of `{Path(run_dir).resolve()}` merged "
-            f"in at scale {scale:g}. A plain diffusers Stable Diffusion folder: "
-            "`StableDiffusionPipeline.from_pretrained(this_folder)` or `peftbooth generate --model this_folder`.\n"
+            f"in at scale {scale:g}. A plain diffusers folder: "
+            f"`{type(pipe).__name__}.from_pretrained(this_folder)` or `peftbooth generate --model this_folder`.\n"
         )
     return output

@@ -1,11 +1,14 @@
 """Adapters that load everywhere: export a run, import a kohya / LyCORIS file, fuse into the base model.
 
 * ``export_run(run_dir, fmt, output)``: ``diffusers`` (one pytorch_lora_weights.safetensors for
-  ``StableDiffusionPipeline.load_lora_weights``; LoRA only), ``kohya`` (one LyCORIS-style .safetensors for A1111,
-  Forge and ComfyUI; LoRA, LoHa, LoKr) or ``peft`` (the adapter folders as trained).
-* ``import_kohya(file, output_dir, model)``: a kohya / LyCORIS file -> PEFT adapter folders (unet/, text_encoder/)
-  that ``peftbooth generate --adapter`` and ``PeftModel.from_pretrained`` load.
+  ``StableDiffusion(XL)Pipeline.load_lora_weights``; LoRA only), ``kohya`` (one LyCORIS-style .safetensors for
+  A1111, Forge and ComfyUI; LoRA, LoHa, LoKr) or ``peft`` (the adapter folders as trained).
+* ``import_kohya(file, output_dir, model)``: a kohya / LyCORIS file -> PEFT adapter folders (unet/, text_encoder/,
+  and text_encoder_2/ for SDXL) that ``peftbooth generate --adapter`` and ``PeftModel.from_pretrained`` load.
 * ``fuse_run(model, run_dir, output_dir, scale)`` (in :mod:`peftbooth.fuse`): a full diffusers pipeline folder.
+
+SD 1.x / 2.x and SDXL runs and files are handled alike; SDXL adds the second text encoder (text_encoder_2) and,
+in kohya files, its own module names (see :mod:`.kohya`).
 
 Every output is written beside its destination and renamed into place; only safetensors files are ever read.
 """
@@ -78,7 +81,8 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
     """Convert a kohya / LyCORIS .safetensors (LoRA, LoHa, LoKr; conv layers included) into PEFT adapter folders.
 
     Module names and shapes are checked against `model` (a diffusers folder, hub id or 'tiny'); without it, against
-    the published SD 1.x or SD 2.x configs (picked from the file's header or shapes). Nothing is downloaded.
+    the published SD 1.x, SD 2.x or SDXL configs (picked from the file's keys, header or shapes). An SDXL file given
+    an SD 1.x / 2.x model, or the reverse, is refused naming both. Nothing is downloaded.
     """
     from .kohya import kohya_to_peft
 
@@ -141,10 +145,11 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("import", help="convert a kohya / LyCORIS .safetensors into PEFT adapter folders")
     p.add_argument("file", metavar="FILE", help="kohya / LyCORIS .safetensors (LoRA, LoHa, LoKr)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for unet/ and text_encoder/")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder for unet/, text_encoder/ and (SDXL) text_encoder_2/")
     p.add_argument("--model", default=None,
                    help="base model the file is for (diffusers folder, hub id or 'tiny'); default: the published "
-                        "SD 1.x / 2.x layout, picked from the file")
+                        "SD 1.x / 2.x / SDXL layout, picked from the file")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=cmd_import)
 

@@ -1,11 +1,12 @@
 """Export LoRA adapters as one diffusers ``pytorch_lora_weights.safetensors``.
 
 ``StableDiffusionPipeline.load_lora_weights(path)`` splits the file on the ``unet.`` / ``text_encoder.`` key prefixes
-and builds each part's ``LoraConfig``. Without further information it guesses ``lora_alpha = r`` (strength off
-whenever alpha != rank) and knows nothing of rsLoRA. diffusers therefore also reads a JSON object stored in the
-safetensors header under ``lora_adapter_metadata``: keys ``"<part>.<LoraConfig field>"``, passed straight to
-``LoraConfig(**fields)`` for that part. Writing the run's own r, lora_alpha, use_rslora, use_dora, rank/alpha
-patterns there makes the file load at exactly the trained strength, in one call, with the weights unchanged.
+(``StableDiffusionXLPipeline`` also on ``text_encoder_2.``) and builds each part's ``LoraConfig``. Without further
+information it guesses ``lora_alpha = r`` (strength off whenever alpha != rank) and knows nothing of rsLoRA.
+diffusers therefore also reads a JSON object stored in the safetensors header under ``lora_adapter_metadata``: keys
+``"<part>.<LoraConfig field>"``, passed straight to ``LoraConfig(**fields)`` for that part. Writing the run's own
+r, lora_alpha, use_rslora, use_dora, rank/alpha patterns there makes the file load at exactly the trained strength,
+in one call, with the weights unchanged.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def check_lora(adapter: Adapter) -> None:
 
 
 def module_key(part: str, module: str) -> str:
-    # the text encoder is written with its 'text_model.' root, the spelling every diffusers release understands
-    # (newer ones strip it again when transformers' CLIPTextModel is flattened)
+    # the text encoders are written with their 'text_model.' root, the spelling every diffusers release understands
+    # (newer ones strip it again when transformers' CLIPTextModel is flattened; SDXL's CLIPTextModelWithProjection
+    # keeps it)
     return module if part == "unet" else text_model_path(module)
 
 
@@ -52,7 +54,7 @@ def param_key(param: str, linear_layer_names: bool) -> str:
 
 
 def lora_state_dict(adapter: Adapter) -> dict:
-    linear_layer_names = adapter.part == "text_encoder" and te_uses_linear_layer_names(adapter)
+    linear_layer_names = adapter.part != "unet" and te_uses_linear_layer_names(adapter)
     return {
         f"{adapter.part}.{module_key(adapter.part, module)}.{param_key(param, linear_layer_names)}": tensor
         for module, params in adapter.modules.items()

@@ -1,8 +1,14 @@
 """kohya / LyCORIS single-file adapters (A1111, Forge, ComfyUI): export from PEFT, import into PEFT.
 
-Key layout: ``<name>.<parameter>`` where ``name`` is ``lora_unet_`` + the diffusers module path of the UNet with
-dots turned into underscores (SD 1.x / 2.x files use diffusers paths, not the SGM ``input_blocks`` ones), or
-``lora_te_`` + the CLIP path from ``text_model`` on (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``).
+Key layout: ``<name>.<parameter>`` where ``name`` is
+
+* SD 1.x / 2.x: ``lora_unet_`` + the diffusers module path of the UNet with dots turned into underscores (these
+  files use diffusers paths, not the SGM ``input_blocks`` ones), or ``lora_te_`` + the CLIP path from
+  ``text_model`` on (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``);
+* SDXL: ``lora_unet_`` + the module path in the original SGM UNet (``lora_unet_input_blocks_4_1_transformer_blocks_0_
+  attn1_to_q``, see :mod:`.sgm`), ``lora_te1_`` (text_encoder, CLIP ViT-L) and ``lora_te2_`` (text_encoder_2,
+  OpenCLIP bigG) + the CLIP path; header ``ss_base_model_version = sdxl_base_v1-0``, as sd-scripts writes them.
+  Import also accepts SDXL UNet modules under their diffusers paths (as diffusers' own kohya conversion writes).
 
 Parameters and strength, per algorithm (readers scale each update by ``alpha / dim``, where ``dim`` is the rank
 found in the tensors, and by 1 when no rank can be found or no alpha is stored):
@@ -30,10 +36,23 @@ from pathlib import Path
 import torch
 
 from ..config import UsageError
-from .base_models import BaseConfigs, adaptable_modules, builtin_configs, meta_model, model_configs
-from .common import PARAMS, PEFT_PREFIX, Adapter, RunFolder, examples, kohya_module_name, most_common
+from .base_models import SDXL_UNET, BaseConfigs, adaptable_modules, builtin_configs, meta_model, model_configs
+from .common import (
+    KOHYA_SDXL_TE_PREFIX,
+    KOHYA_TE_PREFIX,
+    PARAMS,
+    PEFT_PREFIX,
+    Adapter,
+    RunFolder,
+    examples,
+    kohya_module_name,
+    kohya_text_name,
+    most_common,
+)
+from .sgm import SGM_ROOTS, SgmNames
 
 NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
+SDXL_VERSION = "sdxl_base_v1-0"  # ss_base_model_version sd-scripts writes for SDXL 1.0 and its fine-tunes
 ALPHA = "alpha"
 LORA_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # PEFT -> kohya
 KOHYA_PARAMS = {  # kohya parameter -> (algorithm, PEFT parameter)
@@ -92,12 +111,13 @@ def lokr_module(adapter: Adapter, module: str, params: dict) -> dict:
 MODULE_EXPORTERS = {"lora": lora_module, "loha": loha_module, "lokr": lokr_module}
 
 
-def kohya_state_dict(adapters: dict[str, Adapter]) -> dict[str, torch.Tensor]:
-    """All adapters as one kohya / LyCORIS state dict (pure: works on meta tensors too, for checking names)."""
+def kohya_state_dict(adapters: dict[str, Adapter], sgm: SgmNames | None = None) -> dict[str, torch.Tensor]:
+    """All adapters as one kohya / LyCORIS state dict (pure: works on meta tensors too, for checking names).
+    `sgm`: the UNet's SGM names, for an SDXL model (see `kohya_module_name`)."""
     out = {}
     for part, adapter in adapters.items():
         for module, params in adapter.modules.items():
-            name = kohya_module_name(part, module)
+            name = kohya_module_name(part, module, sgm)
             for param, tensor in MODULE_EXPORTERS[adapter.kind](adapter, module, params).items():
                 out[f"{name}.{LORA_NAMES.get(param, param)}"] = tensor
     return out
@@ -123,7 +143,7 @@ def network_args(adapter: Adapter) -> dict:
     return args
 
 
-def kohya_metadata(run: RunFolder, output_name: str, version: dict) -> dict[str, str]:
+def kohya_metadata(run: RunFolder, output_name: str, base: RunBase) -> dict[str, str]:
     """The ss_* header fields A1111 / Forge / ComfyUI and model sites read from kohya files (strings only)."""
     unet = run.adapters["unet"]
     res = run.setting("data", "resolution")
@@ -131,15 +151,15 @@ def kohya_metadata(run: RunFolder, output_name: str, version: dict) -> dict[str,
         "ss_network_module": NETWORK_MODULE[unet.kind],
         "ss_network_dim": str(unet.config["r"]),
         "ss_network_alpha": f"{exported_alpha(unet):g}",
-        "ss_base_model_version": version["base"],
-        "ss_v2": str(version["base"] == "sd_v2"),
+        "ss_base_model_version": base.version,
+        "ss_v2": str(base.version == "sd_v2"),
         "ss_output_name": output_name,
         "ss_sd_model_name": str(run.base_model or ""),
         "ss_training_comment": "exported by peftbooth from PEFT adapters",
-        "ss_network_train_unet_only": str("text_encoder" not in run.adapters),
+        "ss_network_train_unet_only": str(set(run.adapters) == {"unet"}),
     }
-    if version.get("v_prediction") is not None:
-        meta["ss_v_parameterization"] = str(version["v_prediction"])
+    if base.v_prediction is not None:
+        meta["ss_v_parameterization"] = str(base.v_prediction)
     steps = run.setting("train", "max_train_steps")
     if steps is not None:
         meta["ss_training_steps"] = meta["ss_max_train_steps"] = str(steps)
@@ -164,7 +184,8 @@ def in_features(params: dict) -> int | None:
 
 
 def cross_attention_width(groups: dict[str, dict]) -> int | None:
-    """The text-embedding width the UNet's cross-attention takes (768: SD 1.x, 1024: SD 2.x), from attn2.to_k."""
+    """The text-embedding width the UNet's cross-attention takes (768: SD 1.x, 1024: SD 2.x, 2048: SDXL), from
+    attn2.to_k."""
     for name, params in groups.items():
         if name.replace(".", "_").endswith("attn2_to_k"):
             width = in_features(params)
@@ -173,27 +194,65 @@ def cross_attention_width(groups: dict[str, dict]) -> int | None:
     return None
 
 
-def run_base_version(run: RunFolder) -> dict:
-    """{'base': 'sd_v1' | 'sd_v2', 'v_prediction': bool | None} of the run's base model: from the local model
-    folder's configs when there is one, else from the adapter shapes."""
+@dataclass
+class RunBase:
+    """What the kohya export needs to know of a run's base model."""
+
+    version: str  # ss_base_model_version: 'sd_v1' | 'sd_v2' | SDXL_VERSION
+    v_prediction: bool | None  # None: unknown (no local model folder)
+    sgm: SgmNames | None = None  # SDXL: the UNet's SGM module names
+
+
+def sgm_names(unet_config: dict, source: str) -> SgmNames:
+    return SgmNames(meta_model("unet", BaseConfigs(unet_config, {}, source)), source)
+
+
+def looks_sdxl(run: RunFolder) -> bool:
+    """An SDXL run, judged from the adapters alone: a second text encoder, SDXL's 2048-wide cross-attention, the
+    pooled-text embedding layers only SDXL's UNet has, or a second transformer layer in a block (SD 1.x / 2.x have
+    one per block, SDXL 2 or 10)."""
+    modules = run.adapters["unet"].modules
+    return ("text_encoder_2" in run.adapters or cross_attention_width(modules) == 2048
+            or any(m.startswith("add_embedding.") or ".transformer_blocks.1." in m for m in modules))
+
+
+def run_base(run: RunFolder) -> RunBase:
+    """The run's base model: from the local model folder's configs when there is one, else from the adapters
+    (an SDXL run is then named by the published SDXL UNet layout)."""
+    from ..models import family_of
+
     model = run.base_model
     folder = Path(model) if model else None
     if folder is not None and (folder / "unet" / "config.json").is_file():
         unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
         sched = folder / "scheduler" / "scheduler_config.json"
         v_pred = json.loads(sched.read_text()).get("prediction_type") == "v_prediction" if sched.is_file() else None
-        return {"base": "sd_v2" if unet_cfg.get("cross_attention_dim") == 1024 else "sd_v1", "v_prediction": v_pred}
+        index = folder / "model_index.json"
+        sdxl = (family_of(json.loads(index.read_text())) == "sdxl" if index.is_file()
+                else (folder / "text_encoder_2" / "config.json").is_file())
+        if sdxl:
+            return RunBase(SDXL_VERSION, v_pred, sgm_names(unet_cfg, f"base model {model}"))
+        if "text_encoder_2" in run.adapters:
+            raise UsageError(f"RUN_DIR {run.path}: has a text_encoder_2 adapter (SDXL) but its base model {model} "
+                             "is SD 1.x / 2.x (no second text encoder)")
+        return RunBase("sd_v2" if unet_cfg.get("cross_attention_dim") == 1024 else "sd_v1", v_pred)
+    if looks_sdxl(run):
+        return RunBase(SDXL_VERSION, None, sgm_names(dict(SDXL_UNET), "the built-in SDXL config"))
     width = cross_attention_width(run.adapters["unet"].modules)
     is_v2 = width == 1024 or (width is None and model is not None and "stable-diffusion-2" in model)
-    return {"base": "sd_v2" if is_v2 else "sd_v1", "v_prediction": None}
+    return RunBase("sd_v2" if is_v2 else "sd_v1", None)
 
 
 def kohya_file(run: RunFolder, output_name: str) -> tuple[dict, dict[str, str]]:
-    return kohya_state_dict(run.adapters), kohya_metadata(run, output_name, run_base_version(run))
+    base = run_base(run)
+    return kohya_state_dict(run.adapters, base.sgm), kohya_metadata(run, output_name, base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # import
+
+
+KOHYA_PREFIXES = ("lora_unet_", *KOHYA_TE_PREFIX.values(), *KOHYA_SDXL_TE_PREFIX.values())
 
 
 def group_kohya_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -202,7 +261,7 @@ def group_kohya_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, 
     unknown = []
     for key, tensor in tensors.items():
         name, _, param = key.partition(".")
-        if name.startswith(("lora_unet_", "lora_te_")) and (param in KOHYA_PARAMS or param == ALPHA):
+        if name.startswith(KOHYA_PREFIXES) and (param in KOHYA_PARAMS or param == ALPHA):
             groups.setdefault(name, {})[param] = tensor
         else:
             unknown.append(key)
@@ -217,11 +276,9 @@ def group_kohya_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, 
 
 
 def unknown_key_hint(keys: list[str]) -> str:
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        return "an SDXL file (two text encoders), which peftbooth does not support"
     if any(k.endswith(".dora_scale") for k in keys):
         return "DoRA keys (dora_scale), which have no exact PEFT equivalent"
-    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "a diffusers-format file, not a kohya one; load it with load_lora_weights instead"
     return ("unknown key format (expected kohya / LyCORIS keys such as 'lora_unet_<module>.lora_down.weight', "
             "'.hada_w1_a' or '.lokr_w1' and '.alpha')")
@@ -234,14 +291,41 @@ def algorithm(name: str, params: dict, where: str) -> str:
     return kinds.pop()
 
 
-def guess_version(metadata: dict, groups: dict[str, dict]) -> str:
-    """'sd_v1' | 'sd_v2' for a file imported without --model: its header, else the cross-attention width."""
+def file_family(metadata: dict, groups: dict[str, dict], where: str) -> tuple[str | None, str]:
+    """('sdxl' | 'sd' | None, the evidence in words) of a kohya file: its text-encoder prefixes (lora_te1_/lora_te2_
+    are SDXL's, lora_te_ SD 1.x / 2.x's), else SGM UNet names (input_blocks... is how SDXL files name the UNet),
+    else the header's ss_base_model_version; None when nothing tells (a UNet-only file with diffusers names and no
+    header)."""
+    sdxl_te = sorted({p for p in KOHYA_SDXL_TE_PREFIX.values() for n in groups if n.startswith(p)})
+    sd_te = any(n.startswith(KOHYA_TE_PREFIX["text_encoder"]) for n in groups)
+    if sdxl_te and sd_te:
+        raise UsageError(f"{where}: mixes lora_te_ (SD 1.x / 2.x) and {'/'.join(sdxl_te)} (SDXL) text-encoder keys")
+    if sdxl_te:
+        return "sdxl", f"it has {'/'.join(sdxl_te)} keys"
+    if sd_te:
+        return "sd", "it has lora_te_ keys"
+    # root + '_': diffusers' time_embedding must not pass for SGM's time_embed
+    sgm = [n for n in groups if n.startswith(tuple(f"lora_unet_{root}_" for root in SGM_ROOTS))]
+    if sgm:
+        return "sdxl", f"its UNet modules have SDXL's input_blocks / middle_block / output_blocks names ({sgm[0]})"
     stated = str(metadata.get("ss_base_model_version", ""))
     if stated.startswith("sdxl"):
-        raise UsageError(f"the file is for {stated} (SDXL), which peftbooth does not support")
+        return "sdxl", f"its header says ss_base_model_version={stated}"
+    if stated.startswith(("sd_v1", "sd_v2")):
+        return "sd", f"its header says ss_base_model_version={stated}"
+    return None, ""
+
+
+def guess_version(metadata: dict, groups: dict[str, dict], family: str | None) -> str:
+    """'sd_v1' | 'sd_v2' | 'sdxl' for a file imported without --model: its family, else the header, else the
+    cross-attention width."""
+    width = cross_attention_width(groups)
+    if family == "sdxl" or (family is None and width == 2048):
+        return "sdxl"
+    stated = str(metadata.get("ss_base_model_version", ""))
     if stated.startswith(("sd_v1", "sd_v2")):
         return stated[:5]
-    return "sd_v2" if cross_attention_width(groups) == 1024 else "sd_v1"
+    return "sd_v2" if width == 1024 else "sd_v1"
 
 
 @dataclass
@@ -363,14 +447,34 @@ def w1_shape(params: dict) -> tuple[int, int]:
     return params["lokr_w1_a"].shape[0], params["lokr_w1_b"].shape[1]
 
 
+def module_names(part: str, model: torch.nn.Module, configs: BaseConfigs) -> dict[str, str]:
+    """kohya name -> module path of every adaptable layer of one part. An SDXL UNet answers to its SGM names (what
+    sd-scripts writes) and to its diffusers paths (what diffusers' own kohya conversion writes); the two sets of
+    names never overlap (input_blocks / down_blocks, ...)."""
+    paths = adaptable_modules(model)
+    if not configs.is_sdxl:
+        return {kohya_module_name(part, path): path for path in paths}
+    if part != "unet":
+        return {kohya_text_name(part, path, sdxl=True): path for path in paths}
+    sgm = SgmNames(model, configs.source)
+    names = {kohya_module_name("unet", path): path for path in paths}
+    names.update({"lora_unet_" + s.replace(".", "_"): path for s, path in sgm.sgm_paths(paths).items()})
+    return names
+
+
 def convert_part(part: str, groups: dict[str, dict], configs: BaseConfigs, metadata: dict, where: str):
     """(PEFT config, PEFT state dict) of one model part's kohya modules, checked against the base model."""
     model = meta_model(part, configs)
-    by_name = {kohya_module_name(part, path): path for path in adaptable_modules(model)}
+    by_name = module_names(part, model, configs)
     unresolved = [name for name in groups if name not in by_name]
     if unresolved:
         raise UsageError(f"{where}: {len(unresolved)} module name(s) match no layer of the {part} of {configs.source}: "
                          f"{examples(unresolved)}; is the file for another base model?")
+    seen = {}
+    for name in sorted(groups):
+        if by_name[name] in seen:
+            raise UsageError(f"{where}: {seen[by_name[name]]} and {name} are the same layer {by_name[name]}")
+        seen[by_name[name]] = name
     kinds = {name: algorithm(name, params, where) for name, params in groups.items()}
     if len(set(kinds.values())) > 1:
         raise UsageError(f"{where}: the {part} mixes {' and '.join(sorted(set(kinds.values())))} modules; "
@@ -400,13 +504,16 @@ def convert_part(part: str, groups: dict[str, dict], configs: BaseConfigs, metad
 
 
 def kohya_to_peft(tensors: dict, metadata: dict, model: str | None, where: str) -> dict:
-    """{'unet': (config, state dict), 'text_encoder': ...} of a kohya / LyCORIS file."""
+    """{'unet': (config, state dict), 'text_encoder': ..., 'text_encoder_2': ...} of a kohya / LyCORIS file."""
     groups = group_kohya_keys(tensors, where)
-    parts = {
-        "unet": {n: p for n, p in groups.items() if n.startswith("lora_unet_")},
-        "text_encoder": {n: p for n, p in groups.items() if n.startswith("lora_te_")},
-    }
-    if not parts["unet"]:
+    family, evidence = file_family(metadata, groups, where)
+    configs = model_configs(model) if model else builtin_configs(guess_version(metadata, groups, family))
+    if family is not None and (family == "sdxl") != configs.is_sdxl:
+        named = "an SDXL" if family == "sdxl" else "an SD 1.x / 2.x"
+        raise UsageError(f"{where}: is {named} adapter ({evidence}) but {configs.source} is {configs.family}; "
+                         f"pass --model with {named} base model")
+    if not any(n.startswith("lora_unet_") for n in groups):
         raise UsageError(f"{where}: holds no UNet weights (lora_unet_*); peftbooth adapters always adapt the UNet")
-    configs = model_configs(model) if model else builtin_configs(guess_version(metadata, groups))
+    prefixes = {"unet": "lora_unet_", **(KOHYA_SDXL_TE_PREFIX if configs.is_sdxl else KOHYA_TE_PREFIX)}
+    parts = {part: {n: p for n, p in groups.items() if n.startswith(prefix)} for part, prefix in prefixes.items()}
     return {part: convert_part(part, g, configs, metadata, where) for part, g in parts.items() if g}
