@@ -9,7 +9,9 @@ Modes (each measured in its own worker process, one after another, so peak memor
   plain      the naive algorithm of the widely used example scripts: VAE and text encoder every step, frozen
              weights kept in fp32 (autocast for mixed precision), no caching, no compile.
   peftbooth  peftbooth's real `setup` + `fit` with its defaults (latent and text-state caching, frozen weights
-             in the compute dtype); `peftbooth-compile` adds --compile when asked.
+             in the compute dtype, LoHa/LoKr through their factors); `peftbooth-compile` adds --compile when
+             asked; `peftbooth-peft-forward` (with --peft-forward) is peftbooth with PEFT's own LoHa/LoKr
+             forward (--no-factored-lycoris), to show what the factored forward is worth.
 Batch: 1 instance + 1 class image per step (prior preservation). One JSON line per (adapter, mode) with it_s,
 images_s (UNet samples per second: instance + class), peak_mb (CUDA max_memory_allocated, or peak RSS on CPU),
 speedup_vs_plain and efficiency_vs_floor.
@@ -112,6 +114,7 @@ def run_floor(args, cfg) -> float:
     import torch.nn.functional as F
 
     from peftbooth import adapters as ad
+    from peftbooth import factored
     from peftbooth.models import load_components
     from peftbooth.train import make_optimizer, weight_dtype_for
 
@@ -123,6 +126,8 @@ def run_floor(args, cfg) -> float:
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if cfg.train.factored_lycoris:  # the same adapter forward as the measured peftbooth run
+        factored.install(unet)
     if cfg.train.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
     unet.train()
@@ -216,10 +221,11 @@ def worker(args) -> None:
     root = Path(args.workdir)
     model, photos, classes = prepare(args.model, root)
     cfg = config(args, args.adapter, model, photos, classes, root / f"out-{args.adapter}-{args.mode}",
-                 compile=args.mode == "peftbooth-compile")
+                 compile=args.mode == "peftbooth-compile", factored_lycoris=args.mode != "peftbooth-peft-forward")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    fn = {"floor": run_floor, "plain": run_plain, "peftbooth": run_peftbooth, "peftbooth-compile": run_peftbooth}
+    fn = {"floor": run_floor, "plain": run_plain, "peftbooth": run_peftbooth, "peftbooth-compile": run_peftbooth,
+          "peftbooth-peft-forward": run_peftbooth}
     seconds = fn[args.mode](args, cfg)
     print(json.dumps({"adapter": args.adapter, "mode": args.mode, "it_s": args.steps / seconds,
                       "peak_mb": round(peak_mb(), 1)}), flush=True)
@@ -234,6 +240,8 @@ def main() -> None:
                    help="default: no on CPU, bf16 on GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure peftbooth with --compile")
+    p.add_argument("--peft-forward", action="store_true",
+                   help="also measure peftbooth with PEFT's own LoHa/LoKr forward (--no-factored-lycoris)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 20 tiny, 50 sd15)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2,
@@ -253,6 +261,7 @@ def main() -> None:
         return worker(args)
 
     modes = ["floor", "plain", "peftbooth"] + (["peftbooth-compile"] if args.compile else [])
+    modes += ["peftbooth-peft-forward"] if args.peft_forward else []
     workdir = tempfile.mkdtemp(prefix="peftbooth-bench-")
     common = ["--model", args.model, "--resolution", str(args.resolution), "--mixed-precision",
               args.mixed_precision, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir", workdir]

@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel
 
 from conftest import tiny_config
+from peftbooth import factored
 from peftbooth.models import load_components
 from peftbooth.train import fit, save, setup, training_step
 
@@ -59,13 +60,17 @@ def test_train_changes_only_adapters_and_reloads_exactly(tiny_model, photos, tmp
     run.unet.eval()
     x, t, ctx = unet_inputs()
     with torch.no_grad():
+        factored_out = run.unet(x, t, ctx).sample
+        factored.uninstall(run.unet)  # PEFT's own forward on both sides: the saved weights must match bitwise
         assert torch.equal(unet(x, t, ctx).sample, run.unet(x, t, ctx).sample)
+        torch.testing.assert_close(factored_out, run.unet(x, t, ctx).sample, rtol=1e-4, atol=1e-5)
         # and the adapter does something: the base model alone gives another output
         with unet.disable_adapter():
             assert not torch.allclose(unet(x, t, ctx).sample, run.unet(x, t, ctx).sample)
     if train_text_encoder:
         te = PeftModel.from_pretrained(fresh.text_encoder, out / "text_encoder").eval()
         run.text_encoder.eval()
+        factored.uninstall(run.text_encoder)
         ids = torch.randint(0, 512, (2, 77))
         with torch.no_grad():
             assert torch.equal(te(ids)[0], run.text_encoder(ids)[0])

@@ -123,6 +123,8 @@ class TrainArgs:
     train_text_encoder: bool = _f(False, "also train an adapter on the CLIP text encoder")
     cache_latents: bool = _f(True, "VAE-encode each image (and its flip) once instead of every step; off with random crops")
     cache_text_states: bool = _f(True, "encode each prompt once when the text encoder is frozen")
+    factored_lycoris: bool = _f(True, "LoHa/LoKr: apply each update through its factors instead of rebuilding the "
+                                "full delta weight every step (the same maths, a fraction of the compute)")
     compile: bool = _f(False, "torch.compile the UNet (falls back to eager with a warning where unavailable)")
     logging_steps: int = _f(10, "log loss and lr every N steps (a host sync each time)")
     checkpointing_steps: int = _f(0, "write a resumable checkpoint every N steps (0: only when interrupted)")

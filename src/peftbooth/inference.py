@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import factored
 from .config import UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -131,6 +132,7 @@ class AdapterPipeline:
                 raise UsageError(f"--adapter {folder}: {len(stray)} adapter weights do not match this base model, "
                                  f"e.g. {stray[0]}")
             self._peft[part].to(self.device, dtype=self.pipe.unet.dtype)
+            factored.install(self._peft[part])  # LoHa/LoKr through their factors where that is cheaper
         self.adapters[name] = set(folders)
         self.set_adapters({name: 1.0})
         return name

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import adapters as ad
+from . import factored
 from .cache import LatentCache, TextCache
 from .checkpoint import (
     CHECKPOINTS, TrainState, acquire_lock, check_compatible, data_fingerprint, load_checkpoint, release_lock, resolve_resume,
@@ -217,6 +218,9 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     if t.train_text_encoder:
         text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-", cfg.model.model)
                          for m in text_encoders]
+    if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
+        for model in (unet, *text_encoders):
+            factored.install(model)
     names = ["unet"] + (["text_encoder", "text_encoder_2"][: len(text_encoders)] if t.train_text_encoder else [])
     for name, model in zip(names, [unet, *text_encoders]):
         trainable, total = ad.count_parameters(model)
