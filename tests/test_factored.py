@@ -15,8 +15,8 @@ class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = torch.nn.Linear(256, 384)
-        self.conv = torch.nn.Conv2d(64, 96, 3, stride=2, padding=1)
-        self.pointwise = torch.nn.Conv2d(96, 128, 1)
+        self.conv = torch.nn.Conv2d(96, 128, 3, stride=2, padding=1)
+        self.pointwise = torch.nn.Conv2d(128, 512, 1)
 
     def forward(self, tokens, image):
         return self.proj(tokens), self.pointwise(self.conv(image))
@@ -55,7 +55,7 @@ def test_factored_forward_and_gradients_match_peft(case, monkeypatch):
     fast = copy.deepcopy(reference)
     assert factored.install(fast) == 3
     g = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(2, 5, 256, generator=g), torch.randn(2, 64, 9, 9, generator=g))
+    inputs = (torch.randn(2, 5, 256, generator=g), torch.randn(2, 96, 9, 9, generator=g))
     fallbacks = []
     real_fallback = factored._fallback
     monkeypatch.setattr(factored, "_fallback", lambda *a, **k: fallbacks.append(a[1]) or real_fallback(*a, **k))
@@ -79,7 +79,13 @@ def test_small_layers_and_rank_dropout_keep_peft_forward(monkeypatch):
     calls = []
     monkeypatch.setattr(factored, "_fallback", lambda *a, **k: calls.append(a[1]) or torch.zeros(1))
     model(torch.randn(1, 8))
-    assert calls == ["default"]  # 16 * (8 + 8) >= 8 * 8: the full weight is the cheaper way
+    assert calls == ["default"]  # a layer this small keeps PEFT's forward
+
+    narrow = get_peft_model(torch.nn.Sequential(torch.nn.Linear(256, 512)), LoHaConfig(r=16, target_modules=["0"]))
+    factored.install(narrow)
+    calls.clear()
+    narrow(torch.randn(1, 256))
+    assert calls == ["default"]  # r² = 256: 256 * (256 + 512) >= 256 * 512, the full weight is the cheaper way
 
     wide = get_peft_model(torch.nn.Sequential(torch.nn.Linear(256, 256)),
                           LoHaConfig(r=4, rank_dropout=0.5, target_modules=["0"]))
