@@ -41,6 +41,16 @@ def tiny_vpred_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state whose mixed precision cannot change: reset it around a bf16 test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def draw_photos(folder: Path, n: int = 3, size=(48, 40)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

@@ -94,6 +94,11 @@ def _copy_finished_run(tmp, finished):
 BAD_INPUTS = {
     "vae-missing": (
         None, ["--vae", "{tmp}/novae"], ["--vae {tmp}/novae: no such folder; pass an AutoencoderKL folder or hub id"]),
+    "vae-is-a-file": (
+        None, ["--vae", "{photos}/photo_0.png"], ["--vae {photos}/photo_0.png: is a file; pass a diffusers AutoencoderKL folder"]),
+    "vae-is-another-model": (
+        lambda tmp, m, f: shutil.copytree(Path(m) / "unet", tmp / "notvae"), ["--vae", "{tmp}/notvae"],
+        ["--vae {tmp}/notvae: could not load an AutoencoderKL ("]),
     "instance-dir-missing": (
         None, ["--instance-data-dir", "{tmp}/nope"], ["--instance-data-dir {tmp}/nope: no such folder"]),
     "instance-dir-empty": (

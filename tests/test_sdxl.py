@@ -178,16 +178,6 @@ def test_sdxl_caching_does_not_change_training(sdxl_model, sized_photos, tmp_pat
         torch.testing.assert_close(p, params[1][name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state whose mixed precision cannot change: reset it around a bf16 test."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_sdxl_vae_runs_in_fp32_unless_replaced(sdxl_model, photos, tmp_path, fresh_accelerator_state):
     fixed_vae = tmp_path / "fixed-vae"
     vae = load_components(sdxl_model).vae
@@ -218,11 +208,14 @@ def test_sdxl_generate_cli_and_adapter_on_the_wrong_family(sdxl_model, tiny_mode
     assert "has text_encoder_2/, which this base model does not have" in capsys.readouterr().err
 
 
-def test_sdxl_resume_with_both_text_encoders_is_bitwise_identical(sdxl_model, sized_photos, tmp_path):
-    """A checkpoint holds all three adapters; stopping and resuming trains exactly what one run trains."""
+def test_sdxl_resume_with_both_text_encoders_is_bitwise_identical(sdxl_model, sized_photos, tmp_path, monkeypatch):
+    """A checkpoint holds all three adapters; stopping (SIGTERM) and resuming trains exactly what one run trains."""
+    import signal
+
     from safetensors.torch import load_file
 
-    from peftbooth.train import train
+    from peftbooth.train import TrainingInterrupted, train
+    from test_resume import signal_at_step
 
     def tensors(out):
         return {f"{p}/{k}": v for p in ("unet", "text_encoder", "text_encoder_2")
@@ -232,15 +225,46 @@ def test_sdxl_resume_with_both_text_encoders_is_bitwise_identical(sdxl_model, si
                 "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",
                 "data.num_class_images": 2, "data.class_data_dir": str(tmp_path / "class"), "train.seed": 3}
     reference = tensors(train(sdxl_config(sdxl_model, sized_photos, tmp_path / "ref", **settings)))
-    first = sdxl_config(sdxl_model, sized_photos, tmp_path / "run", **{**settings, "train.max_train_steps": 2,
-                                                                         "train.checkpointing_steps": 2})
-    train(first)
-    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000002"
+    out = tmp_path / "run"
+    signal_at_step(monkeypatch, 2, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        train(sdxl_config(sdxl_model, sized_photos, out, **settings))
+    checkpoint = out / "checkpoints" / "checkpoint-000002"
     assert {p.name for p in checkpoint.iterdir()} >= {"unet", "text_encoder", "text_encoder_2"}
-    # the second half: the same run to 4 steps, resumed from step 2's checkpoint
-    resumed = train(sdxl_config(sdxl_model, sized_photos, tmp_path / "run2", **{
-        **settings, "train.resume": str(checkpoint), "train.resume_force": True}))
-    got = tensors(resumed)
+    monkeypatch.undo()
+    got = tensors(train(sdxl_config(sdxl_model, sized_photos, out, **settings, **{"train.resume": "latest"})))
     assert got.keys() == reference.keys()
     for k in got:
         assert torch.equal(got[k], reference[k]), k
+
+
+def test_every_sdxl_text_encoder_adapter_weight_gets_a_gradient(sdxl_model, photos, tmp_path):
+    """SDXL reads the first text encoder's penultimate layer: its last layer gets no adapter (it could never be
+    trained, and under DistributedDataParallel weights without gradients stall the gradient exchange)."""
+    run = setup(sdxl_config(sdxl_model, photos, tmp_path / "out", **{"train.train_text_encoder": True}))
+    last = run.components.text_encoder.config.num_hidden_layers - 1
+    te1 = [n for n, p in run.text_encoder.named_parameters() if p.requires_grad]
+    assert te1 and not [n for n in te1 if f"layers.{last}." in n]
+    assert any(f"layers.{last}." in n for n, p in run.text_encoder_2.named_parameters() if p.requires_grad)
+    loss = training_step(run, next(iter(run.dataloader)))[0]
+    loss.backward()
+    missing = [n for name, m in run.trained().items() for n, p in m.named_parameters()
+               if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_fp32_vae_stays_fp32_inside_autocast(sdxl_model):
+    """Validation and the proxies sample under the training autocast: an fp32 (SDXL) VAE must still run in fp32."""
+    from peftbooth.models import vae_in_own_dtype
+
+    vae = load_components(sdxl_model).vae
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = vae.decode(latents).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert vae.decode(latents).sample.dtype == torch.bfloat16  # what autocast alone would do
+            with vae_in_own_dtype(vae):
+                inside = vae.decode(latents.bfloat16()).sample
+    assert inside.dtype == torch.float32 and torch.equal(inside, vae.decode(latents.bfloat16().float()).sample)
+    torch.testing.assert_close(inside, reference, rtol=0.05, atol=0.02)  # only the bf16 input rounding differs
+    assert "decode" not in vae.__dict__  # the wrapper is gone afterwards

@@ -26,37 +26,40 @@ def target_modules(spec: str, presets: dict[str, list[str]]) -> list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def peft_config(a: AdapterArgs, targets: list[str]):
-    """Build the PEFT config of a resolved AdapterArgs (no None fields)."""
+def peft_config(a: AdapterArgs, targets: list[str], layers: list[int] | None = None):
+    """Build the PEFT config of a resolved AdapterArgs (no None fields); `layers` limits a CLIP text encoder's
+    adapter to those encoder layers."""
+    only = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
     if a.adapter == "lora":
         cfg = LoraConfig(
             r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
-            use_dora=a.use_dora, use_rslora=a.use_rslora, init_lora_weights=True,
+            use_dora=a.use_dora, use_rslora=a.use_rslora, init_lora_weights=True, **only,
         )
     elif a.adapter == "loha":
         cfg = LoHaConfig(
             r=a.rank, alpha=a.alpha, rank_dropout=a.dropout, module_dropout=a.module_dropout,
-            target_modules=targets, use_effective_conv2d=a.use_effective_conv2d, init_weights=True,
+            target_modules=targets, use_effective_conv2d=a.use_effective_conv2d, init_weights=True, **only,
         )
     elif a.adapter == "lokr":
         cfg = LoKrConfig(
             r=a.rank, alpha=a.alpha, rank_dropout=a.dropout, module_dropout=a.module_dropout,
             target_modules=targets, use_effective_conv2d=a.use_effective_conv2d,
-            decompose_both=a.decompose_both, decompose_factor=a.decompose_factor, init_weights=True,
+            decompose_both=a.decompose_both, decompose_factor=a.decompose_factor, init_weights=True, **only,
         )
     else:
         raise UsageError(f"--adapter must be one of lora, loha, lokr (got {a.adapter!r})")
     return cfg
 
 
-def attach(model: torch.nn.Module, a: AdapterArgs, presets: dict, flag_prefix: str, base_model: str | None = None) -> PeftModel:
-    """Wrap `model` in a PeftModel with one trainable adapter named 'default'.
+def attach(model: torch.nn.Module, a: AdapterArgs, presets: dict, flag_prefix: str, base_model: str | None = None,
+           layers: list[int] | None = None) -> PeftModel:
+    """Wrap `model` in a PeftModel with one trainable adapter named 'default' (on `layers` only, if given).
 
     PEFT replaces the targeted layers in place, so `model` itself now runs with the adapter; the PeftModel is the
     handle for saving and for counting parameters.
     """
     targets = check_targets(model, a.target_modules, presets, flag_prefix)
-    peft_model = get_peft_model(model, peft_config(a, targets))
+    peft_model = get_peft_model(model, peft_config(a, targets, layers))
     # recorded in adapter_config.json; PEFT cannot read it off a diffusers model itself
     peft_model.peft_config["default"].base_model_name_or_path = base_model
     return peft_model

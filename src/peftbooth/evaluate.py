@@ -598,7 +598,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
     """
     from .data import load_image
-    from .models import added_conditioning
+    from .models import added_conditioning, vae_in_own_dtype
     from .validation import eval_mode, on_device, untouched_rng
 
     cfg, acc, c = run.cfg, run.accelerator, run.components
@@ -613,7 +613,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     result = {"timesteps": timesteps, "noise_seed": seed, "with_prior_preservation": d.with_prior_preservation,
               "latents": "VAE posterior mean", "class": None, "class_note": None}
     with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, *run.text_encoders, c.vae), \
-            on_device(device, c.vae, *c.text_encoders), acc.autocast():
+            on_device(device, c.vae, *c.text_encoders), acc.autocast(), vae_in_own_dtype(c.vae):
         groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
             groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))

@@ -14,7 +14,8 @@ much compute as the layer it adapts. Both updates have structure that makes this
 
 Both are the same linear map as PEFT's, so results agree to floating-point rounding and the saved adapters are
 PEFT's own parameters, untouched (only ``_get_delta_activations`` of each layer instance is replaced). Each call
-compares the multiply-adds of both ways for the actual input and takes the cheaper; small layers (below
+compares the multiply-adds of both ways and takes the cheaper (per position for LoHa, where both scale alike;
+for the actual input for LoKr, whose full way also pays for building the weight); small layers (below
 MIN_WEIGHT weights) and anything unusual (rank dropout while training, the Tucker/effective-conv form, grouped
 convolutions) go to PEFT's own code.
 """
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 ORIGINAL = "_peftbooth_original_delta"
 # Below this many weights (out x in x k x k) a layer keeps PEFT's forward: on small layers the extra reshapes and
 # thin products cost more time than the multiply-adds they save (measured: the tiny test model's 32/64-channel
-# LoKr layers trained 13 % slower factored; SD 1.5's smallest adapted layers, 320 x 320, run 1.4-1.5x faster).
+# LoKr layers trained 17 % slower factored; SD 1.5's smallest adapted layers, 320 x 320, run 1.4-1.5x faster).
 MIN_WEIGHT = 256 * 256
 
 

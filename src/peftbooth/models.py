@@ -6,6 +6,7 @@ so the tiny model (written as a normal diffusers folder) exercises exactly the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,9 +110,41 @@ def looks_like_path(name: str) -> bool:
 
 
 def check_vae_arg(vae: str | None) -> None:
-    """--vae: a missing local folder is refused before anything is loaded."""
+    """--vae: a missing local folder, or a file, is refused before anything is loaded."""
+    if vae and os.path.isfile(vae):
+        raise UsageError(f"--vae {vae}: is a file; pass a diffusers AutoencoderKL folder (config.json + "
+                         "diffusion_pytorch_model.safetensors) or hub id")
     if vae and not os.path.exists(vae) and looks_like_path(vae):
         raise UsageError(f"--vae {vae}: no such folder; pass an AutoencoderKL folder or hub id")
+
+
+@contextlib.contextmanager
+def vae_in_own_dtype(vae: torch.nn.Module):
+    """Run an fp32 VAE's encode/decode in fp32 even inside an autocast region.
+
+    Validation and the proxies run under the training autocast (the UNet needs it), which would run an fp32
+    VAE's convolutions in fp16 anyway; SDXL's own VAE overflows to NaN there. Calls made inside the block, the
+    pipeline's included, go through these wrappers; the VAE is left as it was afterwards.
+    """
+    dtype = next(vae.parameters()).dtype
+    if dtype != torch.float32:  # a half-precision VAE runs as autocast would run it anyway
+        yield vae
+        return
+    originals = {name: getattr(vae, name) for name in ("encode", "decode")}
+
+    def wrap(fn):
+        def call(x, *args, **kwargs):
+            with torch.autocast(x.device.type, enabled=False):
+                return fn(x.to(dtype), *args, **kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(vae, name, wrap(fn))
+    try:
+        yield vae
+    finally:
+        for name in originals:
+            delattr(vae, name)  # the class's methods show through again
 
 
 def check_model_folder(path: str) -> None:
@@ -198,9 +231,9 @@ def load_vae(vae: str):
     subfolder = "vae" if (Path(vae) / "vae" / "config.json").is_file() else None
     try:
         return AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=True)
-    except OSError as e:
+    except (OSError, ValueError, TypeError) as e:  # missing files, or the config of another kind of model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--vae {vae}: could not load ({first})") from e
+        raise UsageError(f"--vae {vae}: could not load an AutoencoderKL ({first[:200]})") from e
 
 
 def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None,

@@ -216,8 +216,9 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     # --text-encoder-* settings, saved as text_encoder/ and text_encoder_2/
     text_encoders = list(components.text_encoders)
     if t.train_text_encoder:
-        text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-", cfg.model.model)
-                         for m in text_encoders]
+        text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-", cfg.model.model,
+                                   layers=used_text_layers(components, i))
+                         for i, m in enumerate(text_encoders)]
     if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
         for model in (unet, *text_encoders):
             factored.install(model)
@@ -288,6 +289,18 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         run.state = load_checkpoint(run, checkpoint)
         accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
     return run
+
+
+def used_text_layers(components: Components, index: int) -> list[int] | None:
+    """Encoder layers of text encoder `index` whose output reaches the UNet; None: all of them.
+
+    SDXL conditions on the penultimate hidden states, and takes the pooled embedding from the second encoder
+    only: the first encoder's last layer never affects the loss. An adapter there would be saved untrained, and
+    under DistributedDataParallel its missing gradients stall the gradient exchange.
+    """
+    if not components.is_sdxl or index != 0:
+        return None
+    return list(range(components.text_encoder.config.num_hidden_layers - 1))
 
 
 def upcast_vae(cfg: TrainConfig, components: Components) -> bool:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .models import vae_in_own_dtype
+
 VALIDATION_DIR = "validation"
 # Read at call time, so a test (or a caller without the arguments, like fit) can change them in one place.
 DEFAULT_INFERENCE_STEPS = 25  # DPM-Solver++: close to converged for SD 1.x / 2.x
@@ -204,7 +206,7 @@ def run_validation(run, step: int, num_inference_steps: int | None = None,
     # the base modules: they hold the text-encoder adapter layers when those are trained
     text_encoders = c.text_encoders
     with torch.no_grad(), untouched_rng(acc.device), eval_mode(run.unet, *run.text_encoders, c.vae), \
-            on_device(acc.device, c.vae, *text_encoders), acc.autocast():
+            on_device(acc.device, c.vae, *text_encoders), acc.autocast(), vae_in_own_dtype(c.vae):
         pipe = in_memory_pipeline(c)
         rows = sample(pipe, prompts, image_seeds(t.seed, t.num_validation_images), run.cfg.data.resolution,
                       num_inference_steps or DEFAULT_INFERENCE_STEPS,
