@@ -43,3 +43,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, 
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
             changed += int(a[k].abs().sum() > 0)
         assert changed  # trained, not both still at their zero init
+
+
+def test_two_processes_train_sdxl_with_both_text_encoders(tmp_path):
+    """SDXL under DistributedDataParallel with adapters on both text encoders: every adapter weight gets a gradient
+    (an unused one would stall the gradient exchange), both ranks end identical, all three adapters are saved."""
+    from peftbooth.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "sdxl", shape="tiny-sdxl")
+    photos = draw_photos(tmp_path / "photos", n=2)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    cmd = argv(str(model), photos, tmp_path / "two", tmp_path / "class", ["--num-processes", "2"])
+    cmd[cmd.index("--resolution") + 1] = "64"
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "adapter weights identical on all 2 processes" in run.stdout
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert (tmp_path / "two" / part / "adapter_model.safetensors").is_file()
