@@ -66,7 +66,8 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
         "",
         "```bash",
         # the folder's name, not its local path: the card is uploaded by `push`
-        f'peftbooth generate --model {cfg.model.model} --adapter {run_dir.name} --prompt "{d.instance_prompt}"',
+        f'peftbooth generate --model {cfg.model.model} --adapter {run_dir.name} --prompt "{d.instance_prompt}"'
+        + (f" --vae {cfg.model.vae}" if cfg.model.vae else ""),
         f"peftbooth export {run_dir.name} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge",
         "```",
         "",

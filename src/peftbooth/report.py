@@ -316,15 +316,19 @@ def usage_section(run_dir: Path, cfg: dict) -> str:
     run = str(run_dir.resolve())
     te = (run_dir / "text_encoder").is_dir()
     te2 = (run_dir / "text_encoder_2").is_dir()
+    vae = (cfg.get("model") or {}).get("vae")  # the replacement VAE the run trained with, if any
     code = (
-        f'peftbooth generate --model {model} --adapter {run} \\\n    --prompt "{prompt}" --output-dir samples/\n\n'
+        f'peftbooth generate --model {model} --adapter {run} \\\n    --prompt "{prompt}" --output-dir samples/'
+        + (f" --vae {vae}" if vae else "") + "\n\n"
         "# Python\nfrom peftbooth import AdapterPipeline\n"
-        f'pipe = AdapterPipeline("{model}")\npipe.load_adapter("{run}", "subject")\n'
+        f'pipe = AdapterPipeline("{model}"' + (f', vae="{vae}"' if vae else "") + ')\n'
+        f'pipe.load_adapter("{run}", "subject")\n'
         f'images = pipe.generate("{prompt}", num_images=4, seed=0)\n\n'
-        "# plain PEFT on diffusers components\nfrom peft import PeftModel\n"
-        f'unet = PeftModel.from_pretrained(pipe.unet, "{run}/unet")'
-        + (f'\ntext_encoder = PeftModel.from_pretrained(pipe.text_encoder, "{run}/text_encoder")' if te else "")
-        + (f'\ntext_encoder_2 = PeftModel.from_pretrained(pipe.text_encoder_2, "{run}/text_encoder_2")' if te2 else "")
+        "# plain PEFT on the components of a diffusers pipeline `sd` of the same base model\n"
+        "from peft import PeftModel\n"
+        f'unet = PeftModel.from_pretrained(sd.unet, "{run}/unet")'
+        + (f'\ntext_encoder = PeftModel.from_pretrained(sd.text_encoder, "{run}/text_encoder")' if te else "")
+        + (f'\ntext_encoder_2 = PeftModel.from_pretrained(sd.text_encoder_2, "{run}/text_encoder_2")' if te2 else "")
     )
     return section("Use the adapter", f"<pre>{esc(code)}</pre>", "use")
 
