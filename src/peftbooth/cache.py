@@ -19,7 +19,7 @@ class LatentCache:
     def __init__(self, keys: list[tuple], mean: torch.Tensor, std: torch.Tensor, time_ids: torch.Tensor):
         self.index = {key: i for i, key in enumerate(keys)}
         self.mean, self.std = mean, std  # (K, 4, H/f, W/f) each, on the training device
-        self.time_ids = time_ids  # (K, 6): the crop that made these latents (SDXL micro-conditioning)
+        self.time_ids = time_ids  # (K, 6) on the CPU: the crop that made these latents (SDXL micro-conditioning)
 
     @classmethod
     @torch.no_grad()
@@ -34,12 +34,16 @@ class LatentCache:
             means.append(dist.mean.to(dtype))
             stds.append(dist.std.to(dtype))
             time_ids += ids
-        return cls(keys, torch.cat(means), torch.cat(stds), torch.stack(time_ids).to(device))
+        return cls(keys, torch.cat(means), torch.cat(stds), torch.stack(time_ids))
 
-    def posterior(self, keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, std), each (N, 4, H/f, W/f), and time ids (N, 6) of the images named by `keys`."""
+    def posterior(self, keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (N, 4, H/f, W/f), of the images named by `keys`."""
         idx = torch.tensor([self.index[k] for k in keys], device=self.mean.device)
-        return self.mean[idx], self.std[idx], self.time_ids[idx]
+        return self.mean[idx], self.std[idx]
+
+    def crop_time_ids(self, keys: list[tuple]) -> torch.Tensor:
+        """(N, 6) SDXL time ids of the images named by `keys` (CPU; asked for by SDXL steps only)."""
+        return self.time_ids[[self.index[k] for k in keys]]
 
     def __len__(self) -> int:
         return len(self.index)

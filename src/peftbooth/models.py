@@ -79,10 +79,11 @@ def encode_text(text_encoders: list, input_ids: list[torch.Tensor]) -> tuple[tor
 
 
 def added_conditioning(pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
-    """The UNet's `added_cond_kwargs`: SDXL's pooled text embedding (N, P) and time ids (N, 6); None otherwise."""
+    """The UNet's `added_cond_kwargs`: SDXL's pooled text embedding (N, P) and time ids (N, 6, moved beside the
+    pooled embedding); None otherwise."""
     if pooled is None:
         return None
-    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
 
 
 def cache_dir() -> Path:

@@ -353,14 +353,13 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     """Loss of one (micro-)batch: encode, noise, predict, compare with the target. Returns (loss, inst, prior)."""
     c, device = run.components, run.accelerator.device
     if run.latent_cache is not None:
-        mean, std, time_ids = run.latent_cache.posterior(batch["keys"])
+        mean, std = run.latent_cache.posterior(batch["keys"])
     else:
         vae_dtype = next(c.vae.parameters()).dtype  # fp32 for SDXL's own VAE (see upcast_vae)
         pixel_values = batch["pixel_values"].to(device, dtype=vae_dtype, non_blocking=True)  # (N, 3, H, W)
         with torch.no_grad():
             posterior = c.vae.encode(pixel_values).latent_dist
         mean, std = posterior.mean.to(run.weight_dtype), posterior.std.to(run.weight_dtype)
-        time_ids = batch["time_ids"].to(device)  # (N, 6) SDXL micro-conditioning of each row's crop
     # Per-row randomness from per-row seeds (see DreamBoothDataset): the same row gets the same latent sample,
     # noise and timestep in any batch, on any process, before or after a resume.
     rows = [torch.Generator(device).manual_seed(s) for s in batch["seeds"]]
@@ -381,7 +380,12 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     else:
         with torch.set_grad_enabled(run.cfg.train.train_text_encoder):
             context, pooled = encode_text(run.text_encoders, [ids.to(device) for ids in batch["input_ids"]])
-    pred = run.unet(noisy_latents, timesteps, context, added_cond_kwargs=added_conditioning(pooled, time_ids)).sample
+    added = None
+    if c.is_sdxl:  # (N, 6) micro-conditioning of each row's crop, kept beside its latents in the cache or batch
+        cache = run.latent_cache
+        time_ids = cache.crop_time_ids(batch["keys"]) if cache is not None else batch["time_ids"]
+        added = added_conditioning(pooled, time_ids)
+    pred = run.unet(noisy_latents, timesteps, context, added_cond_kwargs=added).sample
     target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
     weights = None
     if tr.snr_gamma is not None:
