@@ -84,3 +84,19 @@ def tiny_config(model: str, photos: Path, output_dir: Path, **overrides):
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def modules_diffusers_reads(converted: dict, parts) -> dict[str, set[str]]:
+    """Per part, the PEFT module names that diffusers' kohya reader lands the converted keys on (the text
+    encoders' `text_model.` level dropped, as transformers 5 lays them out)."""
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft,
+    )
+
+    found = {}
+    for part in parts:
+        sd = {k[len(part) + 1:]: v for k, v in converted.items() if k.startswith(part + ".")}
+        sd = convert_unet_state_dict_to_peft(sd) if part == "unet" else \
+            convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+        found[part] = {k.rsplit(".lora_", 1)[0].removeprefix("text_model.") for k in sd}
+    return found

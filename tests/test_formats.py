@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_photos, tiny_config
+from conftest import draw_photos, modules_diffusers_reads, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -449,11 +449,6 @@ SD15_LYCORIS_NAMES = {
 
 def test_sd15_lora_names_match_kohya_and_diffusers_converter():
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
 
     from peftbooth.formats.kohya import kohya_state_dict
 
@@ -468,13 +463,7 @@ def test_sd15_lora_names_match_kohya_and_diffusers_converter():
     # diffusers' own kohya reader must map every name back to exactly the module PEFT adapted
     fake = {k: torch.zeros(1) if k.endswith(".alpha") else torch.empty(0) for k in exported}
     converted, _ = _convert_non_diffusers_lora_to_diffusers(fake)
-    unet = convert_unet_state_dict_to_peft({k[5:]: v for k, v in converted.items() if k.startswith("unet.")})
-    te = {k[len("text_encoder."):]: v for k, v in converted.items() if k.startswith("text_encoder.")}
-    te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))
-    back = {
-        "unet": {k.rsplit(".lora_", 1)[0] for k in unet},
-        "text_encoder": {k.rsplit(".lora_", 1)[0].removeprefix("text_model.") for k in te},
-    }
+    back = modules_diffusers_reads(converted, ("unet", "text_encoder"))
     for part, adapter in adapters.items():
         assert back[part] == set(adapter.modules), part
 

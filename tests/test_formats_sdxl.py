@@ -441,12 +441,8 @@ def test_sdxl_lora_names_match_sd_scripts_and_diffusers_converter():
         _convert_non_diffusers_lora_to_diffusers,
         _maybe_map_sgm_blocks_to_diffusers,
     )
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
 
+    from conftest import modules_diffusers_reads
     from peftbooth.formats.base_models import builtin_configs, meta_model
     from peftbooth.formats.kohya import kohya_state_dict
 
@@ -462,14 +458,7 @@ def test_sdxl_lora_names_match_sd_scripts_and_diffusers_converter():
     unet_config = meta_model("unet", builtin_configs("sdxl")).config
     fake = {k: torch.zeros(1) if k.endswith(".alpha") else torch.empty(0) for k in exported}
     converted, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(fake, unet_config))
-    back = {}
-    for part in PARTS:
-        sd = {k[len(part) + 1:]: v for k, v in converted.items() if k.startswith(part + ".")}
-        if part == "unet":
-            sd = convert_unet_state_dict_to_peft(sd)
-        else:
-            sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
-        back[part] = {k.rsplit(".lora_", 1)[0] for k in sd}
+    back = modules_diffusers_reads(converted, PARTS)
     assert back["unet"] == set(adapters["unet"].modules)
     for part in TEXT_PARTS:
         assert {m.removeprefix("text_model.") for m in back[part]} == \

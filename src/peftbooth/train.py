@@ -222,10 +222,6 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
         for model in (unet, *text_encoders):
             factored.install(model)
-    names = ["unet"] + (["text_encoder", "text_encoder_2"][: len(text_encoders)] if t.train_text_encoder else [])
-    for name, model in zip(names, [unet, *text_encoders]):
-        trainable, total = ad.count_parameters(model)
-        accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     # Frozen weights in the compute dtype, adapter weights in fp32: the optimizer sees exact fp32 parameters
     # and gradients while the big frozen matmuls run in half precision.
@@ -285,6 +281,9 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, weight_dtype,
               out, sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
               text_encoders[1] if len(text_encoders) > 1 else None)
+    for name, model in run.trained().items():
+        trainable, total = ad.count_parameters(model)
+        accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     if checkpoint is not None:
         run.state = load_checkpoint(run, checkpoint)
         accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
