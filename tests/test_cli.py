@@ -149,6 +149,10 @@ BAD_INPUTS = {
         ["--model {tmp}/no-unet: not a diffusers Stable Diffusion folder (missing unet/)"]),
     "model-no-such-path": (
         None, ["--model", "{tmp}/no-model-here"], ["--model {tmp}/no-model-here: no such folder"]),
+    "compile-mode-without-compile": (
+        None, ["--compile-mode", "reduce-overhead"], ["--compile-mode reduce-overhead needs --compile"]),
+    "unknown-compile-mode": (
+        None, ["--compile", "--compile-mode", "fast"], ["argument --compile-mode: invalid choice: 'fast'"]),
     "output-dir-is-a-file": (
         None, ["--output-dir", "{photos}/photo_0.png"], ["--output-dir {photos}/photo_0.png: is a file"]),
     "output-dir-holds-finished-run": (

@@ -107,6 +107,8 @@ def test_uninstall_restores_peft_forward():
     layer = model.base_model.model.proj
     assert not hasattr(layer, factored.ORIGINAL)
     assert layer._get_delta_activations.__func__ is type(layer)._get_delta_activations
+    assert layer.forward.__func__ is type(layer).forward
+    assert not hasattr(layer, factored.ORIGINAL_FORWARD)
 
 
 def count_paths(model, monkeypatch):

@@ -16,6 +16,7 @@ UNET_PRESETS = ("attn", "attn-ff", "all")
 TEXT_ENCODER_PRESETS = ("attn", "attn-mlp")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's own
 
 
 class UsageError(Exception):
@@ -126,6 +127,10 @@ class TrainArgs:
     factored_lycoris: bool = _f(True, "LoHa/LoKr: apply each update through its factors instead of rebuilding the "
                                 "full delta weight every step (the same maths, a fraction of the compute)")
     compile: bool = _f(False, "torch.compile the UNet (falls back to eager with a warning where unavailable)")
+    compile_mode: str = _f("default", "torch.compile mode with --compile: reduce-overhead and max-autotune also "
+                           "replay the step as CUDA graphs (GPU only)", choices=COMPILE_MODES)
+    channels_last: bool = _f(False, "keep the UNet's convolution weights and input in channels-last (NHWC) layout; "
+                             "off by default until measured on a GPU (see BENCHMARKS.md)")
     logging_steps: int = _f(10, "log loss and lr every N steps (a host sync each time)")
     checkpointing_steps: int = _f(0, "write a resumable checkpoint every N steps (0: only when interrupted)")
     checkpoints_total_limit: int = _f(0, "keep only the newest K checkpoints (0: keep all)")
@@ -226,6 +231,8 @@ class TrainConfig:
             problems.append(f"--snr-gamma must be > 0 (got {t.snr_gamma})")
         if t.noise_offset < 0:
             problems.append(f"--noise-offset must be >= 0 (got {t.noise_offset})")
+        if t.compile_mode != "default" and not t.compile:
+            problems.append(f"--compile-mode {t.compile_mode} needs --compile")
         if t.max_grad_norm < 0:
             problems.append(f"--max-grad-norm must be >= 0 (got {t.max_grad_norm})")
         for prefix, adapter, presets in [

@@ -13,7 +13,8 @@ much compute as the layer it adapts. Both updates have structure that makes this
   with the small W₁.
 
 Both are the same linear map as PEFT's, so results agree to floating-point rounding and the saved adapters are
-PEFT's own parameters, untouched (only ``_get_delta_activations`` of each layer instance is replaced). Each call
+PEFT's own parameters, untouched (only ``_get_delta_activations`` and ``forward`` of each layer instance are
+replaced). Each call
 compares the multiply-adds of both ways and takes the cheaper (per position for LoHa, where both scale alike;
 for the actual input for LoKr, whose full way also pays for building the weight); small layers (below
 MIN_WEIGHT weights) and anything unusual (rank dropout while training, the Tucker/effective-conv form, grouped
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 ORIGINAL = "_peftbooth_original_delta"
+ORIGINAL_FORWARD = "_peftbooth_original_forward"
 # Below this many weights (out x in x k x k) a layer keeps PEFT's forward: on small layers the extra reshapes and
 # thin products cost more time than the multiply-adds they save (measured: the tiny test model's 32/64-channel
 # LoKr layers trained 17 % slower factored; SD 1.5's smallest adapted layers, 320 x 320, run 1.4-1.5x faster).
@@ -36,7 +38,10 @@ MIN_WEIGHT = 256 * 256
 
 
 def install(model: torch.nn.Module) -> int:
-    """Route the LoHa/LoKr Linear and Conv2d layers of `model` through the factored forward; return how many."""
+    """Route the LoHa/LoKr Linear and Conv2d layers of `model` through the factored forward; return how many.
+
+    Every such layer also gets `forward_without_coin` (see there), whatever its size.
+    """
     from peft.tuners.loha import layer as loha
     from peft.tuners.lokr import layer as lokr
 
@@ -46,8 +51,10 @@ def install(model: torch.nn.Module) -> int:
         fn = kinds.get(type(module))
         if fn is None or hasattr(module, ORIGINAL):
             continue
-        setattr(module, ORIGINAL, module._get_delta_activations)  # PEFT's bound method: the fallback
+        setattr(module, ORIGINAL, module._get_delta_activations)  # PEFT's bound methods: the fallbacks
+        setattr(module, ORIGINAL_FORWARD, module.forward)
         module._get_delta_activations = types.MethodType(fn, module)
+        module.forward = types.MethodType(forward_without_coin, module)
         count += 1
     return count
 
@@ -55,8 +62,29 @@ def install(model: torch.nn.Module) -> int:
 def uninstall(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, ORIGINAL):
-            del module._get_delta_activations  # the class's method shows through again
+            del module._get_delta_activations, module.forward  # the class's methods show through again
             delattr(module, ORIGINAL)
+            delattr(module, ORIGINAL_FORWARD)
+
+
+def forward_without_coin(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's LoHa/LoKr forward, minus the module-dropout coin when module dropout is off.
+
+    PEFT decides per layer and step whether to drop the whole update with ``torch.rand(1) > module_dropout``. At
+    the default module_dropout = 0 the update is always kept, but the coin is still tossed: a CPU RNG call and a
+    tensor comparison per layer, and, under torch.compile, a data-dependent branch that splits the compiled UNet
+    into a graph per adapted layer (measured: LoHa/LoKr graph breaks at every layer, and the recompile limit hit
+    so the rest ran eagerly; LoRA has no coin and compiles to one graph). With module dropout on, PEFT's own
+    forward runs, coin and all.
+    """
+    adapters = [a for a in self.active_adapters if a in self._available_adapters]
+    if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in adapters):
+        return getattr(self, ORIGINAL_FORWARD)(x, *args, **kwargs)
+    previous_dtype = x.dtype
+    result = self.base_layer(x, *args, **kwargs)
+    for adapter in adapters:
+        result = result + self._get_delta_activations(adapter, x, *args, **kwargs)
+    return result.to(previous_dtype)
 
 
 def _fallback(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

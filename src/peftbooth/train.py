@@ -211,6 +211,10 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         )
         set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
 
+    if t.channels_last:
+        # before the adapters exist: only the frozen 4-D weights change layout; adapter weights stay contiguous,
+        # as safetensors needs them for saving
+        components.unet.to(memory_format=torch.channels_last)
     unet = ad.attach(components.unet, cfg.unet_adapter, ad.UNET_PRESETS, "", cfg.model.model)
     # one text encoder (SD 1.x / 2.x) or two (SDXL); with --train-text-encoder each gets its own adapter of the
     # --text-encoder-* settings, saved as text_encoder/ and text_encoder_2/
@@ -275,7 +279,7 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     else:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     if t.compile:
-        unet = maybe_compile(unet, accelerator)
+        unet = maybe_compile(unet, accelerator, t.compile_mode)
     if accelerator.is_main_process and t.report_to != "none":
         accelerator.init_trackers("peftbooth")
     run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, weight_dtype,
@@ -317,8 +321,12 @@ def offload(model: torch.nn.Module, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def maybe_compile(unet: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """torch.compile the UNet; where compiling cannot work, warn and train eagerly instead of failing."""
+def maybe_compile(unet: torch.nn.Module, accelerator, mode: str = "default") -> torch.nn.Module:
+    """torch.compile the UNet; where compiling cannot work, warn and train eagerly instead of failing.
+
+    With the adapters in place the UNet compiles to one graph for LoRA, and for LoHa/LoKr through
+    factored.forward_without_coin (PEFT's own LoHa/LoKr forward splits it at every adapted layer).
+    """
     import torch._dynamo
 
     why = None
@@ -329,9 +337,12 @@ def maybe_compile(unet: torch.nn.Module, accelerator) -> torch.nn.Module:
     if why:
         warnings.warn(f"--compile: {why}; training eagerly", stacklevel=2)
         return unet
+    if mode in ("reduce-overhead", "max-autotune") and accelerator.device.type != "cuda":
+        warnings.warn(f"--compile-mode {mode}: CUDA graphs need a CUDA device; compiled without them on "
+                      f"{accelerator.device.type}", stacklevel=2)
     # an op the compiler cannot handle falls back to eager for that graph, with a warning, instead of crashing
     torch._dynamo.config.suppress_errors = True
-    return torch.compile(unet)
+    return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
 def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
@@ -373,6 +384,8 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
         offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g, device=device) for g in rows])
         noise = offset_noise(noise, offset.to(noise.dtype), tr.noise_offset)
     noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
+    if tr.channels_last:
+        noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)  # same values, NHWC strides
     # context (N, 77, D); pooled (N, P) for SDXL, else None
     if run.text_cache is not None:
         context, pooled = run.text_cache.lookup(batch["prompts"])

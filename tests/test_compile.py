@@ -1,0 +1,184 @@
+"""--compile, --compile-mode and --channels-last: the UNet with adapters compiles to one graph, compiled and
+channels-last training give the eager, contiguous results, and the unavailable cases say so."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config
+from peft import LoHaConfig, get_peft_model
+from safetensors.torch import load_file
+from test_cli import train_argv
+
+from peftbooth import adapters as ad
+from peftbooth import factored
+from peftbooth.cli import main
+from peftbooth.config import TrainConfig
+from peftbooth.models import load_components
+from peftbooth.checkpoint import release_lock
+from peftbooth.train import fit, save, setup
+
+ADAPTERS = ["lora", "loha", "lokr"]
+# Runs that differ only in summation order are compared after 3 optimizer steps. Plain Adam would amplify the
+# rounding: its first updates are about ±lr whatever the gradient's size, so an element whose gradient is ~0 moves
+# by ±lr either way (measured: 7e-5 apart at lr 1e-3). With epsilon 1 Adam's update is ~lr·m, linear in the
+# gradient, so rounding stays rounding-sized and a real difference in the maths still shows.
+LINEAR_ADAM = {"train.adam_epsilon": 1.0, "train.learning_rate": 0.1, "train.max_train_steps": 3}
+AFTER_STEPS = dict(rtol=1e-4, atol=1e-6)
+
+
+def graphs_of(model, *inputs) -> tuple[int, int, torch.Tensor]:
+    """(graphs captured, graph breaks, output) of one call of `model` compiled by dynamo alone (no code generation:
+    graph capture is what adapters can break, and it takes seconds instead of a minute on these CPUs)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(model, backend="eager")(*inputs)
+    # a break dynamo resumes after counts under graph_break; one it cannot resume (a branch inside a loop, a
+    # context manager) skips the frame and counts under unimplemented
+    breaks = sum(counters["graph_break"].values()) + sum(counters["unimplemented"].values())
+    return counters["stats"]["unique_graphs"], breaks, out
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_unet_with_adapters_compiles_to_one_graph(adapter, tiny_model):
+    cfg = TrainConfig()
+    cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, 4, "all"
+    unet = ad.attach(load_components(tiny_model).unet, cfg.resolved().unet_adapter, ad.UNET_PRESETS, "")
+    factored.install(unet)  # as training does by default
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 4, 4, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g))
+    unet.train()
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+        graphs, breaks, out = graphs_of(unet, *inputs)
+    assert (graphs, breaks) == (1, 0)
+    torch.testing.assert_close(out.sample, expected)
+
+
+def test_peft_lycoris_forward_breaks_the_graph_and_ours_does_not():
+    """The control for the test above: PEFT's LoHa forward tosses a module-dropout coin (`torch.rand(1) > p`) per
+    layer, a data-dependent branch that splits the graph; factored.install removes it when module dropout is 0
+    and keeps it (PEFT's forward, coin and all) when module dropout is on."""
+    def net(module_dropout):
+        torch.manual_seed(0)
+        return get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16)),
+                              LoHaConfig(r=2, target_modules=["0", "2"], module_dropout=module_dropout))
+
+    x = torch.randn(3, 16)
+    peft_forward = net(0.0)
+    graphs, breaks, _ = graphs_of(peft_forward, x)
+    assert graphs > 1 and breaks >= 2  # a break at each LoHa layer
+    ours = net(0.0)
+    factored.install(ours)
+    graphs, breaks, out = graphs_of(ours, x)
+    assert (graphs, breaks) == (1, 0)
+    torch.testing.assert_close(out, peft_forward(x))
+
+    tossed = []
+    real_rand = torch.rand
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "rand", lambda *a, **k: tossed.append(a) or real_rand(*a, **k))
+        ours(x)
+        assert tossed == []  # module dropout 0: no coin
+        with_dropout = net(0.5)
+        factored.install(with_dropout)
+        with_dropout(x)
+        assert len(tossed) == 2  # module dropout on: PEFT's forward tosses its coin per layer
+        with_dropout.eval()
+        tossed.clear()
+        with_dropout(x)
+        assert tossed == []  # ... only while training, as in PEFT
+
+
+def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "unet" / "adapter_model.safetensors")
+
+
+def test_compiled_training_matches_eager(tiny_model, photos, tmp_path, monkeypatch):
+    """--compile trains the same adapters as eager (to fp tolerance) and saves them under PEFT's own names (no
+    `_orig_mod.` of the compiled wrapper). Dynamo + AOT autograd without code generation (`aot_eager`): the
+    inductor backend compiles the same graphs but takes a minute on these CPUs (measured 67 s)."""
+    real_compile = torch.compile
+    modes = []
+
+    def aot_eager(model, mode=None, **kw):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    runs = {}
+    for name, extra in [("eager", {}), ("compiled", {"train.compile": True})]:
+        run = setup(tiny_config(tiny_model, photos, tmp_path / name, **LINEAR_ADAM, **extra))
+        assert isinstance(run.unet, torch._dynamo.eval_frame.OptimizedModule) == (name == "compiled")
+        save(run, fit(run))
+        release_lock(run.lock)
+        runs[name] = adapter_weights(tmp_path / name)
+    assert modes == [None]  # --compile-mode default: torch.compile's own default
+    assert runs["compiled"].keys() == runs["eager"].keys()
+    assert not any("_orig_mod" in k for k in runs["compiled"])
+    for key, value in runs["eager"].items():
+        torch.testing.assert_close(runs["compiled"][key], value, **AFTER_STEPS)
+    assert any((v != 0).any() for k, v in runs["eager"].items() if "lora_B" in k)  # the adapters did train
+
+
+def test_compile_unavailable_warns_and_trains_eagerly(tiny_model, photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.warns(UserWarning, match=r"^--compile: torch.compile is not supported on this Python/platform; "
+                                         r"training eagerly$"):
+        run = setup(tiny_config(tiny_model, photos, tmp_path / "run", **{"train.compile": True}))
+    assert not isinstance(run.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert fit(run)["steps"] == 2
+
+
+def test_cuda_graph_mode_off_cuda_warns(tiny_model, photos, tmp_path, monkeypatch):
+    """--compile-mode reduce-overhead on the CPU: torch.compile gets the mode, and the user is told CUDA graphs are
+    off here."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    with pytest.warns(UserWarning, match=r"^--compile-mode reduce-overhead: CUDA graphs need a CUDA device; "
+                                         r"compiled without them on cpu$"):
+        setup(tiny_config(tiny_model, photos, tmp_path / "run",
+                          **{"train.compile": True, "train.compile_mode": "reduce-overhead"}))
+    assert seen == ["reduce-overhead"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_channels_last_trains_like_contiguous(adapter, tiny_model, photos, tmp_path):
+    """--channels-last changes only the memory layout: the frozen conv weights are NHWC during training, the
+    adapters (saved with safetensors, which needs contiguous tensors) are not, and the trained adapters agree."""
+    runs = {}
+    for name, extra in [("contiguous", {}), ("channels_last", {"train.channels_last": True})]:
+        run = setup(tiny_config(tiny_model, photos, tmp_path / name, **{
+            "unet_adapter.adapter": adapter, "unet_adapter.target_modules": "all", **LINEAR_ADAM, **extra}))
+        conv = run.components.unet.conv_in
+        frozen = conv.base_layer.weight if hasattr(conv, "base_layer") else conv.weight
+        assert frozen.is_contiguous(memory_format=torch.channels_last) == (name == "channels_last")
+        assert frozen.is_contiguous() == (name == "contiguous")
+        trainable = [p for p in run.unet.parameters() if p.requires_grad]
+        assert all(p.is_contiguous() for p in trainable)
+        before = [p.detach().clone() for p in trainable]
+        save(run, fit(run))
+        release_lock(run.lock)
+        moved = max((p.detach() - b).abs().max().item() for p, b in zip(trainable, before))
+        assert moved > 100 * AFTER_STEPS["atol"]  # the agreement below is between adapters that really trained
+        runs[name] = adapter_weights(tmp_path / name)
+    assert runs["channels_last"].keys() == runs["contiguous"].keys()
+    for key, value in runs["contiguous"].items():
+        torch.testing.assert_close(runs["channels_last"][key], value, **AFTER_STEPS)
+
+
+def test_bf16_on_a_gpu_without_bf16_exits_2(tiny_model, photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may reach for the (absent) GPU before the refusal
+        rc = main(train_argv(tiny_model, photos, out, "--mixed-precision", "bf16"))
+    stdout, stderr = capsys.readouterr()
+    assert rc == 2
+    assert stderr.strip() == ("peftbooth train: error: --mixed-precision bf16: this GPU has no bf16 support; "
+                              "use --mixed-precision fp16")
+    assert not out.exists()
