@@ -10,8 +10,9 @@ Modes (each measured in its own worker process, one after another, so peak memor
              weights kept in fp32 (autocast for mixed precision), no caching, no compile.
   peftbooth  peftbooth's real `setup` + `fit` with its defaults (latent and text-state caching, frozen weights
              in the compute dtype, LoHa/LoKr through their factors); `peftbooth-compile` adds --compile when
-             asked; `peftbooth-peft-forward` (with --peft-forward) is peftbooth with PEFT's own LoHa/LoKr
-             forward (--no-factored-lycoris), to show what the factored forward is worth.
+             asked (with --compile-mode); `peftbooth-channels-last` (with --channels-last) adds
+             --channels-last; `peftbooth-peft-forward` (with --peft-forward) is peftbooth with PEFT's own
+             LoHa/LoKr forward (--no-factored-lycoris), to show what the factored forward is worth.
 Batch: 1 instance + 1 class image per step (prior preservation). One JSON line per (adapter, mode) with it_s,
 images_s (UNet samples per second: instance + class), peak_mb (CUDA max_memory_allocated, or peak RSS on CPU),
 speedup_vs_plain and efficiency_vs_floor.
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 RANKS = {"lora": 16, "loha": 8, "lokr": 8}
+MODES = ("floor", "plain", "peftbooth", "peftbooth-compile", "peftbooth-channels-last", "peftbooth-peft-forward")
 
 
 def prepare(model: str, root: Path) -> tuple[str, Path, Path]:
@@ -220,13 +222,15 @@ def worker(args) -> None:
         torch.backends.cudnn.allow_tf32 = True
     root = Path(args.workdir)
     model, photos, classes = prepare(args.model, root)
+    compiled = args.mode == "peftbooth-compile"
     cfg = config(args, args.adapter, model, photos, classes, root / f"out-{args.adapter}-{args.mode}",
-                 compile=args.mode == "peftbooth-compile", factored_lycoris=args.mode != "peftbooth-peft-forward")
+                 compile=compiled, compile_mode=args.compile_mode if compiled else "default",
+                 channels_last=args.mode == "peftbooth-channels-last",
+                 factored_lycoris=args.mode != "peftbooth-peft-forward")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    fn = {"floor": run_floor, "plain": run_plain, "peftbooth": run_peftbooth, "peftbooth-compile": run_peftbooth,
-          "peftbooth-peft-forward": run_peftbooth}
-    seconds = fn[args.mode](args, cfg)
+    fn = {"floor": run_floor, "plain": run_plain}.get(args.mode, run_peftbooth)
+    seconds = fn(args, cfg)
     print(json.dumps({"adapter": args.adapter, "mode": args.mode, "it_s": args.steps / seconds,
                       "peak_mb": round(peak_mb(), 1)}), flush=True)
 
@@ -240,8 +244,13 @@ def main() -> None:
                    help="default: no on CPU, bf16 on GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure peftbooth with --compile")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of the --compile run "
+                   "(reduce-overhead: CUDA graphs)")
+    p.add_argument("--channels-last", action="store_true", help="also measure peftbooth with --channels-last")
     p.add_argument("--peft-forward", action="store_true",
                    help="also measure peftbooth with PEFT's own LoHa/LoKr forward (--no-factored-lycoris)")
+    p.add_argument("--modes", help="comma-separated modes to run instead of the ones the flags above choose, e.g. "
+                   "floor,peftbooth (the ratios need floor and plain in the same run)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 20 tiny, 50 sd15)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2,
@@ -262,9 +271,16 @@ def main() -> None:
 
     modes = ["floor", "plain", "peftbooth"] + (["peftbooth-compile"] if args.compile else [])
     modes += ["peftbooth-peft-forward"] if args.peft_forward else []
+    modes += ["peftbooth-channels-last"] if args.channels_last else []
+    if args.modes:
+        modes = args.modes.split(",")
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            p.error(f"--modes: unknown {', '.join(unknown)}; modes are {', '.join(MODES)}")
     workdir = tempfile.mkdtemp(prefix="peftbooth-bench-")
     common = ["--model", args.model, "--resolution", str(args.resolution), "--mixed-precision",
-              args.mixed_precision, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir", workdir]
+              args.mixed_precision, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir", workdir,
+              "--compile-mode", args.compile_mode]
     if args.gradient_checkpointing:
         common.append("--gradient-checkpointing")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -283,6 +299,8 @@ def main() -> None:
                 if mode not in rows or row["it_s"] > rows[mode]["it_s"]:
                     rows[mode] = row
         for mode, row in rows.items():
+            if mode == "peftbooth-compile":
+                row["compile_mode"] = args.compile_mode
             row.update(model=args.model, resolution=args.resolution, mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, repeats=args.repeats,
                        images_s=round(row["it_s"] * 2, 3))
