@@ -35,8 +35,8 @@ RESUME_FREE = {
     "train.output_dir", "train.overwrite", "train.resume", "train.resume_force", "train.logging_steps",
     "train.report_to", "train.checkpointing_steps", "train.checkpoints_total_limit", "train.push_to_hub",
     "train.validation_prompt", "train.validation_steps", "train.num_validation_images", "train.nan_policy",
-    "train.compile", "train.compile_mode", "train.channels_last", "train.factored_lycoris", "data.dataloader_num_workers", "data.sample_batch_size", "data.class_image_steps",
-    "data.class_data_dir",
+    "train.compile", "train.compile_mode", "train.channels_last", "train.factored_lycoris",
+    "data.dataloader_num_workers", "data.sample_batch_size", "data.class_image_steps", "data.class_data_dir",
 }
 
 

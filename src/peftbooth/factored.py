@@ -14,11 +14,10 @@ much compute as the layer it adapts. Both updates have structure that makes this
 
 Both are the same linear map as PEFT's, so results agree to floating-point rounding and the saved adapters are
 PEFT's own parameters, untouched (only ``_get_delta_activations`` and ``forward`` of each layer instance are
-replaced). Each call
-compares the multiply-adds of both ways and takes the cheaper (per position for LoHa, where both scale alike;
-for the actual input for LoKr, whose full way also pays for building the weight); small layers (below
-MIN_WEIGHT weights) and anything unusual (rank dropout while training, the Tucker/effective-conv form, grouped
-convolutions) go to PEFT's own code.
+replaced). Each call compares the multiply-adds of both ways and takes the cheaper (per position for LoHa, where
+both scale alike; for the actual input for LoKr, whose full way also pays for building the weight); small layers
+(below MIN_WEIGHT weights) and anything unusual (rank dropout while training, the Tucker/effective-conv form,
+grouped convolutions) go to PEFT's own code.
 """
 
 from __future__ import annotations
