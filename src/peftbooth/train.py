@@ -136,6 +136,13 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
         raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
     if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16")
+    from accelerate import PartialState
+
+    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        # Accelerate runs fp16 on the CPU with neither autocast nor a gradient scaler: fp16 gradients would
+        # underflow unseen
+        raise UsageError("--mixed-precision fp16: needs a GPU (on the CPU there is no fp16 autocast or gradient "
+                         "scaler); use --mixed-precision bf16 or no")
     if cfg.train.push_to_hub:  # refuse now, not after an hour of training
         check_repo_id(cfg.train.push_to_hub)
         hub_token()

@@ -1,5 +1,6 @@
-"""--compile, --compile-mode and --channels-last: the UNet with adapters compiles to one graph, compiled and
-channels-last training give the eager, contiguous results, and the unavailable cases say so."""
+"""Speed settings change how the maths runs, not what it gives: --compile (one graph with adapters), --compile-mode
+and --channels-last train the adapters the plain eager run trains; the unavailable cases (no compiler, CUDA graphs
+off CUDA, bf16 on a GPU without it, fp16 on the CPU) say so."""
 
 import warnings
 
@@ -181,4 +182,16 @@ def test_bf16_on_a_gpu_without_bf16_exits_2(tiny_model, photos, tmp_path, monkey
     assert rc == 2
     assert stderr.strip() == ("peftbooth train: error: --mixed-precision bf16: this GPU has no bf16 support; "
                               "use --mixed-precision fp16")
+    assert not out.exists()
+
+
+
+def test_fp16_on_the_cpu_exits_2(tiny_model, photos, tmp_path, capsys):
+    """Accelerate gives fp16 on the CPU neither autocast nor a gradient scaler: refused, not run half-way."""
+    out = tmp_path / "out"
+    rc = main(train_argv(tiny_model, photos, out, "--mixed-precision", "fp16"))
+    stdout, stderr = capsys.readouterr()
+    assert rc == 2
+    assert stderr.strip() == ("peftbooth train: error: --mixed-precision fp16: needs a GPU (on the CPU there is no "
+                              "fp16 autocast or gradient scaler); use --mixed-precision bf16 or no")
     assert not out.exists()

@@ -1,0 +1,118 @@
+"""Estimated peak GPU memory of peftbooth's training step, on a machine without a GPU.
+
+    python benchmarks/memory_estimate.py                      # SD 1.5 shapes, 512 px, bf16, LoRA r16 'all'
+    python benchmarks/memory_estimate.py --adapters lora,loha,lokr --resolution 512
+
+What is on the GPU during peftbooth's training (latents and text states cached, VAE and text encoder moved off
+the GPU): the UNet's frozen weights in the compute dtype, the fp32 adapter weights, their gradients and AdamW's two
+moment buffers, one batch (1 instance + 1 class row: latents, noise, context) and the step's activations. This
+script builds exactly that, with SD 1.5's shapes, under FakeTensorMode (tensors with shapes and dtypes but no data,
+so no compute and no memory), and runs one optimizer step inside torch's MemTracker, which adds up the storage of
+every live tensor (rounded up to the CUDA caching allocator's 512-byte blocks) and keeps the peak.
+
+It is an estimate of `torch.cuda.max_memory_allocated`, not a measurement. Not counted: the caching allocator's
+fragmentation, cuBLAS/cuDNN workspaces, and kernels that keep different intermediates on a GPU than on the CPU
+(the fake tensors follow the CPU's operator choices; SDPA on both keeps the output and the log-sum-exp, not the
+attention matrix). The GPU check in benchmarks/gpu_session.sh measures the real figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+RANKS = {"lora": 16, "loha": 8, "lokr": 8}
+
+
+def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from peftbooth import adapters as ad
+    from peftbooth import factored
+    from peftbooth.config import TrainConfig
+    from peftbooth.models import SHAPES
+    from peftbooth.train import weight_dtype_for
+
+    start = time.perf_counter()
+    dtype = weight_dtype_for(dtype_name)
+    cfg = TrainConfig()
+    cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, RANKS[adapter], "all"
+    # The model is made on the meta device and given uninitialised CPU memory (no init maths for 860M weights);
+    # PEFT then attaches the adapters as in train.build_run: frozen weights in the compute dtype, adapters fp32.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SHAPES["sd15"]["unet"])
+    unet.to_empty(device="cpu")
+    model = ad.attach(unet, cfg.resolved().unet_adapter, ad.UNET_PRESETS, "")
+    factored.install(model)
+    model.to(dtype=dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    model.train()
+    # every parameter and buffer becomes a fake tensor of the same shape and dtype: from here nothing is computed
+    print(f"model ready at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    mode = FakeTensorMode()
+    for module in model.modules():
+        for name, t in list(module._parameters.items()):
+            if t is not None:
+                module._parameters[name] = torch.nn.Parameter(mode.from_tensor(t.detach()), t.requires_grad)
+        for name, t in list(module._buffers.items()):
+            if t is not None:
+                module._buffers[name] = mode.from_tensor(t)
+    with mode:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
+        h = resolution // 8
+        latents = torch.randn(2, 4, h, h, dtype=dtype)  # 1 instance + 1 class row
+        noise = torch.randn(2, 4, h, h, dtype=dtype)
+        context = torch.randn(2, 77, 768, dtype=dtype)
+        timesteps = torch.tensor([100, 800])
+        tracker = MemTracker()
+        # MemTracker hooks every parameter's gradient, which a frozen weight refuses; without the hooks every
+        # tensor is still counted (it tracks all storages made under it), gradients land under Temp
+        track = tracker._track_module_params_and_buffers
+        tracker._track_module_params_and_buffers = lambda module, install_grad_hooks=True: track(module, False)
+        tracker.track_external(model, optimizer, latents, noise, context, timesteps)
+        with tracker:
+            for step in range(2):  # the second step holds the optimizer state from the start: the steady peak
+                if step:
+                    tracker.reset_mod_stats()  # per-module stats are per iteration; the overall peak is kept
+                print(f"step {step} at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    pred = model(latents, timesteps, context).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        peak = tracker.get_tracker_snapshot("peak")
+    by_kind = next(iter(peak.values()))
+    mib = {k: round(v / 2**20, 1) for k, v in by_kind.items()}
+    return {"adapter": adapter, "rank": RANKS[adapter], "resolution": resolution, "dtype": dtype_name,
+            "gradient_checkpointing": checkpointing, "trainable_params": sum(p.numel() for p in trainable),
+            "peak_mb_estimate": mib.pop("Total"), "peak_breakdown_mb": mib}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", default="lora")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    args = p.parse_args()
+    from peftbooth.cli import quiet_libraries
+
+    quiet_libraries()
+    for adapter in args.adapters.split(","):
+        for checkpointing in (False, True):
+            print(json.dumps(estimate(adapter, args.resolution, args.mixed_precision, checkpointing)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
