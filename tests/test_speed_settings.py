@@ -195,3 +195,26 @@ def test_fp16_on_the_cpu_exits_2(tiny_model, photos, tmp_path, capsys):
     assert stderr.strip() == ("peftbooth train: error: --mixed-precision fp16: needs a GPU (on the CPU there is no "
                               "fp16 autocast or gradient scaler); use --mixed-precision bf16 or no")
     assert not out.exists()
+
+
+def test_unet_moves_to_the_device_after_the_caches_are_built(tiny_model, photos, tmp_path, monkeypatch):
+    """The UNet's weights go to the device only after the VAE has encoded the photos (the largest activations
+    before training) and the VAE and text encoder have been moved off it: they never share the device's memory."""
+    import importlib
+
+    from peftbooth.cache import LatentCache, TextCache
+
+    train_module = importlib.import_module("peftbooth.train")  # the package exports a function of that name
+
+    events = []
+    real_move, real_latents, real_text = train_module.to_compute_dtype, LatentCache.build, TextCache.build
+    monkeypatch.setattr(train_module, "to_compute_dtype",
+                        lambda model, *a: events.append(type(model).__name__) or real_move(model, *a))
+    monkeypatch.setattr(train_module.LatentCache, "build",
+                        classmethod(lambda cls, *a: events.append("latent cache") or real_latents(*a)))
+    monkeypatch.setattr(train_module.TextCache, "build",
+                        classmethod(lambda cls, *a: events.append("text cache") or real_text(*a)))
+    monkeypatch.setattr(train_module, "offload", lambda model, device: events.append(f"offload {type(model).__name__}"))
+    setup(tiny_config(tiny_model, photos, tmp_path / "run"))
+    assert events == ["CLIPTextModel", "latent cache", "offload AutoencoderKL", "text cache",
+                      "offload CLIPTextModel", "PeftModel"]

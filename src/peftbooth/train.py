@@ -238,22 +238,8 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     # and gradients while the big frozen matmuls run in half precision.
     weight_dtype = weight_dtype_for(t.mixed_precision)
     components.vae.to(accelerator.device, dtype=torch.float32 if upcast_vae(cfg, components) else weight_dtype)
-    for model in (unet, *text_encoders):
-        model.to(accelerator.device, dtype=weight_dtype)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    if t.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-        if t.train_text_encoder:
-            for encoder in components.text_encoders:
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
-    if t.train_text_encoder:
-        params.append({"params": [p for m in text_encoders for p in m.parameters() if p.requires_grad],
-                       "lr": t.text_encoder_learning_rate or t.learning_rate})
-    optimizer = make_optimizer(params, t, accelerator.device)
+    for model in text_encoders:
+        to_compute_dtype(model, accelerator.device, weight_dtype)
 
     # Caches: the frozen VAE and text encoder give the same answer for the same input, so ask them once.
     cache_latents = t.cache_latents and d.center_crop
@@ -270,6 +256,20 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, accelerator.device)
         for encoder in text_encoders:
             offload(encoder, accelerator.device)
+    # The UNet goes to the device only now: the VAE encoding the photos at full resolution is the largest
+    # activation before training, and the UNet's weights (1.7 GB in bf16 for SD 1.5) need not sit beside it.
+    to_compute_dtype(unet, accelerator.device, weight_dtype)
+    if t.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if t.train_text_encoder:
+            for encoder in components.text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
+    if t.train_text_encoder:
+        params.append({"params": [p for m in text_encoders for p in m.parameters() if p.requires_grad],
+                       "lr": t.text_encoder_learning_rate or t.learning_rate})
+    optimizer = make_optimizer(params, t, accelerator.device)
     # the data order is a function of (seed, epoch): resumable; whole global batches: no padding by Accelerate
     sampler = EpochSampler(len(dataset), t.seed, d.train_batch_size * accelerator.num_processes)
     dataloader = DataLoader(
@@ -311,6 +311,14 @@ def used_text_layers(components: Components, index: int) -> list[int] | None:
     if not components.is_sdxl or index != 0:
         return None
     return list(range(components.text_encoder.config.num_hidden_layers - 1))
+
+
+def to_compute_dtype(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move `model` to `device` with its frozen weights in `dtype` and its trainable (adapter) weights in fp32."""
+    model.to(device, dtype=dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def upcast_vae(cfg: TrainConfig, components: Components) -> bool:
