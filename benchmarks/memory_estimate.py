@@ -8,7 +8,9 @@ the GPU): the UNet's frozen weights in the compute dtype, the fp32 adapter weigh
 moment buffers, one batch (1 instance + 1 class row: latents, noise, context) and the step's activations. This
 script builds exactly that, with SD 1.5's shapes, under FakeTensorMode (tensors with shapes and dtypes but no data,
 so no compute and no memory), and runs one optimizer step inside torch's MemTracker, which adds up the storage of
-every live tensor (rounded up to the CUDA caching allocator's 512-byte blocks) and keeps the peak.
+every live tensor (rounded up to the CUDA caching allocator's 512-byte blocks) and keeps the peak. A first line
+estimates the caching phase before training (the VAE encoding the photos, the text encoder the prompts).
+About 3 minutes per line on 2 CPU cores (the tracker's bookkeeping per operation, not the maths).
 
 It is an estimate of `torch.cuda.max_memory_allocated`, not a measurement. Not counted: the caching allocator's
 fragmentation, cuBLAS/cuDNN workspaces, and kernels that keep different intermediates on a GPU than on the CPU
@@ -24,6 +26,60 @@ import sys
 import time
 
 RANKS = {"lora": 16, "loha": 8, "lokr": 8}
+
+
+def make_fake(model, mode) -> None:
+    """Every parameter and buffer of `model` becomes a fake tensor of the same shape and dtype: from here on
+    nothing is computed and no memory is taken."""
+    import torch
+
+    for module in model.modules():
+        for name, t in list(module._parameters.items()):
+            if t is not None:
+                module._parameters[name] = torch.nn.Parameter(mode.from_tensor(t.detach()), t.requires_grad)
+        for name, t in list(module._buffers.items()):
+            if t is not None:
+                module._buffers[name] = mode.from_tensor(t)
+
+
+def estimate_caching(resolution: int, dtype_name: str, batch: int) -> dict:
+    """Peak while the caches are built: the VAE encoding `batch` photos (--sample-batch-size) and the text encoder
+    encoding the prompts, both in the compute dtype, with the UNet's weights off the device (it moves there after
+    the caches; before, its frozen weights sat beside them: `with_unet_mb`)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from peftbooth.models import SHAPES
+    from peftbooth.train import weight_dtype_for
+
+    dtype = weight_dtype_for(dtype_name)
+    shapes = SHAPES["sd15"]
+    with torch.device("meta"):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **shapes["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **shapes["text"]))
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **shapes["unet"])
+    unet_mb = sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size() / 2**20
+    mode = FakeTensorMode()
+    for model in (vae, text_encoder):
+        model.to_empty(device="cpu").to(dtype=dtype).eval()
+        make_fake(model, mode)
+    with mode, torch.no_grad():
+        pixels = torch.randn(batch, 3, resolution, resolution, dtype=dtype)
+        ids = torch.zeros(2, 77, dtype=torch.long)  # instance and class prompt
+        tracker = MemTracker()
+        tracker.track_external(vae, text_encoder, pixels, ids)
+        with tracker:
+            dist = vae.encode(pixels).latent_dist
+            kept = (dist.mean, dist.std)  # what the cache keeps; the rest is freed
+            del dist
+            states = text_encoder(ids)[0]
+        total = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"] / 2**20
+    del kept, states
+    return {"phase": "caching", "resolution": resolution, "dtype": dtype_name, "sample_batch_size": batch,
+            "peak_mb_estimate": round(total, 1), "with_unet_mb": round(total + unet_mb, 1)}
 
 
 def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool) -> dict:
@@ -57,16 +113,9 @@ def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool
     if checkpointing:
         unet.enable_gradient_checkpointing()
     model.train()
-    # every parameter and buffer becomes a fake tensor of the same shape and dtype: from here nothing is computed
     print(f"model ready at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     mode = FakeTensorMode()
-    for module in model.modules():
-        for name, t in list(module._parameters.items()):
-            if t is not None:
-                module._parameters[name] = torch.nn.Parameter(mode.from_tensor(t.detach()), t.requires_grad)
-        for name, t in list(module._buffers.items()):
-            if t is not None:
-                module._buffers[name] = mode.from_tensor(t)
+    make_fake(model, mode)
     with mode:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
@@ -105,10 +154,12 @@ def main() -> None:
     p.add_argument("--adapters", default="lora")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    p.add_argument("--sample-batch-size", type=int, default=4, help="photos per VAE call while caching (default 4)")
     args = p.parse_args()
     from peftbooth.cli import quiet_libraries
 
     quiet_libraries()
+    print(json.dumps(estimate_caching(args.resolution, args.mixed_precision, args.sample_batch_size)), flush=True)
     for adapter in args.adapters.split(","):
         for checkpointing in (False, True):
             print(json.dumps(estimate(adapter, args.resolution, args.mixed_precision, checkpointing)), flush=True)
