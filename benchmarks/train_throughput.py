@@ -231,8 +231,15 @@ def worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     fn = {"floor": run_floor, "plain": run_plain}.get(args.mode, run_peftbooth)
     seconds = fn(args, cfg)
-    print(json.dumps({"adapter": args.adapter, "mode": args.mode, "it_s": args.steps / seconds,
-                      "peak_mb": round(peak_mb(), 1)}), flush=True)
+    row = {"adapter": args.adapter, "mode": args.mode, "it_s": args.steps / seconds, "peak_mb": round(peak_mb(), 1)}
+    if cfg.train.compile:
+        # what the compiler really did: a failed compile falls back to eager, and skipped CUDA graphs only log
+        from torch._dynamo.utils import counters
+
+        row.update(graphs=counters["stats"]["unique_graphs"],
+                   graph_breaks=sum(counters["graph_break"].values()) + sum(counters["unimplemented"].values()),
+                   cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -255,7 +262,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2,
                    help="measure the modes this many times, interleaved; the best it/s of each is reported")
-    p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--out", help="also append the JSON lines to this file (each worker's raw row as soon as it "
+                   "finishes, then the rows with the ratios)")
+    p.add_argument("--worker-timeout", type=int, default=None, help="seconds one (adapter, mode) may take")
     p.add_argument("--worker", nargs=2, metavar=("ADAPTER", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -284,18 +293,30 @@ def main() -> None:
     if args.gradient_checkpointing:
         common.append("--gradient-checkpointing")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+    def emit(row: dict) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
     for adapter in args.adapters.split(","):
         rows = {}
         # interleaved repeats: a slow spell of a shared machine hits every mode, not one; the best run counts
         for _ in range(args.repeats):
             for mode in modes:
-                proc = subprocess.run([sys.executable, __file__, *common, "--worker", adapter, mode], env=env,
-                                      capture_output=True, text=True)
+                try:
+                    proc = subprocess.run([sys.executable, __file__, *common, "--worker", adapter, mode], env=env,
+                                          capture_output=True, text=True, timeout=args.worker_timeout)
+                except subprocess.TimeoutExpired:
+                    emit({"adapter": adapter, "mode": mode, "error": f"over --worker-timeout {args.worker_timeout} s"})
+                    continue
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
                 if proc.returncode or not lines:
-                    print(json.dumps({"adapter": adapter, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]}))
+                    emit({"adapter": adapter, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]})
                     continue
                 row = json.loads(lines[-1])
+                emit({**row, "raw": True})  # kept even if a later mode runs out of time
                 if mode not in rows or row["it_s"] > rows[mode]["it_s"]:
                     rows[mode] = row
         for mode, row in rows.items():
@@ -309,11 +330,7 @@ def main() -> None:
             if "floor" in rows:
                 row["efficiency_vs_floor"] = round(row["it_s"] / rows["floor"]["it_s"], 3)
             row["it_s"] = round(row["it_s"], 3)
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            emit(row)
 
 
 if __name__ == "__main__":
