@@ -28,11 +28,11 @@ deadline=$((560 * slow))  # seconds after the start; the device call's own limit
 step() {  # step NAME LIMIT COMMAND...: run COMMAND under min(LIMIT, time left), or skip it when under 30 s are left
   local name=$1 limit=$(($2 * slow)); shift 2
   local left=$((deadline - SECONDS))
-  if [ "$left" -lt $((30 * slow)) ]; then echo "SKIPPED $name: ${left} s left" | tee -a "$OUT/steps.txt"; return; fi
+  if [ "$left" -lt $((30 * slow)) ]; then echo "SKIPPED $name: ${left} s left" | tee -a "$OUT/steps.txt" >&2; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@"
-  echo "$name: exit $? after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/steps.txt"
+  echo "$name: exit $? after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/steps.txt" >&2
 }
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
