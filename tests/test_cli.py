@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import draw_photos
 
@@ -162,6 +163,12 @@ BAD_INPUTS = {
 
 # cases that also warn: id -> fragment of the warning
 BAD_INPUT_WARNINGS = {"instance-dir-only-non-images": "--instance-data-dir {tmp}/notes: skipping non-image files: notes.md"}
+
+if not torch.cuda.is_available():  # Accelerate gives fp16 on the CPU neither autocast nor a gradient scaler
+    BAD_INPUTS["fp16-on-the-cpu"] = (
+        None, ["--mixed-precision", "fp16"],
+        ["--mixed-precision fp16: needs a GPU (on the CPU there is no fp16 autocast or gradient scaler); "
+         "use --mixed-precision bf16 or no"])
 
 try:
     import bitsandbytes  # noqa: F401
