@@ -7,9 +7,10 @@ What is on the GPU during peftbooth's training (latents and text states cached, 
 the GPU): the UNet's frozen weights in the compute dtype, the fp32 adapter weights, their gradients and AdamW's two
 moment buffers, one batch (1 instance + 1 class row: latents, noise, context) and the step's activations. This
 script builds exactly that, with SD 1.5's shapes, under FakeTensorMode (tensors with shapes and dtypes but no data,
-so no compute and no memory), and runs one optimizer step inside torch's MemTracker, which adds up the storage of
-every live tensor (rounded up to the CUDA caching allocator's 512-byte blocks) and keeps the peak. A first line
-estimates the caching phase before training (the VAE encoding the photos, the text encoder the prompts).
+so no compute and no memory), and runs two optimizer steps (the second with AdamW's state in place) inside
+torch's MemTracker, which adds up the storage of every live tensor (rounded up to the CUDA caching allocator's
+512-byte blocks) and keeps the peak. A first line estimates the caching phase before training (the VAE encoding
+the photos, the text encoder the prompts).
 About 3 minutes per line on 2 CPU cores (the tracker's bookkeeping per operation, not the maths).
 
 It is an estimate of `torch.cuda.max_memory_allocated`, not a measurement. Not counted: the caching allocator's
