@@ -611,6 +611,32 @@ def test_fused_pipeline_equals_adapter_wrapped(variant, scale, make_run, tiny_mo
     assert max_diff(got, ref, "unet") <= TOL and max_diff(got, ref, "text_encoder") <= TOL
 
 
+def test_fuse_takes_the_runs_vae_unless_told(make_run, tiny_model, tmp_path):
+    """A run trained with --vae fuses with that VAE (its config.yaml records it), so the fused folder decodes as
+    the run's samples did; `vae=` names another; a missing one is refused before anything is loaded."""
+    from diffusers import AutoencoderKL
+
+    replacement = AutoencoderKL.from_pretrained(Path(tiny_model) / "vae")
+    with torch.no_grad():
+        for p in replacement.parameters():
+            p.add_(0.01)
+    replacement.save_pretrained(tmp_path / "vae2")
+    run = make_run("lora-vae", **{"model.vae": str(tmp_path / "vae2")})
+
+    def fused_vae(out) -> dict:
+        return AutoencoderKL.from_pretrained(out / "vae").state_dict()
+
+    out = fuse_run(None, run, tmp_path / "fused")
+    assert all(torch.equal(v, replacement.state_dict()[k]) for k, v in fused_vae(out).items())
+    assert f"with the VAE `{tmp_path / 'vae2'}`" in (out / "README.md").read_text()
+    base = AutoencoderKL.from_pretrained(Path(tiny_model) / "vae").state_dict()
+    out = fuse_run(None, run, tmp_path / "fused-base-vae", vae=str(Path(tiny_model) / "vae"))
+    assert all(torch.equal(v, base[k]) for k, v in fused_vae(out).items())
+    with pytest.raises(UsageError, match=f"^--vae {tmp_path / 'nope'}: no such folder"):
+        fuse_run(None, run, tmp_path / "fused-missing", vae=str(tmp_path / "nope"))
+    assert not (tmp_path / "fused-missing").exists()
+
+
 @pytest.mark.parametrize("variant", ["lora-dora", "lokr"])
 def test_fuse_then_unfuse_restores_base_weights(variant, make_run, tiny_model, inputs):
     overrides = LORA_VARIANTS["dora"] if variant == "lora-dora" else LYCORIS_VARIANTS["lokr"]

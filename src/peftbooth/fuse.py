@@ -67,28 +67,36 @@ def base_model_of(run, model: str | None) -> str:
     return run.base_model
 
 
+def vae_of(run, vae: str | None) -> str | None:
+    """--vae if given, else the replacement VAE the run trained with (config.yaml), else None (the base model's)."""
+    return vae or run.setting("model", "vae")
+
+
 def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, scale: float = 1.0,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, vae: str | None = None) -> Path:
     """Write base model + run adapters (at `scale`) as a full StableDiffusion(XL)Pipeline folder (safetensors).
 
-    `model` None takes the base model the run was trained on (its config.yaml).
+    `model` None takes the base model the run was trained on (its config.yaml); `vae` None takes the replacement
+    VAE the run trained with (`--vae`), if it had one, so the fused folder decodes as the run's samples did.
     """
-    from .models import load_pipeline
+    from .models import check_vae_arg, load_pipeline
 
     if not (isinstance(scale, (int, float)) and torch.isfinite(torch.tensor(float(scale)))):
         raise UsageError(f"--scale must be a finite number (got {scale!r})")
     output = Path(output_dir)
     check_output(output, overwrite)
-    model = base_model_of(read_run(run_dir), model)
-    pipe = load_pipeline(model)
+    run = read_run(run_dir)
+    model, vae = base_model_of(run, model), vae_of(run, vae)
+    check_vae_arg(vae)
+    pipe = load_pipeline(model, vae=vae)
     handles = fuse_adapters(pipe, run_dir, scale)
     for peft_model in handles.values():
         peft_model.unload()  # the layers are merged: dropping the wrappers keeps the fused weights
     with atomic_dir(output, overwrite) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").write_text(
-            f"# peftbooth fused model\n\nBase model `{model}` with the adapters of `{Path(run_dir).resolve()}` merged "
-            f"in at scale {scale:g}. A plain diffusers folder: "
+            f"# peftbooth fused model\n\nBase model `{model}`{f' with the VAE `{vae}`' if vae else ''} and the adapters "
+            f"of `{Path(run_dir).resolve()}` merged in at scale {scale:g}. A plain diffusers folder: "
             f"`{type(pipe).__name__}.from_pretrained(this_folder)` or `peftbooth generate --model this_folder`.\n"
         )
     return output

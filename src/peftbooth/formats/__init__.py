@@ -124,7 +124,7 @@ def cmd_import(args) -> int:
 def cmd_fuse(args) -> int:
     from ..fuse import fuse_run
 
-    path = fuse_run(args.model, args.run_dir, args.output, scale=args.scale, overwrite=args.overwrite)
+    path = fuse_run(args.model, args.run_dir, args.output, scale=args.scale, overwrite=args.overwrite, vae=args.vae)
     print(f"fused Stable Diffusion pipeline written to {path}")
     return 0
 
@@ -157,6 +157,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'peftbooth train'")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the fused diffusers pipeline")
     p.add_argument("--model", default=None, help="base model (default: the one in RUN_DIR/config.yaml)")
+    p.add_argument("--vae", default=None, help="VAE for the fused folder (hub id or folder); default: the run's "
+                   "--vae from RUN_DIR/config.yaml, else the base model's")
     p.add_argument("--scale", type=float, default=1.0, help="adapter strength merged in (1.0 = as trained)")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=cmd_fuse)
