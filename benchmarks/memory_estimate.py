@@ -94,7 +94,7 @@ def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool
     from peftbooth import factored
     from peftbooth.config import TrainConfig
     from peftbooth.models import SHAPES
-    from peftbooth.train import weight_dtype_for
+    from peftbooth.train import to_compute_dtype, weight_dtype_for
 
     start = time.perf_counter()
     dtype = weight_dtype_for(dtype_name)
@@ -107,10 +107,7 @@ def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool
     unet.to_empty(device="cpu")
     model = ad.attach(unet, cfg.resolved().unet_adapter, ad.UNET_PRESETS, "")
     factored.install(model)
-    model.to(dtype=dtype)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    to_compute_dtype(model, torch.device("cpu"), dtype)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     model.train()

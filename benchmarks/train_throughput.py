@@ -118,16 +118,14 @@ def run_floor(args, cfg) -> float:
     from peftbooth import adapters as ad
     from peftbooth import factored
     from peftbooth.models import load_components
-    from peftbooth.train import make_optimizer, weight_dtype_for
+    from peftbooth.train import make_optimizer, to_compute_dtype, weight_dtype_for
 
     cfg = cfg.resolved()
     c = load_components(cfg.model.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weight_dtype_for(cfg.train.mixed_precision)
-    unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "").to(device, dtype=dtype)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "")
+    to_compute_dtype(unet, device, dtype)  # as the trainer does: frozen weights in dtype, adapters fp32
     if cfg.train.factored_lycoris:  # the same adapter forward as the measured peftbooth run
         factored.install(unet)
     if cfg.train.gradient_checkpointing:
