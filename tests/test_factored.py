@@ -100,6 +100,52 @@ def test_small_layers_and_rank_dropout_keep_peft_forward(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("case", ["loha", "lokr", "loha-small", "lokr-small"])
+def test_output_has_the_frozen_layers_dtype_under_autocast(case):
+    """Under autocast an adapted layer hands on the autocast dtype, as the un-adapted layer and LoRA do, also when
+    its input is fp32: CUDA autocast runs GroupNorm/LayerNorm in fp32, so most adapted UNet layers get fp32 input.
+    PEFT's LoHa/LoKr forward casts its output to the input's dtype, which sends fp32 activations on through the
+    rest of the block. The values are PEFT's, rounded to bf16. The small cases keep PEFT's delta (below
+    MIN_WEIGHT) but run our forward."""
+    from peftbooth.train import to_compute_dtype
+
+    adapter, small = case.split("-")[0], case.endswith("-small")
+    if small:
+        config = copy.deepcopy(CASES[adapter])
+        config.target_modules = ["0"]
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            models.append(get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), config))
+            with torch.no_grad():
+                for p in models[-1].parameters():
+                    if p.requires_grad:
+                        p.copy_(torch.randn_like(p) * 0.1)
+        inputs = (torch.randn(3, 16),)
+    else:
+        models = [peft_net(CASES[case]), peft_net(CASES[case])]
+        g = torch.Generator().manual_seed(1)
+        inputs = (torch.randn(2, 5, 256, generator=g), torch.randn(2, 96, 9, 9, generator=g))
+    reference, ours = models
+
+    def outputs(model, xs):
+        out = model(*xs)
+        return list(out) if isinstance(out, tuple) else [out]
+
+    assert factored.install(ours) == (1 if small else 3)
+    for model in models:
+        to_compute_dtype(model, torch.device("cpu"), torch.bfloat16)  # frozen bf16, adapters fp32, as training
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = [outputs(m, inputs) for m in (reference, ours)]
+    assert [t.dtype for t in expected] == [torch.float32] * len(inputs)  # PEFT's forward: the input's dtype
+    assert [t.dtype for t in got] == [torch.bfloat16] * len(inputs)  # what nn.Linear / nn.Conv2d give here
+    for g_, e in zip(got, expected):
+        torch.testing.assert_close(g_.float(), e, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():  # without autocast nothing changes: x's dtype out, as before
+        bf16_inputs = [x.bfloat16() for x in inputs]
+        assert [t.dtype for t in outputs(ours, bf16_inputs)] == [torch.bfloat16] * len(inputs)
+
+
 def test_uninstall_restores_peft_forward():
     model = peft_net(CASES["loha"])
     factored.install(model)

@@ -75,15 +75,22 @@ def forward_without_coin(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     into a graph per adapted layer (measured: LoHa/LoKr graph breaks at every layer, and the recompile limit hit
     so the rest ran eagerly; LoRA has no coin and compiles to one graph). With module dropout on, PEFT's own
     forward runs, coin and all.
+
+    The output has the frozen layer's output dtype, as LoRA's and the un-adapted layer's do. PEFT's LoHa/LoKr
+    forward casts it to the input's dtype instead. Without autocast the two are the same dtype. Under CUDA autocast
+    they are not: GroupNorm and LayerNorm run in fp32 there, so the next layer gets fp32 input and PEFT would hand
+    fp32 activations to every later elementwise op (residual adds, GEGLU) and to the tensors saved for backward.
+    The values would still be only bf16/fp16-precise: the adapted layer's convolution or matmul ran in the autocast
+    dtype.
     """
     adapters = [a for a in self.active_adapters if a in self._available_adapters]
     if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in adapters):
         return getattr(self, ORIGINAL_FORWARD)(x, *args, **kwargs)
-    previous_dtype = x.dtype
-    result = self.base_layer(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)  # in the autocast dtype under autocast, else x's dtype
+    result_dtype = result.dtype
     for adapter in adapters:
         result = result + self._get_delta_activations(adapter, x, *args, **kwargs)
-    return result.to(previous_dtype)
+    return result.to(result_dtype)
 
 
 def _fallback(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
