@@ -1,6 +1,7 @@
 """Speed settings change how the maths runs, not what it gives: --compile (one graph with adapters), --compile-mode
-and --channels-last train the adapters the plain eager run trains; the unavailable cases (no compiler, CUDA graphs
-off CUDA, bf16 on a GPU without it; fp16 on the CPU is a row of test_cli's bad inputs) say so."""
+and --channels-last train the adapters the plain eager run trains; fp16's gradient scaler works over the frozen
+fp16 / fp32 adapter split; the unavailable cases (no compiler, CUDA graphs off CUDA, bf16 on a GPU without it;
+fp16 on the CPU is a row of test_cli's bad inputs) say so."""
 
 import warnings
 
@@ -200,6 +201,69 @@ def test_channels_last_trains_like_contiguous(adapter, tiny_model, photos, tmp_p
         assert all(p.is_contiguous() for p in run.unet.parameters() if p.requires_grad)
         runs[name] = train_and_load(run, tmp_path / name)
     assert_same_adapters(runs["channels_last"], runs["contiguous"])
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter):
+    """fp16 training (Accelerate's GradScaler on CUDA) over the trainer's dtype split. torch's CPU autocast and
+    GradScaler stand in for CUDA's here; fp16 training itself is refused on the CPU (test_cli). The scaler unscales
+    fp32 adapter gradients (it refuses fp16 ones: the control), gives the fp32 gradients, and skips a step whose
+    scaled gradients overflowed in the fp16 activations, leaving the adapters as they were."""
+    from peft import LoKrConfig, LoraConfig
+    from test_factored import peft_net
+
+    from peftbooth.train import to_compute_dtype
+
+    targets = ["proj", "conv", "pointwise"]
+    config = {"lora": LoraConfig(r=4, lora_alpha=4, target_modules=targets),
+              "loha": LoHaConfig(r=4, alpha=4, target_modules=targets),
+              "lokr": LoKrConfig(r=4, alpha=4, target_modules=targets)}[adapter]
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 5, 256, generator=g), torch.randn(2, 96, 9, 9, generator=g))
+
+    def scaled_backward(model, scaler):
+        with torch.autocast("cpu", dtype=torch.float16):
+            tokens, image = model(*inputs)
+        loss = tokens.float().pow(2).mean() + image.float().pow(2).mean()
+        scaler.scale(loss).backward()
+
+    reference = peft_net(config)  # fp32 throughout: the gradients fp16 training should approximate
+    scaled_backward(reference, torch.amp.GradScaler("cpu", enabled=False))
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+
+    model = peft_net(config)
+    factored.install(model)
+    to_compute_dtype(model, torch.device("cpu"), torch.float16)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaled_backward(model, scaler)
+    scaler.unscale_(optimizer)
+    for name, p in trained.items():
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, expected[name], rtol=2e-2, atol=2e-2 * expected[name].abs().max().item())
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(not torch.equal(p, before[n]) for n, p in trained.items())  # a normal step moves every adapter
+
+    optimizer.zero_grad()
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    overflow = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # far past fp16's 65504 in the activations' grads
+    scaled_backward(model, overflow)
+    overflow.step(optimizer)
+    overflow.update()
+    assert all(torch.equal(p, before[n]) for n, p in trained.items())  # the step was skipped
+    assert overflow.get_scale() == 2.0**39  # and the scale backed off
+
+    half = peft_net(config)  # the control: adapters in fp16 too, as a plain .half() would leave them
+    half.half()
+    fp16_grads = torch.amp.GradScaler("cpu")
+    scaled_backward(half, fp16_grads)
+    with pytest.raises(ValueError, match="^Attempting to unscale FP16 gradients.$"):
+        fp16_grads.unscale_(torch.optim.AdamW([p for p in half.parameters() if p.requires_grad]))
 
 
 def test_bf16_on_a_gpu_without_bf16_exits_2(tiny_model, photos, tmp_path, monkeypatch, capsys):
