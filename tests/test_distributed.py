@@ -60,3 +60,85 @@ def test_two_processes_train_sdxl_with_both_text_encoders(tmp_path):
     assert "adapter weights identical on all 2 processes" in run.stdout
     for part in ("unet", "text_encoder", "text_encoder_2"):
         assert (tmp_path / "two" / part / "adapter_model.safetensors").is_file()
+
+
+class CountingAccelerator:
+    """Stands in for Accelerate's gather across `num_processes` processes that all received `peers_signal`: the
+    tests count the gathers (each a host sync on a GPU)."""
+
+    def __init__(self, num_processes: int, peers_signal: int = 0):
+        self.num_processes, self.peers_signal, self.device, self.gathered_at = num_processes, peers_signal, "cpu", []
+
+    def gather(self, t):
+        self.gathered_at.append(self.step)
+        return torch.cat([t, torch.tensor([self.peers_signal])])
+
+
+def stops(signals, acc, steps, signal_at, checkpoints=()):
+    """Run `steps` optimizer steps; the signal arrives during step `signal_at`; return the step that stops."""
+    import signal
+
+    for step in range(1, steps + 1):
+        if step == signal_at:
+            signals._handle(signal.SIGTERM, None)
+        acc.step = step
+        if signals.agreed(acc, step, step in checkpoints):
+            return step
+    return None
+
+
+def test_several_processes_agree_on_a_signal_every_few_steps_not_every_step(capsys):
+    """Agreeing on a stop signal is a gather and a host sync: with several processes it happens at every 10th
+    step (fewer with --logging-steps below 10) and at checkpoints, not every step; alone, never."""
+    import signal
+
+    from peftbooth.train import SIGNAL_STEPS, StopSignals
+
+    assert SIGNAL_STEPS == 10
+    acc = CountingAccelerator(2)
+    assert stops(StopSignals(every=10), acc, 25, signal_at=None, checkpoints={13}) is None
+    assert acc.gathered_at == [10, 13, 20]
+    acc = CountingAccelerator(2)
+    assert stops(StopSignals(every=10), acc, 25, signal_at=3) == 10  # this process got it: all stop at step 10
+    assert "SIGTERM: finishing at most 10 steps, then writing a checkpoint" in capsys.readouterr().err
+    acc = CountingAccelerator(2, peers_signal=signal.SIGTERM)  # only another process got it
+    assert stops(StopSignals(every=4), acc, 25, signal_at=None) == 4
+    alone = CountingAccelerator(1)
+    assert stops(StopSignals(), alone, 25, signal_at=3) == 3 and alone.gathered_at == []
+    assert "SIGTERM: finishing this step, then writing a checkpoint" in capsys.readouterr().err
+
+
+def test_sigterm_to_both_processes_checkpoints_at_the_agreed_step(tiny_model, tmp_path):
+    """A scheduler's SIGTERM to every worker of a 2-process run: both finish steps up to the next multiple of
+    10, one checkpoint is written there, and both stop after it."""
+    import signal
+    import time
+
+    import psutil
+
+    from peftbooth.checkpoint import list_checkpoints
+
+    photos = draw_photos(tmp_path / "photos", n=4)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    out, log = tmp_path / "run", tmp_path / "log"
+    cmd = [sys.executable, "-m", "peftbooth", "train", "--model", tiny_model, "--instance-data-dir", str(photos),
+           "--instance-prompt", "a photo of sks dog", "--resolution", "32", "--max-train-steps", "100000",
+           "--report-to", "none", "--output-dir", str(out), "--num-processes", "2", "--checkpointing-steps", "0"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+    deadline = time.time() + 300
+    while "train:" not in log.read_text() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [p for child in psutil.Process(launcher.pid).children() for p in child.children()]
+    assert len(workers) == 2, log.read_text()[-2000:]
+    time.sleep(1.0)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    # torchrun reports the workers' exit (143, or its own SIGTERM to a rank already past its checkpoint) as a
+    # failure: the launcher's code is not 0, and the workers' codes are not readable from here
+    assert launcher.wait(timeout=120) != 0
+    err = log.read_text()
+    assert err.count("SIGTERM: finishing at most 10 steps, then writing a checkpoint") == 2, err[-3000:]
+    [checkpoint] = list_checkpoints(out)
+    step = int(checkpoint.name.removeprefix("checkpoint-"))
+    assert step > 0 and step % 10 == 0
+    assert err.count(f"SIGTERM: stopped after a checkpoint at {checkpoint};") == 2  # both ranks, the same step

@@ -430,13 +430,19 @@ class TrainingInterrupted(Exception):
                          "run the same command with --resume latest to continue")
 
 
-class StopSignals:
-    """First SIGINT/SIGTERM: note it, so the loop ends after the current step with a checkpoint.
-    The same signal again: exit at once (the last complete checkpoint stays valid: checkpoints are renamed into
-    place)."""
+# With several processes, agreeing on a stop signal is a gather and a host sync; the loop asks only every this
+# many optimizer steps (or fewer: at logging steps, which sync anyway, and at checkpoints), not every step.
+SIGNAL_STEPS = 10
 
-    def __init__(self):
+
+class StopSignals:
+    """First SIGINT/SIGTERM: note it, so the loop ends after the current step with a checkpoint (with several
+    processes: after the next step where they agree, at most `every` steps on). The same signal again: exit at once
+    (the last complete checkpoint stays valid: checkpoints are renamed into place)."""
+
+    def __init__(self, every: int = 1):
         self.received: int | None = None
+        self.every = every
         self._previous = {}
 
     def __enter__(self):
@@ -453,14 +459,18 @@ class StopSignals:
         if self.received is not None:
             return
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+        steps = "this step" if self.every == 1 else f"at most {self.every} steps"
+        print(f"\n{signal.Signals(signum).name}: finishing {steps}, then writing a checkpoint "
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 
-    def agreed(self, accelerator) -> int:
-        """The signal to stop on (0: none), the same on every process: a process that got it a step earlier
-        must not wait in the checkpoint while the others wait in the gradient exchange."""
+    def agreed(self, accelerator, step: int, checkpoint_due: bool) -> int:
+        """The signal to stop on after optimizer step `step` (0: none), the same on every process: a process
+        that got it a step earlier must not wait in the checkpoint while the others wait in the gradient
+        exchange. Alone, every step (no sync); with several processes, every `every` steps and at checkpoints."""
         received = self.received or 0
         if accelerator.num_processes > 1:
+            if step % self.every and not checkpoint_due:
+                return 0  # the others are not asked now: nobody stops yet
             flags = accelerator.gather(torch.tensor([received], device=accelerator.device))
             received = int(flags.max())
         return received
@@ -508,7 +518,8 @@ def fit(run: Run) -> dict:
         maybe_validate(run, 0)
         validation_seconds += time.perf_counter() - tick
     skip_group = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
-    with StopSignals() as signals:
+    every = 1 if acc.num_processes == 1 else min(t.logging_steps, SIGNAL_STEPS)
+    with StopSignals(every) as signals:
         while state.step < t.max_train_steps:
             begin_epoch(run, state)
             for batch in run.dataloader:
@@ -537,7 +548,7 @@ def fit(run: Run) -> dict:
                 state.step += 1
                 progress.update(1)
                 checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
-                stop = signals.agreed(acc)  # all processes stop after the same step
+                stop = signals.agreed(acc, state.step, checkpoint_due)  # all processes stop after the same step
                 if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
                     # .item() waits for the device: only at these steps, not every step
                     check_finite(first_bad, params, state.step)
