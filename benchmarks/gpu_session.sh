@@ -69,3 +69,6 @@ step "channels-last" 60 "${bench[@]}" --adapters lora --modes peftbooth-channels
 step "class images" 60 "$py" benchmarks/class_images.py --model "$model" --num-images "$images" \
   > "$OUT/class_images.jsonl"
 step "lycoris layers" 40 "$py" benchmarks/lycoris_layers.py --device "$device" > "$OUT/layers.jsonl"
+# PEFT's LoHa/LoKr forward (full delta weight, fp32 outputs after CUDA autocast's fp32 norms) against ours
+step "lycoris peft forward" 90 "${bench[@]}" --adapters loha,lokr --modes peftbooth-peft-forward \
+  --out "$OUT/train_peft_forward.jsonl"
