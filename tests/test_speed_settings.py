@@ -266,6 +266,23 @@ def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter):
         fp16_grads.unscale_(torch.optim.AdamW([p for p in half.parameters() if p.requires_grad]))
 
 
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_gradient_checkpointing_trains_like_without(adapter, tiny_model, photos, tmp_path):
+    """--gradient-checkpointing (the memory target's setting) recomputes activations in the backward pass; the
+    adapters inside the checkpointed blocks, UNet and text encoder, still get their gradients and train to the same
+    weights. (A reentrant checkpoint whose inputs need no gradient would leave them untrained.)"""
+    runs = {}
+    for name, extra in [("plain", {}), ("checkpointed", {"train.gradient_checkpointing": True})]:
+        run = setup(tiny_config(tiny_model, photos, tmp_path / name, **{
+            "unet_adapter.adapter": adapter, "text_encoder_adapter.adapter": adapter,
+            "train.train_text_encoder": True, **LINEAR_ADAM, **extra}))
+        assert run.components.unet.is_gradient_checkpointing == (name == "checkpointed")
+        assert run.components.text_encoder.is_gradient_checkpointing == (name == "checkpointed")
+        unet = train_and_load(run, tmp_path / name)
+        runs[name] = {**unet, **load_file(tmp_path / name / "text_encoder" / "adapter_model.safetensors")}
+    assert_same_adapters(runs["checkpointed"], runs["plain"])
+
+
 def test_bf16_on_a_gpu_without_bf16_exits_2(tiny_model, photos, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
