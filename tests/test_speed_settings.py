@@ -203,8 +203,9 @@ def test_channels_last_trains_like_contiguous(adapter, tiny_model, photos, tmp_p
     assert_same_adapters(runs["channels_last"], runs["contiguous"])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])  # fused: the trainer's AdamW on CUDA
 @pytest.mark.parametrize("adapter", ADAPTERS)
-def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter):
+def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter, fused):
     """fp16 training (Accelerate's GradScaler on CUDA) over the trainer's dtype split. torch's CPU autocast and
     GradScaler stand in for CUDA's here; fp16 training itself is refused on the CPU (test_cli). The scaler unscales
     fp32 adapter gradients (it refuses fp16 ones: the control), gives the fp32 gradients, and skips a step whose
@@ -237,7 +238,7 @@ def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter):
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {p.dtype for p in trained.values()} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
-    optimizer = torch.optim.AdamW(trained.values(), lr=1e-2)
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-2, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     scaled_backward(model, scaler)
     scaler.unscale_(optimizer)
@@ -253,6 +254,7 @@ def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter):
     before = {n: p.detach().clone() for n, p in trained.items()}
     overflow = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # far past fp16's 65504 in the activations' grads
     scaled_backward(model, overflow)
+    overflow.unscale_(optimizer)  # as clipping does before the step
     overflow.step(optimizer)
     overflow.update()
     assert all(torch.equal(p, before[n]) for n, p in trained.items())  # the step was skipped
