@@ -145,6 +145,25 @@ def test_output_has_the_frozen_layers_dtype_under_autocast(case):
         bf16_inputs = [x.bfloat16() for x in inputs]
         assert [t.dtype for t in outputs(ours, bf16_inputs)] == [torch.bfloat16] * len(inputs)
 
+    # the paths that run PEFT's forward keep the rule too: disabled adapters (the "before" of a comparison),
+    # merged ones, and module dropout while training
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with ours.disable_adapter():
+            disabled = outputs(ours, inputs)
+        for layer in ours.modules():
+            if hasattr(layer, factored.ORIGINAL_FORWARD):
+                layer.module_dropout["default"] = 0.5
+        ours.train()
+        dropped = outputs(ours, inputs)
+        ours.eval()  # PEFT drops nothing in eval: our forward again, the full update
+        evaluated = outputs(ours, inputs)
+        ours.merge_adapter()  # last: merging into bf16 weights and back rounds them
+        merged = outputs(ours, inputs)
+    for path in (disabled, dropped, evaluated, merged):
+        assert [t.dtype for t in path] == [torch.bfloat16] * len(inputs)
+    for e, g_ in zip(evaluated, got):
+        torch.testing.assert_close(e, g_)
+
 
 def test_uninstall_restores_peft_forward():
     model = peft_net(CASES["loha"])

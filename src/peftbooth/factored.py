@@ -73,19 +73,23 @@ def forward_without_coin(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     the default module_dropout = 0 the update is always kept, but the coin is still tossed: a CPU RNG call and a
     tensor comparison per layer, and, under torch.compile, a data-dependent branch that splits the compiled UNet
     into a graph per adapted layer (measured: LoHa/LoKr graph breaks at every layer, and the recompile limit hit
-    so the rest ran eagerly; LoRA has no coin and compiles to one graph). With module dropout on, PEFT's own
-    forward runs, coin and all.
+    so the rest ran eagerly; LoRA has no coin and compiles to one graph). Training with module dropout on, PEFT's
+    own forward runs, coin and all; so it does for disabled or merged adapters.
 
-    The output has the frozen layer's output dtype, as LoRA's and the un-adapted layer's do. PEFT's LoHa/LoKr
-    forward casts it to the input's dtype instead. Without autocast the two are the same dtype. Under CUDA autocast
-    they are not: GroupNorm and LayerNorm run in fp32 there, so the next layer gets fp32 input and PEFT would hand
-    fp32 activations to every later elementwise op (residual adds, GEGLU) and to the tensors saved for backward.
+    The output has the frozen layer's output dtype, on every path, as LoRA's and the un-adapted layer's do.
+    PEFT's LoHa/LoKr forward casts it to the input's dtype instead. Without autocast the two are the same dtype.
+    Under CUDA autocast they are not: GroupNorm and LayerNorm run in fp32 there, so the next layer gets fp32 input
+    and PEFT would hand fp32 activations to every later elementwise op (residual adds, GEGLU) and to the tensors
+    saved for backward.
     The values would still be only bf16/fp16-precise: the adapted layer's convolution or matmul ran in the autocast
     dtype.
     """
     adapters = [a for a in self.active_adapters if a in self._available_adapters]
-    if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in adapters):
-        return getattr(self, ORIGINAL_FORWARD)(x, *args, **kwargs)
+    if self.disable_adapters or self.merged or (self.training and any(self.module_dropout[a] for a in adapters)):
+        # PEFT's forward: it unmerges a disabled merged layer, and tosses the coin (only while training, as here)
+        result = getattr(self, ORIGINAL_FORWARD)(x, *args, **kwargs)  # in x's dtype
+        device = x.device.type
+        return result.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else result
     result = self.base_layer(x, *args, **kwargs)  # in the autocast dtype under autocast, else x's dtype
     result_dtype = result.dtype
     for adapter in adapters:
