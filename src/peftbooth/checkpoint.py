@@ -206,6 +206,9 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(root)
+        # nobody leaves before the checkpoint is in place: after a stop signal a process that exits early makes
+        # torchrun send SIGTERM to the rest, the writer included
+        acc.wait_for_everyone()
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
