@@ -222,14 +222,14 @@ def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter, 
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(2, 5, 256, generator=g), torch.randn(2, 96, 9, 9, generator=g))
 
-    def scaled_backward(model, scaler):
-        with torch.autocast("cpu", dtype=torch.float16):
+    def scaled_backward(model, scaler, fp16=True):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
             tokens, image = model(*inputs)
         loss = tokens.float().pow(2).mean() + image.float().pow(2).mean()
         scaler.scale(loss).backward()
 
     reference = peft_net(config)  # fp32 throughout: the gradients fp16 training should approximate
-    scaled_backward(reference, torch.amp.GradScaler("cpu", enabled=False))
+    scaled_backward(reference, torch.amp.GradScaler("cpu", enabled=False), fp16=False)
     expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
 
     model = peft_net(config)
