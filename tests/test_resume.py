@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,31 @@ def test_resume_latest_without_checkpoints_is_refused(tiny_model, photos, tmp_pa
                  "--output-dir", str(tmp_path / "run"), "--resume", "latest"])
     assert code == 2 and "--resume latest: no complete checkpoint in" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_partial_first_checkpoint_does_not_block_a_fresh_start(tiny_model, photos, tmp_path, capsys):
+    """Killed while writing its first checkpoint, a run leaves only a .tmp- folder: `--resume latest` has nothing
+    to resume, so the same command without it must start (it did exit 2, 'holds checkpoints of an unfinished
+    run', leaving no way on but --overwrite)."""
+    out = tmp_path / "run"
+    partial = out / "checkpoints" / ".tmp-checkpoint-000001"
+    partial.mkdir(parents=True)
+    (partial / "rng-0.pt").write_bytes(b"")
+    assert main(["train", "--model", tiny_model, "--instance-data-dir", str(photos), "--instance-prompt", "p",
+                 "--resolution", "32", "--max-train-steps", "1", "--report-to", "none", "--checkpointing-steps", "1",
+                 "--output-dir", str(out)]) == 0
+    assert (out / "unet" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000001"] and not partial.exists()
+
+    # a complete checkpoint of an unfinished run is still refused without --resume / --overwrite
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out / "checkpoints", unfinished / "checkpoints")
+    capsys.readouterr()
+    assert main(["train", "--model", tiny_model, "--instance-data-dir", str(photos), "--instance-prompt", "p",
+                 "--output-dir", str(unfinished)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"peftbooth train: error: --output-dir {unfinished}: holds checkpoints of an unfinished run; pass --resume "
+        "latest to continue it, or --overwrite to start over (its checkpoints are deleted)")
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip-step"])

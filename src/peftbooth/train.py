@@ -26,8 +26,8 @@ from . import adapters as ad
 from . import factored
 from .cache import LatentCache, TextCache
 from .checkpoint import (
-    CHECKPOINTS, TrainState, acquire_lock, check_compatible, data_fingerprint, load_checkpoint, release_lock, resolve_resume,
-    save_checkpoint,
+    CHECKPOINTS, TrainState, acquire_lock, check_compatible, data_fingerprint, list_checkpoints, load_checkpoint,
+    release_lock, resolve_resume, save_checkpoint,
 )
 from .config import TrainConfig, UsageError, to_dict
 from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_captions, load_image
@@ -114,8 +114,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
         raise UsageError(f"--output-dir {out}: is a file")
     if (out / RUN_MARKER).exists() and not cfg.train.overwrite:
         raise UsageError(f"--output-dir {out}: already holds a finished run; pass --overwrite or choose another folder")
-    if (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()) and not cfg.train.resume \
-            and not cfg.train.overwrite:
+    # complete checkpoints only: a run killed while writing its first one leaves just a .tmp- folder, which
+    # --resume latest cannot use and a fresh start replaces
+    if list_checkpoints(out) and not cfg.train.resume and not cfg.train.overwrite:
         raise UsageError(f"--output-dir {out}: holds checkpoints of an unfinished run; pass --resume latest to "
                          "continue it, or --overwrite to start over (its checkpoints are deleted)")
     check_vae_arg(cfg.model.vae)
