@@ -2,6 +2,7 @@
 
     python benchmarks/memory_estimate.py                      # SD 1.5 shapes, 512 px, bf16, LoRA r16 'all'
     python benchmarks/memory_estimate.py --adapters lora,loha,lokr --resolution 512
+    python benchmarks/memory_estimate.py --adapters loha,lokr --checkpointing off --peft-output-dtype
 
 What is on the GPU during peftbooth's training (latents and text states cached, VAE and text encoder moved off
 the GPU): the UNet's frozen weights in the compute dtype, the fp32 adapter weights, their gradients and AdamW's two
@@ -11,6 +12,9 @@ so no compute and no memory), and runs two optimizer steps (the second with Adam
 torch's MemTracker, which adds up the storage of every live tensor (rounded up to the CUDA caching allocator's
 512-byte blocks) and keeps the peak. A first line estimates the caching phase before training (the VAE encoding
 the photos, the text encoder the prompts).
+The step runs under CPU autocast with CUDA autocast's fp32 rule for GroupNorm and LayerNorm added (CPU autocast
+keeps them in bf16/fp16; CUDA autocast runs them in fp32, so the next layer gets fp32 input): the activation
+dtypes are a GPU run's.
 About 3 minutes per line on 2 CPU cores (the tracker's bookkeeping per operation, not the maths).
 
 It is an estimate of `torch.cuda.max_memory_allocated`, not a measurement. Not counted: the caching allocator's
@@ -83,7 +87,41 @@ def estimate_caching(resolution: int, dtype_name: str, batch: int) -> dict:
             "peak_mb_estimate": round(total, 1), "with_unet_mb": round(total + unet_mb, 1)}
 
 
-def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool) -> dict:
+def norms_in_fp32():
+    """A context in which group_norm and layer_norm run in fp32, as under CUDA autocast.
+
+    nn.GroupNorm / nn.LayerNorm look `F.group_norm` / `F.layer_norm` up at each call, so replacing those two
+    functions reaches every norm, also when gradient checkpointing reruns the forward inside backward (a torch
+    function mode would not: backward runs inside the mode's own handler, where the mode is off)."""
+    import contextlib
+    from unittest import mock
+
+    import torch
+    import torch.nn.functional as F
+
+    def up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def in_fp32(fn):
+        return lambda *args, **kwargs: fn(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(F, "group_norm", in_fp32(F.group_norm)))
+    stack.enter_context(mock.patch.object(F, "layer_norm", in_fp32(F.layer_norm)))
+    return stack
+
+
+def peft_output_dtype(model) -> None:
+    """Give the LoHa/LoKr layers PEFT's output dtype rule (the input's dtype) on top of peftbooth's forward.
+    (PEFT's forward itself cannot run here: its module-dropout coin needs a real random number.)"""
+    from peftbooth import factored
+
+    for module in model.modules():
+        if hasattr(module, factored.ORIGINAL_FORWARD):
+            module.forward = lambda x, *a, _ours=module.forward, **k: _ours(x, *a, **k).to(x.dtype)
+
+
+def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool, input_dtype: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
@@ -106,7 +144,9 @@ def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SHAPES["sd15"]["unet"])
     unet.to_empty(device="cpu")
     model = ad.attach(unet, cfg.resolved().unet_adapter, ad.UNET_PRESETS, "")
-    factored.install(model)
+    factored.install(model)  # as training does
+    if input_dtype:
+        peft_output_dtype(model)
     to_compute_dtype(model, torch.device("cpu"), dtype)
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -133,17 +173,19 @@ def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool
                 if step:
                     tracker.reset_mod_stats()  # per-module stats are per iteration; the overall peak is kept
                 print(f"step {step} at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    pred = model(latents, timesteps, context).sample
-                loss = F.mse_loss(pred.float(), noise.float())
-                loss.backward()
+                with norms_in_fp32():  # around backward too: gradient checkpointing reruns the forward there
+                    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                        pred = model(latents, timesteps, context).sample
+                    loss = F.mse_loss(pred.float(), noise.float())
+                    loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         peak = tracker.get_tracker_snapshot("peak")
     by_kind = next(iter(peak.values()))
     mib = {k: round(v / 2**20, 1) for k, v in by_kind.items()}
     return {"adapter": adapter, "rank": RANKS[adapter], "resolution": resolution, "dtype": dtype_name,
-            "gradient_checkpointing": checkpointing, "trainable_params": sum(p.numel() for p in trainable),
+            "gradient_checkpointing": checkpointing, "peft_output_dtype": input_dtype,
+            "trainable_params": sum(p.numel() for p in trainable),
             "peak_mb_estimate": mib.pop("Total"), "peak_breakdown_mb": mib}
 
 
@@ -153,14 +195,22 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
     p.add_argument("--sample-batch-size", type=int, default=4, help="photos per VAE call while caching (default 4)")
+    p.add_argument("--checkpointing", choices=("both", "off", "on"), default="both",
+                   help="rows without and/or with gradient checkpointing (default both)")
+    p.add_argument("--peft-output-dtype", action="store_true",
+                   help="LoHa/LoKr layers return the input's dtype, as PEFT's forward does (fp32 after a norm)")
+    p.add_argument("--no-caching-row", action="store_true", help="skip the caching-phase line")
     args = p.parse_args()
     from peftbooth.cli import quiet_libraries
 
     quiet_libraries()
-    print(json.dumps(estimate_caching(args.resolution, args.mixed_precision, args.sample_batch_size)), flush=True)
+    if not args.no_caching_row:
+        print(json.dumps(estimate_caching(args.resolution, args.mixed_precision, args.sample_batch_size)), flush=True)
+    settings = {"both": (False, True), "off": (False,), "on": (True,)}[args.checkpointing]
     for adapter in args.adapters.split(","):
-        for checkpointing in (False, True):
-            print(json.dumps(estimate(adapter, args.resolution, args.mixed_precision, checkpointing)), flush=True)
+        for checkpointing in settings:
+            row = estimate(adapter, args.resolution, args.mixed_precision, checkpointing, args.peft_output_dtype)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
