@@ -600,6 +600,31 @@ def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int)
 # saving
 
 
+def end_training(run: Run) -> None:
+    """Accelerate's end_training (trackers closed, process group destroyed), with the DDP wrappers dropped first.
+
+    With several processes: DDP's Reducer holds the process group. Where the Reducer is the group's last owner,
+    the group's destructor waits for gloo's worker threads while holding the GIL, and a worker that needs the GIL
+    to free the tensors of a finished gather never ends: seen as 1 run in 12 hanging at exit with 2 CPU processes
+    (a known PyTorch pattern, pytorch/pytorch#56297). So first a barrier: every earlier collective is finished and
+    freed by the workers while this thread waits without the GIL. Then the wrappers are dropped while the group is
+    still registered, so that they free only themselves, and destroy_process_group (whose binding lets go of the
+    GIL) is the group's last owner.
+    """
+    import gc
+
+    acc = run.accelerator
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            model = getattr(run, name)
+            if model is not None:
+                setattr(run, name, acc.unwrap_model(model))
+        acc.free_memory()  # Accelerate's own references to the prepared models, optimizer and data loader
+        gc.collect()
+    acc.end_training()
+
+
 def replayable(cfg: TrainConfig) -> TrainConfig:
     """The config as saved in OUTPUT/config.yaml: one-off actions of this invocation (resume, overwrite, push)
     reset, so `train --config OUTPUT/config.yaml --output-dir NEW` trains the same thing again and nothing more."""
@@ -653,7 +678,7 @@ def save(run: Run, stats: dict) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk
-    acc.end_training()
+    end_training(run)
     acc.print(f"adapters written to {out}: " + ", ".join(f"{name}/" for name in run.trained()))
     if run.cfg.train.push_to_hub and acc.is_main_process:
         url = push(out, run.cfg.train.push_to_hub)
