@@ -30,9 +30,9 @@ CASES = {
 }
 
 
-def peft_net(config):
+def peft_net(config, make=Net):
     torch.manual_seed(0)
-    model = get_peft_model(Net(), copy.deepcopy(config))
+    model = get_peft_model(make(), copy.deepcopy(config))
     with torch.no_grad():  # PEFT starts LoHa/LoKr at a zero update: give every factor values
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -113,14 +113,7 @@ def test_output_has_the_frozen_layers_dtype_under_autocast(case):
     if small:
         config = copy.deepcopy(CASES[adapter])
         config.target_modules = ["0"]
-        models = []
-        for _ in range(2):
-            torch.manual_seed(0)
-            models.append(get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), config))
-            with torch.no_grad():
-                for p in models[-1].parameters():
-                    if p.requires_grad:
-                        p.copy_(torch.randn_like(p) * 0.1)
+        models = [peft_net(config, lambda: torch.nn.Sequential(torch.nn.Linear(16, 16))) for _ in range(2)]
         inputs = (torch.randn(3, 16),)
     else:
         models = [peft_net(CASES[case]), peft_net(CASES[case])]
