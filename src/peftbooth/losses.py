@@ -56,18 +56,17 @@ def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None)
 
 def dreambooth_loss(
     pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float,
-    weights: torch.Tensor | None = None,
+    instance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, instance_loss, prior_loss) for a batch whose first `num_instance` rows are instance images.
 
-    pred, target: (B_inst + B_class, C, h, w); weights: optional (N,) per-row weights (Min-SNR).
-    loss = MSE(instance) + prior_loss_weight * MSE(class); computed in fp32 so a bf16/fp16 forward does not lose
-    the small differences the MSE is made of.
+    pred, target: (B_inst + B_class, C, h, w); instance_weights: optional (B_inst,) per-row weights (Min-SNR) of
+    the instance rows. loss = weighted MSE(instance) + prior_loss_weight * MSE(class). The class (prior) rows are
+    never weighted, as in the diffusers DreamBooth scripts: --prior-loss-weight keeps its meaning with Min-SNR on.
+    Computed in fp32 so a bf16/fp16 forward does not lose the small differences the MSE is made of.
     """
-    w_inst = None if weights is None else weights[:num_instance]
-    instance_loss = _mse(pred[:num_instance], target[:num_instance], w_inst)
+    instance_loss = _mse(pred[:num_instance], target[:num_instance], instance_weights)
     if pred.shape[0] == num_instance:
         return instance_loss, instance_loss, None
-    w_prior = None if weights is None else weights[num_instance:]
-    prior_loss = _mse(pred[num_instance:], target[num_instance:], w_prior)
+    prior_loss = _mse(pred[num_instance:], target[num_instance:], None)
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss

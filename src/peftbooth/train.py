@@ -416,8 +416,9 @@ def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     pred = run.unet(noisy_latents, timesteps, context, added_cond_kwargs=added).sample
     target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
     weights = None
-    if tr.snr_gamma is not None:
-        weights = min_snr_weights(snr(c.noise_scheduler, timesteps), tr.snr_gamma, c.prediction_type)
+    if tr.snr_gamma is not None:  # Min-SNR on the instance rows (B,); the class rows keep weight 1
+        instance_t = timesteps[: batch["num_instance"]]
+        weights = min_snr_weights(snr(c.noise_scheduler, instance_t), tr.snr_gamma, c.prediction_type)
     return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight, weights)
 
 
