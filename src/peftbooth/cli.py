@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_commands as add_eval_commands
 
     add_eval_commands(sub)  # eval
+    from .ui import add_command as add_ui_command
+
+    add_ui_command(sub)  # ui
 
     p = sub.add_parser("push", help="upload a run's adapters, model card and samples to the Hugging Face Hub")
     p.add_argument("run_dir")

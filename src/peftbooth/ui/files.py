@@ -1,0 +1,152 @@
+"""What the page may touch on disk: sanitised names, folders confined to the allowed roots, checked uploads.
+
+Nothing a browser sends becomes a path by itself: run and file names are reduced to a safe alphabet, and every
+folder typed into the page must resolve (symlinks followed) inside the runs folder or a folder given at start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+from ..config import UsageError
+from ..data import IMAGE_EXTENSIONS, list_images, load_image
+
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # one photo; phone photos are 2-12 MB
+MAX_PHOTOS = 50  # per run; DreamBooth wants 3-10
+MAX_CAPTION_CHARS = 2000
+PHOTOS = "photos"  # uploads go to RUN/photos/, captions beside them as NAME.txt
+UI_DIR = "ui"  # RUN/ui/: the UI's own files (job state, training log, samples, exports)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, what: str, max_len: int = 80) -> str:
+    """A file or folder name from the browser -> letters, digits, '.', '_', '-' only, no leading dot.
+
+    Only the last path component is kept ('../../x.png' -> 'x.png'); an empty result is refused.
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    clean = _UNSAFE.sub("-", base).strip("-").lstrip(".")[:max_len]
+    if not clean or clean in (".", ".."):
+        raise UsageError(f"{what} {name!r}: not a usable name; use letters, digits, '.', '_' or '-'")
+    return clean
+
+
+def run_name(name: str) -> str:
+    """A run name: safe_name without dots at all, so it can never be '..' or a hidden folder."""
+    return safe_name(name.replace(".", "-"), "run name", max_len=64)
+
+
+def inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real == r or real.is_relative_to(r) for r in (root.resolve() for root in roots))
+
+
+def confined(typed: str, roots: list[Path], what: str) -> Path:
+    """A folder typed into the page, refused unless it resolves inside one of `roots`."""
+    if not typed or "\x00" in typed:
+        raise UsageError(f"{what}: give a folder")
+    path = Path(typed).expanduser()
+    if not path.is_absolute():
+        path = roots[0] / path
+    if not inside(path, roots):
+        raise UsageError(f"{what} {typed}: outside the folders this UI may read ("
+                         + ", ".join(str(r) for r in roots) + "); start 'peftbooth ui --allow-dir DIR' to add one")
+    return path.resolve()
+
+
+def run_dir(runs_dir: Path, name: str) -> Path:
+    """RUNS/NAME for a name from a URL, refused unless it is already a safe run name."""
+    if run_name(name) != name:
+        raise UsageError(f"run {name!r}: not a run name")
+    return runs_dir / name
+
+
+def file_in(folder: Path, rel: str) -> Path:
+    """A file named by a URL path inside `folder` (symlinks followed), or UsageError: no escaping the folder."""
+    if "\x00" in rel:
+        raise UsageError("bad file name")
+    path = (folder / rel).resolve()
+    if not path.is_relative_to(folder.resolve()) or not path.is_file():
+        raise UsageError(f"{rel}: no such file")
+    return path
+
+
+def unique(folder: Path, name: str) -> Path:
+    stem, suffix = os.path.splitext(name)
+    path, i = folder / name, 1
+    while path.exists():
+        path, i = folder / f"{stem}-{i}{suffix}", i + 1
+    return path
+
+
+def store_upload(folder: Path, filename: str, data: bytes) -> Path:
+    """Save one uploaded photo into `folder` under a sanitised, unused name, after the project's own loader has
+    decoded it. Refused (nothing left behind): a name without an image extension, too many photos, too many
+    bytes, or bytes that do not decode as an image."""
+    name = safe_name(filename, "photo")
+    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UsageError(f"photo {filename!r}: only {', '.join(IMAGE_EXTENSIONS)} images are accepted")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UsageError(f"photo {filename!r}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB "
+                         "limit per photo")
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list_images(folder, "photos")) >= MAX_PHOTOS:
+        raise UsageError(f"photo {filename!r}: this run already has {MAX_PHOTOS} photos, the most it may have")
+    # a hidden name while it is checked: list_images (and so training) never sees a file that is not an image
+    tmp = folder / f".upload-{secrets.token_hex(8)}{Path(name).suffix.lower()}"
+    try:
+        tmp.write_bytes(data)
+        try:
+            load_image(tmp)
+        except UsageError:
+            raise UsageError(f"photo {filename!r}: not a readable image") from None
+        target = unique(folder, name)
+        os.replace(tmp, target)
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def photos_of(folder: Path) -> list[dict]:
+    """[{name, caption}] for the images of a folder; the caption is NAME.txt's text, '' when there is none."""
+    if not folder.is_dir():
+        return []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = list_images(folder, "photos")
+    out = []
+    for p in paths:
+        txt = p.with_suffix(".txt")
+        try:
+            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            caption = ""
+        out.append({"name": p.name, "caption": caption})
+    return out
+
+
+def write_caption(folder: Path, photo: str, text: str) -> Path:
+    """NAME.txt beside NAME.jpg (training reads it as that photo's prompt); empty text removes it."""
+    path = folder / photo
+    if photo != safe_name(photo, "photo") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UsageError(f"photo {photo!r}: no such photo")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise UsageError(f"caption of {photo}: over {MAX_CAPTION_CHARS} characters")
+    txt = path.with_suffix(".txt")
+    if not text.strip():
+        txt.unlink(missing_ok=True)
+        return txt
+    atomic_write(txt, text.strip() + "\n")
+    return txt
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

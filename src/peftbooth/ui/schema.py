@@ -1,0 +1,212 @@
+"""The new-run form, built from the config dataclasses, and the checks `peftbooth train` makes before it starts.
+
+Every field of every section in :data:`peftbooth.config.SECTIONS` becomes one form field (its help text, type,
+default and choices come from the dataclass), so the page can never offer an option the CLI lacks or miss one it
+has. The page sends ``{"section.field": value}``; :func:`check_run` turns that into a ``TrainConfig`` through
+``from_dict`` (the same type checks as a ``--config`` YAML file), then runs ``TrainConfig.validate`` and
+``train.check_inputs``, and hands each problem back under the field whose flag it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from pathlib import Path
+
+from ..config import SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list
+
+# Fields the UI fills itself: the run folder is the output folder, the photos are uploaded or named on the page,
+# and resuming is the Resume button.
+MANAGED = ("train.output_dir", "data.instance_data_dir", "train.resume", "train.resume_force", "train.overwrite")
+
+# The fields shown at the top of the form; the rest go under "Advanced". Still one list of options: both parts
+# are rendered from `form_fields()`.
+MAIN = ("model.model", "data.instance_prompt", "data.with_prior_preservation", "data.class_prompt",
+        "data.num_class_images", "unet_adapter.adapter", "train.max_train_steps", "train.validation_prompt",
+        "train.validation_steps")
+
+# Base models offered by name; any hub id or local diffusers folder can be typed instead.
+MODEL_CHOICES = ("tiny", "world")
+
+# Values, not options: each preset sets fields that exist in the dataclasses (checked by the tests).
+PRESETS: dict[str, dict[str, object]] = {
+    "quick": {"unet_adapter.rank": 4, "unet_adapter.target_modules": "attn", "train.max_train_steps": 200,
+              "train.learning_rate": 2e-4, "train.validation_steps": 50},
+    "balanced": {"unet_adapter.rank": 8, "unet_adapter.target_modules": "attn-ff", "train.max_train_steps": 400,
+                 "train.learning_rate": 1e-4, "train.validation_steps": 100},
+    "quality": {"unet_adapter.rank": 16, "unet_adapter.target_modules": "all", "train.max_train_steps": 800,
+                "train.learning_rate": 1e-4, "train.train_text_encoder": True, "train.validation_steps": 100,
+                "train.checkpointing_steps": 200},
+}
+# Applied on top of any preset: less memory for the same training (recompute activations, bf16 frozen weights).
+LOW_MEMORY = {"train.gradient_checkpointing": True, "train.mixed_precision": "bf16", "data.train_batch_size": 1,
+              "train.cache_latents": True, "train.cache_text_states": True}
+
+
+def flag_of(section: str, name: str) -> str:
+    return "--" + SECTIONS[section][1] + name.replace("_", "-")
+
+
+def form_fields() -> list[dict]:
+    """One entry per config field (less the managed ones): key, flag, type, default, help, choices."""
+    defaults = TrainConfig()
+    fields = []
+    for section, (cls, _) in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if key in MANAGED:
+                continue
+            typ, optional = field_type(f)
+            kind = "list" if is_list(f) else typ.__name__
+            fields.append({
+                "key": key, "section": section, "name": f.name, "flag": flag_of(section, f.name), "type": kind,
+                "optional": optional, "default": getattr(getattr(defaults, section), f.name),
+                "help": f.metadata.get("help", ""), "choices": list(f.metadata.get("choices") or ()),
+                "main": key in MAIN,
+            })
+    return fields
+
+
+def _fields_by_key() -> dict[str, dataclasses.Field]:
+    return {f"{s}.{f.name}": f for s, (cls, _) in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def parse_value(value, f: dataclasses.Field, flag: str):
+    """A form value (text from an input, a bool from a checkbox, a list of lines) -> the field's Python type.
+
+    Empty text is None for optional fields (the CLI's 'not given'); type checks and choices are left to
+    `from_dict`, so the messages are the config file's own.
+    """
+    typ, optional = field_type(f)
+    if is_list(f):
+        if isinstance(value, str):
+            value = value.splitlines()
+        return [v.strip() for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else value
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        if text == "":
+            return None
+        try:
+            return typ(text) if typ is not bool else {"true": True, "false": False}[text.lower()]
+        except (ValueError, KeyError):
+            raise UsageError(f"{flag} must be {typ.__name__} (got {text!r})") from None
+    if isinstance(value, str) and value.strip() == "" and optional:
+        return None
+    return value
+
+
+def to_sections(values: dict) -> tuple[dict, dict[str, list[str]]]:
+    """{'section.field': value} -> ({section: {field: value}}, errors by key)."""
+    known = _fields_by_key()
+    data: dict[str, dict] = {s: {} for s in SECTIONS}
+    errors: dict[str, list[str]] = {}
+    for key, value in values.items():
+        if key not in known or key in MANAGED:
+            errors.setdefault("general", []).append(f"unknown setting {key!r}")
+            continue
+        section, name = key.split(".", 1)
+        try:
+            data[section][name] = parse_value(value, known[key], flag_of(section, name))
+        except UsageError as e:
+            errors.setdefault(key, []).append(str(e))
+    return data, errors
+
+
+def flag_keys() -> dict[str, str]:
+    """'--text-encoder-rank' -> 'text_encoder_adapter.rank', for every field, managed ones included."""
+    return {flag_of(s, f.name): f"{s}.{f.name}" for s, (cls, _) in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
+
+
+def key_of(message: str, fallback: str = "general") -> str:
+    """The field a problem belongs to: the flag it says is needed, else the first flag it names."""
+    flags = flag_keys()
+    # 'A needs B': B is what to fill in ('--with-prior-preservation needs --class-prompt')
+    needs = re.search(r" needs (--[a-z0-9][a-z0-9-]*)", message)
+    for flag in ([needs.group(1)] if needs else []) + FLAG.findall(message):
+        if flag in flags:
+            return flags[flag]
+    return fallback
+
+
+def split_problems(message: str) -> list[str]:
+    """`TrainConfig.validate` joins its problems with '; ', each starting with its flag; a '; ' inside one
+    problem (not followed by a flag) stays in it."""
+    problems: list[str] = []
+    for part in message.split("; "):
+        if problems and not part.startswith("--"):
+            problems[-1] += "; " + part
+        else:
+            problems.append(part)
+    return problems
+
+
+def check_run(values: dict, instance_data_dir: str | None, output_dir: str) -> tuple[TrainConfig | None, dict]:
+    """The same checks as `peftbooth train`, in the same order, writing nothing.
+
+    Returns (resolved config, {}) or (None, {key: [messages]}), with 'general' for a problem that names no field.
+    """
+    data, errors = to_sections(values)
+    if errors:
+        return None, errors
+    # the UI's own fields: a run folder of its own, the photos chosen on the page, never an overwrite or resume
+    data["train"].update(output_dir=output_dir, overwrite=False, resume=None, resume_force=False)
+    data["data"]["instance_data_dir"] = instance_data_dir
+    try:
+        cfg = from_dict(data, source="settings")
+    except UsageError as e:  # 'settings: train.max_train_steps must be int (got ...)'
+        m = re.search(r"settings: (\w+)\.(\w+)", str(e))
+        key = f"{m.group(1)}.{m.group(2)}" if m else "general"
+        msg = str(e).replace(m.group(0), flag_of(m.group(1), m.group(2))) if m else str(e)
+        return None, {key: [msg]}
+    cfg = cfg.resolved()
+    try:
+        cfg.validate()
+    except UsageError as e:
+        for problem in split_problems(str(e)):
+            errors.setdefault(key_of(problem), []).append(problem)
+        return None, errors
+    try:
+        check_model(cfg.model.model)
+        from ..train import check_inputs
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skipped non-image files: the page lists the photos it found
+            check_inputs(cfg)
+    except UsageError as e:
+        msg = str(e)
+        fallback = "data.instance_data_dir" if instance_data_dir and msg.startswith(instance_data_dir) else "general"
+        return None, {key_of(msg, fallback): [msg]}
+    return cfg, {}
+
+
+def check_model(model: str) -> None:
+    """A typed local folder must be a diffusers model; built-in names are built when training starts, and hub
+    ids are looked up by the training process."""
+    if model in MODEL_CHOICES:
+        return
+    from ..models import resolve_model
+
+    resolve_model(model)
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The run's config.yaml, as `peftbooth train` itself saves it (so the CLI repeats the run)."""
+    import yaml
+
+    from ..config import to_dict
+    from ..train import replayable
+
+    return yaml.safe_dump(to_dict(replayable(cfg)), sort_keys=False)
+
+
+def values_of(config_file: Path) -> dict:
+    """A saved config.yaml back as form values {'section.field': value} (for 'run again with these settings')."""
+    import yaml
+
+    cfg = from_dict(yaml.safe_load(config_file.read_text()) or {}, source=str(config_file))
+    return {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, s)).items()
+            if f"{s}.{k}" not in MANAGED}

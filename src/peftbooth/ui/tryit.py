@@ -1,0 +1,123 @@
+"""'Try it', export and fuse for finished runs, through the library's own functions.
+
+The base model is loaded once (one `AdapterPipeline` per base model and VAE, the last one kept); each run's
+adapters are loaded onto it the first time they are asked for, then switched or mixed by weight.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from ..config import UsageError
+from .files import UI_DIR
+from .runs import FINISHED, load_config
+
+SAMPLES = "samples"
+EXPORTS = "exports"
+LIMITS = {"num_images": (1, 8), "steps": (1, 150), "seed": (0, 2**31 - 1)}
+
+
+def number(body: dict, key: str, default, typ, flag: str):
+    value = body.get(key, default)
+    if value in (None, ""):
+        value = default
+    try:
+        value = typ(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be a number (got {value!r})") from None
+    low, high = LIMITS.get(key, (None, None))
+    if low is not None and not low <= value <= high:
+        raise UsageError(f"{flag} must be between {low} and {high} (got {value})")
+    return value
+
+
+def finished(run: Path) -> Path:
+    if not (run / FINISHED).is_file():
+        raise UsageError(f"run {run.name}: not finished yet (no unet/ adapter)")
+    return run
+
+
+class Studio:
+    """The loaded base model and adapters, used by one request at a time."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.base: tuple | None = None
+        self.pipe = None
+        self.loaded: set[str] = set()
+
+    def pipeline(self, run: Path):
+        model = load_config(run).get("model") or {}
+        base = (model.get("model") or "tiny", model.get("revision"), model.get("variant"), model.get("vae"))
+        if self.base != base:
+            from ..inference import AdapterPipeline
+
+            self.pipe, self.loaded, self.base = None, set(), None  # the old model is freed before the new loads
+            self.pipe = AdapterPipeline(base[0], base[1], base[2], vae=base[3])
+            self.base = base
+        return self.pipe, base
+
+    def generate(self, runs_dir: Path, run: Path, body: dict) -> list[str]:
+        """Images for the run (at `strength`), optionally mixed with a second run; -> paths inside the run."""
+        prompt = str(body.get("prompt") or "").strip()
+        if not prompt:
+            raise UsageError("prompt: give a prompt, e.g. the instance prompt")
+        seed = number(body, "seed", 0, int, "seed")
+        steps = number(body, "steps", 25, int, "steps")
+        guidance = number(body, "guidance_scale", 7.5, float, "guidance")
+        num_images = number(body, "num_images", 1, int, "number of images")
+        strength = number(body, "strength", 1.0, float, "strength")
+        weights = {run.name: strength}
+        other = None
+        if body.get("mix_run"):
+            from .files import run_dir
+
+            other = finished(run_dir(runs_dir, str(body["mix_run"])))
+            if other.name == run.name:
+                raise UsageError("mix: choose a different run to mix with")
+            weights[other.name] = number(body, "mix_weight", 0.5, float, "mix weight")
+        with self.lock:
+            pipe, base = self.pipeline(finished(run))
+            for r in [run] + ([other] if other else []):
+                rmodel = load_config(r).get("model") or {}
+                if (rmodel.get("model") or "tiny") != base[0]:
+                    raise UsageError(f"mix: run {r.name} was trained on {rmodel.get('model')}, not {base[0]}")
+                if r.name not in self.loaded:
+                    pipe.load_adapter(r, r.name)
+                    self.loaded.add(r.name)
+            pipe.set_adapters(weights)
+            images = pipe.generate(prompt, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance,
+                                   negative_prompt=str(body.get("negative_prompt") or "") or None)
+        out = run / UI_DIR / SAMPLES
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for i, img in enumerate(images):
+            path = out / f"{stamp}-seed{seed}-{i:02d}.png"
+            img.save(path)
+            paths.append(str(path.relative_to(run)))
+        return paths
+
+
+def export(run: Path, fmt: str) -> Path:
+    """RUN/ui/exports/<fmt>/...: the file (diffusers, kohya) or, for peft, a zip of the folders."""
+    from ..formats import FORMATS, export_run
+
+    if fmt not in FORMATS:
+        raise UsageError(f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    target = run / UI_DIR / EXPORTS / fmt
+    path = export_run(finished(run), fmt, target if fmt != "peft" else target / run.name, overwrite=True)
+    if fmt == "peft":
+        archive = shutil.make_archive(str(target / run.name), "zip", root_dir=target, base_dir=run.name)
+        return Path(archive)
+    return path
+
+
+def fuse(run: Path, scale: float) -> Path:
+    """RUN/ui/fused/: a full diffusers pipeline with the adapters merged in."""
+    from ..fuse import fuse_run
+
+    return fuse_run(None, finished(run), run / UI_DIR / "fused", scale=scale, overwrite=True)
