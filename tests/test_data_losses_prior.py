@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import draw_photos
+from conftest import draw_photos, tiny_config
 from peftbooth.data import DreamBoothDataset, collate, list_images, load_captions, load_image, to_tensor
 from peftbooth.losses import diffusion_target, dreambooth_loss
 from peftbooth.models import load_components
@@ -38,6 +38,28 @@ def test_batch_pairs_each_half_with_its_own_prompt(tiny_model, tmp_path):
     # rows 2 and 3 are the class images 0 and 1, in order
     torch.testing.assert_close(batch["pixel_values"][2], ds[0]["class_pixels"])
     torch.testing.assert_close(batch["pixel_values"][3], ds[1]["class_pixels"])
+
+
+def test_epoch_padding_gives_a_repeated_item_its_own_draws(tiny_model, photos, tmp_path):
+    """3 photos in batches of 2: the epoch is padded to 4 rows by using one photo again. That row must get its own
+    seed (latent sample, noise, timestep) and flip draw, not a copy of the photo's first row in the epoch."""
+    from peftbooth.train import setup
+
+    run = setup(tiny_config(tiny_model, photos, tmp_path / "run", **{"data.train_batch_size": 2,
+                                                                     "data.random_flip": True}))
+    for epoch in range(3):
+        run.sampler.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        rows = [(key[1], seed) for batch in run.dataloader for key, seed in zip(batch["keys"], batch["seeds"])]
+        assert len(rows) == 4 and sorted({photo for photo, _ in rows}) == [0, 1, 2]  # one photo twice
+        assert len({seed for _, seed in rows}) == 4
+    repeat = run.sampler.order()[-1]
+    assert repeat[1] == 1  # the padding slot is the item's first repeat
+    pairs = set()
+    for epoch in range(12):
+        run.dataset.set_epoch(epoch)
+        pairs.add((run.dataset[(repeat[0], 0)]["instance_key"][2], run.dataset[repeat]["instance_key"][2]))
+    assert any(first != again for first, again in pairs)  # the repeat's flip is drawn, not copied
 
 
 def test_transforms_resize_short_side_crop_and_range(tmp_path):

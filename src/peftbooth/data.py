@@ -137,8 +137,9 @@ class DreamBoothDataset(Dataset):
 
     Every item carries a key per image, ('instance' | 'class', index, flipped), naming exactly which pixels it
     stands for; with `load_pixels=False` (latents cached by key) the images are not decoded at all.
-    An item's randomness (flips, random crops) comes from its own generator seeded by (seed, epoch, index): the
-    same item is the same with or without caching, in a worker process or not, and after a resume.
+    An item's randomness (flips, random crops) comes from its own generator seeded by (seed, epoch, index), and by
+    the repeat number for an item used again to pad the epoch: the same item is the same with or without caching,
+    in a worker process or not, and after a resume, and a padding repeat is not a copy of its first use.
     Instance images are few (3-10) and held in memory; class images are read from disk when needed.
     """
 
@@ -179,19 +180,23 @@ class DreamBoothDataset(Dataset):
         keys = [("instance", k, f) for k in range(len(self.instance_images)) for f in flips]
         return keys + [("class", j, f) for j in range(len(self.class_paths)) for f in flips]
 
-    def __getitem__(self, i: int) -> dict:
-        rng = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i))
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Item `index`, or (index, repeat) as EpochSampler gives it: the repeat-th extra use of the item in this
+        epoch (epoch padding) draws its own flips, crop, noise and timestep instead of the original's."""
+        i, repeat = index if isinstance(index, tuple) else (index, 0)
+        parts = (self.seed, self.epoch, i) + ((repeat,) if repeat else ())  # repeat 0: the item's own seed
+        rng = torch.Generator().manual_seed(mix_seed(*parts))
         flips = [self.random_flip and bool(torch.rand((), generator=rng) < 0.5) for _ in range(2)]
         key = ("instance", i % len(self.instance_images), flips[0])
         # each row's noise, timestep and latent sample are drawn from its own seed in the training step, so a
         # row trains the same whatever batch or process it lands in
         item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]],
-                "instance_seed": mix_seed(self.seed, self.epoch, i, 0)}
+                "instance_seed": mix_seed(*parts, 0)}
         if self.load_pixels:
             item["instance_pixels"], item["instance_time_ids"] = self.pixels(key, rng)
         if self.class_paths:
             key = ("class", i % len(self.class_paths), flips[1])
-            item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(self.seed, self.epoch, i, 1))
+            item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(*parts, 1))
             if self.load_pixels:
                 item["class_pixels"], item["class_time_ids"] = self.pixels(key, rng)
         return item
@@ -218,11 +223,12 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self) -> list[int]:
-        """The whole epoch's item order, padded to a multiple of `multiple`."""
+    def order(self) -> list[tuple[int, int]]:
+        """The whole epoch's (item, repeat) order, padded to a multiple of `multiple` by using items again: repeat
+        r > 0 marks an item's r-th extra use, so the dataset gives it draws of its own (not a copy of the first)."""
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))).tolist()
         pad = -len(order) % self.multiple
-        return order + (order * (pad // len(order) + 1))[:pad]
+        return [(order[p % self.n], p // self.n) for p in range(len(order) + pad)]
 
     def __iter__(self):
         return iter(self.order()[self.start :])
