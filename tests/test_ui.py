@@ -93,7 +93,7 @@ def test_settings_problems_land_beside_their_fields_and_nothing_is_written(serve
     base, runs = serve()
     name = new_run(base)
     call(f"{base}/api/runs/{name}/photos?filename=a.png", "POST", raw=png_bytes())
-    values = {"data.resolution": "33", "train.max_train_steps": "0", "data.with_prior_preservation": True,
+    values = {"model.model": "tiny", "data.resolution": "33", "train.max_train_steps": "0", "data.with_prior_preservation": True,
               "text_encoder_adapter.rank": "0", "train.train_text_encoder": True, "unet_adapter.rank": "x"}
     status, r, _ = call(f"{base}/api/runs/{name}/start", "POST", {"values": values})
     assert status == 200 and r["ok"] is False
@@ -117,7 +117,7 @@ def test_train_input_checks_run_before_start(serve, tmp_path):
     name = new_run(base)
     call(f"{base}/api/runs/{name}/photos?filename=a.png", "POST", raw=png_bytes())
     (runs / name / "photos" / "b.png").write_bytes(b"not a png")  # put there behind the UI's back
-    ok = {"data.instance_prompt": "a photo of sks dog", "data.resolution": "32"}
+    ok = {"model.model": "tiny", "data.instance_prompt": "a photo of sks dog", "data.resolution": "32"}
     status, r, _ = call(f"{base}/api/runs/{name}/check", "POST", {"values": ok})
     assert list(r["errors"]) == ["data.instance_data_dir"]
     assert "b.png: not a readable image" in r["errors"]["data.instance_data_dir"][0]
@@ -134,7 +134,8 @@ def test_start_writes_the_config_the_cli_repeats(serve):
     base, runs = serve()
     name = new_run(base)
     call(f"{base}/api/runs/{name}/photos?filename=a.png", "POST", raw=png_bytes())
-    values = {"data.instance_prompt": "a photo of sks dog", "data.resolution": "32", "unet_adapter.adapter": "lokr",
+    values = {"model.model": "tiny", "data.instance_prompt": "a photo of sks dog", "data.resolution": "32",
+              "unet_adapter.adapter": "lokr",
               "train.validation_prompt": ["a photo of sks dog", "  "], "train.max_train_steps": "100000"}
     status, r, _ = call(f"{base}/api/runs/{name}/start", "POST", {"values": values})
     assert r["ok"] is True and r["command"] == f"peftbooth train --config {runs / name / 'config.yaml'}"
@@ -251,7 +252,7 @@ def test_folders_given_at_start_may_be_used(serve, tmp_path):
     assert status == 200 and [p["name"] for p in r["photos"]] == ["photo_0.png", "photo_1.png", "photo_2.png"]
     status, img, hdrs = call(f"{base}/runs/{name}/photo/photo_1.png")
     assert status == 200 and hdrs["Content-Type"] == "image/png" and img[:4] == b"\x89PNG"
-    ok = {"data.instance_prompt": "a photo of sks dog", "data.resolution": "32"}
+    ok = {"model.model": "tiny", "data.instance_prompt": "a photo of sks dog", "data.resolution": "32"}
     assert call(f"{base}/api/runs/{name}/check", "POST", {"values": ok})[1]["ok"] is True
 
 

@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from ..config import SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list
+from ..config import SECTIONS, UNET_ADAPTER_DEFAULTS, TrainConfig, UsageError, field_type, from_dict, is_list
 
 # Fields the UI fills itself: the run folder is the output folder, the photos are uploaded or named on the page,
 # and resuming is the Resume button.
@@ -63,9 +63,18 @@ def form_fields() -> list[dict]:
                 "key": key, "section": section, "name": f.name, "flag": flag_of(section, f.name), "type": kind,
                 "optional": optional, "default": getattr(getattr(defaults, section), f.name),
                 "help": f.metadata.get("help", ""), "choices": list(f.metadata.get("choices") or ()),
-                "main": key in MAIN,
+                "main": key in MAIN, "inherits": inherited(section, f.name),
             })
     return fields
+
+
+def inherited(section: str, name: str) -> str | None:
+    """What an unset adapter field becomes (`TrainConfig.resolved`), shown as the input's placeholder."""
+    if section == "unet_adapter" and name in UNET_ADAPTER_DEFAULTS:
+        return "= rank" if name == "alpha" else str(UNET_ADAPTER_DEFAULTS[name])
+    if section == "text_encoder_adapter":
+        return {"alpha": "= its rank", "target_modules": "attn"}.get(name, "= the UNet adapter's")
+    return None
 
 
 def _fields_by_key() -> dict[str, dataclasses.Field]:

@@ -63,8 +63,12 @@ class App:
         out.update(runs.progress(run))
         folder = self.photo_dir(run)
         out["photo_dir"] = str(folder)
+        out["config"] = str(run / "config.yaml")
         out["photos"] = files.photos_of(folder)
-        out["settings"] = schema.values_of(run / "config.yaml") if (run / "config.yaml").is_file() else None
+        try:
+            out["settings"] = schema.values_of(run / "config.yaml") if (run / "config.yaml").is_file() else None
+        except Exception:  # noqa: BLE001 - a hand-edited config.yaml (bad YAML, unknown key) must not hide progress
+            out["settings"] = None
         out["finished_runs"] = [p.name for p in self.queue.runs() if (p / runs.FINISHED).is_file()]
         return out
 

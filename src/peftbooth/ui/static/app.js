@@ -39,13 +39,14 @@ function fieldInput(f) {
   if (f.choices.length || (f.type === "bool" && f.optional)) {
     const options = f.type === "bool" ? ["true", "false"] : f.choices;
     const s = el("select", { id });
-    if (f.optional) s.append(el("option", { value: "", text: "(default)" }));
+    if (f.optional) s.append(el("option", { value: "", text: f.inherits ? `(${f.inherits})` : "(default)" }));
     for (const c of options) s.append(el("option", { value: c, text: c }));
     s.value = f.default === null ? "" : String(f.default);
     return s;
   }
   if (f.type === "list") return el("textarea", { id, rows: "2", placeholder: "one per line" });
   const input = el("input", { id, value: f.default === null ? "" : String(f.default) });
+  if (f.inherits) input.placeholder = f.inherits;
   if (f.key === "model.model") input.setAttribute("list", "model-choices"); // tiny, world, or any hub id / folder
   return input;
 }
@@ -55,6 +56,9 @@ function fieldRow(f) {
   const row = el("div", { class: "field" + (f.type === "bool" && !f.optional ? " bool" : ""), "data-key": f.key },
     el("label", { for: fieldId(f.key), text: f.flag }), input,
     el("small", { class: "help", text: f.help }), el("div", { class: "error", "data-error-for": f.key }));
+  input.addEventListener("input", () => { // an edited field's old problem goes; the next check says if it stays
+    row.classList.remove("has-error"); row.querySelector("[data-error-for]").textContent = "";
+  });
   if (f.key === "model.model") {
     const dl = el("datalist", { id: "model-choices" });
     for (const m of SCHEMA.models) dl.append(el("option", { value: m }));
@@ -264,7 +268,7 @@ async function showRun(name) {
   $("#stop").disabled = !["running", "queued"].includes(r.state);
   $("#resume").disabled = !(["stopped", "failed"].includes(r.state) && r.checkpoints.length);
   $("#stop").dataset.checkpoints = r.checkpoints.join(",");
-  $("#run-command").textContent = `peftbooth train --config ${name}/config.yaml` + (r.checkpoints.length && r.state !== "finished" ? " --resume latest" : "");
+  $("#run-command").textContent = `peftbooth train --config ${r.config}` + (r.checkpoints.length && r.state !== "finished" ? " --resume latest" : "");
   const report = $("#report-link");
   report.hidden = !r.report; report.href = `/runs/${name}/file/report.html`;
   drawLoss(r.loss);
