@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install peftbooth with its test tools.
-# CPU machines: the pinned CPU torch is installed first, so no multi-GB CUDA build is pulled in.
-# GPU machines: set TORCH_SPEC to your CUDA torch (e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124")
-# or install torch into .venv before running this; an importable torch is kept as it is.
+# torch is installed first, as TORCH_SPEC (default: torch==2.13.0 from PyPI). On Linux x86-64, PyPI's torch is the
+# CUDA build on every machine, GPU or not (several GB of nvidia-* packages; it also runs on the CPU). For the small
+# CPU-only build: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" bash scripts/setup.sh
+# For one CUDA version: TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124".
+# A torch already importable in .venv is kept as it is (install yours there first to choose it yourself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
