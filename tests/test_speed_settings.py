@@ -322,3 +322,48 @@ def test_unet_moves_to_the_device_after_the_caches_are_built(tiny_model, photos,
     setup(tiny_config(tiny_model, photos, tmp_path / "run"))
     assert events == ["CLIPTextModel", "latent cache", "offload AutoencoderKL", "text cache",
                       "offload CLIPTextModel", "PeftModel"]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])  # fused: the trainer's AdamW on CUDA
+def test_fp16_overflow_steps_are_neither_counted_nor_scheduled(fused, tiny_model, photos, tmp_path, monkeypatch):
+    """A real fit() under fp16 with a gradient scaler (CPU autocast and GradScaler("cpu") standing in for CUDA's,
+    installed where Accelerate puts its own). The scale starts far too high, so the first steps overflow and the
+    scaler skips them; only steps that updated the weights count towards --max-train-steps and the lr schedule.
+    With the fused AdamW the optimizer's step() runs even for a skipped step (the kernel skips the update)."""
+    import importlib
+
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    train_module = importlib.import_module("peftbooth.train")
+    real_step = train_module.training_step
+
+    def fp16_step(run, batch):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return real_step(run, batch)
+
+    monkeypatch.setattr(train_module, "training_step", fp16_step)
+    if fused:
+        monkeypatch.setattr(train_module, "make_optimizer", lambda params, t, device: torch.optim.AdamW(params, fused=True))
+    run = setup(tiny_config(tiny_model, photos, tmp_path / "run", **{
+        "train.max_train_steps": 3, "train.lr_scheduler": "linear", "train.max_grad_norm": 1.0}))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # a few halvings from fp16's usable range
+    inner = run.optimizer.optimizer
+    run.accelerator.scaler = scaler
+    run.optimizer = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    run.accelerator.unscale_gradients = lambda optimizer=None: scaler.unscale_(inner)  # as clipping does in fp16
+    params = [p for p in run.unet.parameters() if p.requires_grad]
+    updated, real_optimizer_step = [], run.optimizer.step
+
+    def optimizer_step(*a, **k):
+        before = [p.detach().clone() for p in params]
+        real_optimizer_step(*a, **k)
+        updated.append(any(not torch.equal(p.detach(), b) for p, b in zip(params, before)))
+
+    run.optimizer.step = optimizer_step
+    stats = fit(run)
+    assert stats["steps"] == 3
+    assert updated.count(True) == 3 and updated[-1]  # three real updates, the last one ends the run
+    assert updated.count(False) >= 1 and not any(updated[:updated.count(False)])  # the overflowing steps came first
+    assert scaler.get_scale() < 2.0**30
+    assert run.lr_scheduler.last_epoch == 3  # scheduled once per real update
+    assert run.lr_scheduler.get_last_lr()[0] == 0.0  # linear decay ends exactly at the last real update

@@ -36,6 +36,7 @@ from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
 from .models import Components, added_conditioning, check_vae_arg, encode_text, load_components
 from .report import write_report
+from .tracking import ScalerSkips
 from .validation import maybe_validate
 
 RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
@@ -520,12 +521,15 @@ def fit(run: Run) -> dict:
         maybe_validate(run, 0)
         validation_seconds += time.perf_counter() - tick
     skip_group = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
+    # fp16: a step whose scaled gradients overflowed updates nothing; it must not count or advance the schedule
+    scaler_skips = ScalerSkips(getattr(acc, "scaler", None))
     every = 1 if acc.num_processes == 1 else min(t.logging_steps, SIGNAL_STEPS)
     with StopSignals(every) as signals:
         while state.step < t.max_train_steps:
             begin_epoch(run, state)
             for batch in run.dataloader:
                 state.position += 1
+                overflowed = False
                 with acc.accumulate(*trained):
                     loss, instance_loss, prior_loss = training_step(run, batch)
                     finite = torch.isfinite(loss)
@@ -538,6 +542,7 @@ def fit(run: Run) -> dict:
                         if t.max_grad_norm > 0:
                             acc.clip_grad_norm_(params, t.max_grad_norm)
                         run.optimizer.step()
+                        overflowed = scaler_skips.skipped()
                     if acc.sync_gradients:
                         run.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
@@ -545,6 +550,8 @@ def fit(run: Run) -> dict:
                 if skip_group:  # a non-finite loss in this optimizer step's micro-batches: drop the whole step
                     acc.print(f"warning: non-finite loss in step {state.step + 1}; that step was skipped")
                     skip_group = False
+                    continue
+                if overflowed:  # the scaler skipped the update and lowered its scale: this step is taken again
                     continue
                 run.lr_scheduler.step()
                 state.step += 1
