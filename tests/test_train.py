@@ -194,3 +194,39 @@ def test_text_encoder_adapter_loads_through_transformers_load_adapter(tiny_model
     ids = torch.randint(0, 512, (2, 77))
     with torch.no_grad():
         torch.testing.assert_close(te(ids)[0], run.text_encoder(ids)[0], rtol=0, atol=1e-6)
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(tiny_model, photos, tmp_path, monkeypatch):
+    """Progress bar, TensorBoard, the report's curve and the final loss show the mean over every micro-batch of the
+    optimizer steps since the previous log, not the one micro-batch at a random timestep that happened to be last."""
+    import importlib
+
+    train_module = importlib.import_module("peftbooth.train")
+    real, seen = train_module.training_step, []
+
+    def step(run, batch):
+        out = real(run, batch)
+        seen.append([part.item() for part in out])  # the test may wait for the device; the loop does not
+        return out
+
+    monkeypatch.setattr(train_module, "training_step", step)
+    run = setup(tiny_config(tiny_model, photos, tmp_path / "out", **{
+        "train.max_train_steps": 4, "train.logging_steps": 2, "train.gradient_accumulation_steps": 2,
+        "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog", "data.num_class_images": 2,
+        "train.report_to": "tensorboard"}))
+    logged, postfix = [], []
+    monkeypatch.setattr(run.accelerator, "log", lambda logs, step=None: logged.append((step, logs)))
+    monkeypatch.setattr(train_module.tqdm, "set_postfix", lambda self, **kw: postfix.append(kw["loss"]))
+    stats = fit(run)
+    assert len(seen) == 8  # 4 optimizer steps of 2 micro-batches, logged after steps 2 and 4
+    windows = [seen[:4], seen[4:]]
+    means = [[sum(row[i] for row in w) / 4 for i in range(3)] for w in windows]  # (loss, instance, prior)
+    assert [s for s, _ in stats["loss_history"]] == [2, 4]
+    for (_, loss), mean in zip(stats["loss_history"], means):
+        assert loss == pytest.approx(mean[0], rel=1e-6)
+    assert stats["final_loss"] == pytest.approx(means[1][0], rel=1e-6)
+    assert [s for s, _ in logged] == [2, 4]
+    for (_, logs), mean in zip(logged, means):
+        assert [logs["loss"], logs["instance_loss"], logs["prior_loss"]] == pytest.approx(mean, rel=1e-6)
+    assert postfix == [f"{m[0]:.4f}" for m in means]
+    assert means[1][0] != pytest.approx(seen[-1][0], rel=1e-3)  # the last micro-batch alone is another number

@@ -231,8 +231,8 @@ def loss_section(stats: dict) -> str:
         return section("Loss", "<p>No loss history recorded (fit() returns it as stats['loss_history']).</p>", "loss")
     n = len((stats or {}).get("loss_history") or [])
     body = (f'<img class="chart" src="{data_uri(curve)}" alt="training loss against step" width="{curve.width}" '
-            f'height="{curve.height}"><p class="note">{n} logged points (every --logging-steps steps); the loss '
-            "of single steps is noisy: the timestep is random.</p>")
+            f'height="{curve.height}"><p class="note">{n} logged points (every --logging-steps steps), each the '
+            "mean loss over the steps since the one before (single steps are noisy: the timestep is random).</p>")
     return section("Loss", body, "loss")
 
 

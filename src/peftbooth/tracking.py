@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 class ScalerSkips:
     """fp16: did the gradient scaler skip the optimizer step just taken (its scaled gradients overflowed)?
@@ -25,3 +27,46 @@ class ScalerSkips:
         skipped, self.scale = scale < self.scale, scale
         return skipped
 
+
+class LossWindow:
+    """Mean losses (loss, instance loss, prior loss) over the optimizer steps since the last log.
+
+    Every micro-batch's losses are added on the device; the host reads the sums only when it logs (the one host
+    sync there), so no step waits for the device. A step that updated nothing (a --nan-policy skip-step drop, an
+    fp16 overflow) is left out of the mean with its micro-batches. With several processes the sums of all of
+    them are added up (a collective at the logging steps, which every process reaches at the same step).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.step = torch.zeros(3, device=device)  # (loss, instance, prior) summed over this step's micro-batches
+        self.total = torch.zeros(3, device=device)  # ... over the window's completed steps
+        self.step_count = self.total_count = 0  # micro-batches in each
+        self.has_prior = False
+
+    def add(self, loss: torch.Tensor, instance_loss: torch.Tensor, prior_loss: torch.Tensor | None) -> None:
+        prior = torch.zeros_like(loss) if prior_loss is None else prior_loss
+        self.step += torch.stack([loss.detach(), instance_loss.detach(), prior.detach()]).float()
+        self.step_count += 1
+        self.has_prior = prior_loss is not None
+
+    def end_step(self, updated: bool) -> None:
+        """The optimizer step is over: keep its micro-batches in the window if it updated the weights."""
+        if updated:
+            self.total += self.step
+            self.total_count += self.step_count
+        self.step = torch.zeros_like(self.step)
+        self.step_count = 0
+
+    def read(self, accelerator) -> dict[str, float]:
+        """{'loss', 'instance_loss'[, 'prior_loss']}: means over the window, which then starts again."""
+        sums = torch.cat([self.total, torch.tensor([float(self.total_count)], device=self.device)])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        loss, instance, prior, count = sums.tolist()  # the host sync
+        count = max(count, 1.0)
+        self.total, self.total_count = torch.zeros_like(self.total), 0
+        means = {"loss": loss / count, "instance_loss": instance / count}
+        if self.has_prior:
+            means["prior_loss"] = prior / count
+        return means

@@ -36,7 +36,7 @@ from .hub import check_repo_id, hub_token, model_card, push
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
 from .models import Components, added_conditioning, check_vae_arg, encode_text, load_components
 from .report import write_report
-from .tracking import ScalerSkips
+from .tracking import LossWindow, ScalerSkips
 from .validation import maybe_validate
 
 RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
@@ -523,6 +523,7 @@ def fit(run: Run) -> dict:
     skip_group = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
     # fp16: a step whose scaled gradients overflowed updates nothing; it must not count or advance the schedule
     scaler_skips = ScalerSkips(getattr(acc, "scaler", None))
+    window = LossWindow(acc.device)  # the logged losses: means over the steps since the last log
     every = 1 if acc.num_processes == 1 else min(t.logging_steps, SIGNAL_STEPS)
     with StopSignals(every) as signals:
         while state.step < t.max_train_steps:
@@ -537,6 +538,7 @@ def fit(run: Run) -> dict:
                         skip_group = True  # every process skips the same optimizer step
                     else:
                         first_bad = torch.where(~finite & (first_bad < 0), state.step + 1, first_bad)
+                        window.add(loss, instance_loss, prior_loss)
                         acc.backward(loss)
                     if acc.sync_gradients and not skip_group:
                         if t.max_grad_norm > 0:
@@ -547,6 +549,7 @@ def fit(run: Run) -> dict:
                         run.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
                     continue
+                window.end_step(updated=not (skip_group or overflowed))
                 if skip_group:  # a non-finite loss in this optimizer step's micro-batches: drop the whole step
                     acc.print(f"warning: non-finite loss in step {state.step + 1}; that step was skipped")
                     skip_group = False
@@ -559,14 +562,12 @@ def fit(run: Run) -> dict:
                 checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
                 stop = signals.agreed(acc, state.step, checkpoint_due)  # all processes stop after the same step
                 if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
-                    # .item() waits for the device: only at these steps, not every step
+                    # reading the device waits for it: only at these steps, not every step
+                    logs = window.read(acc)  # first: with several processes every one takes part in the sum
                     check_finite(first_bad, params, state.step)
-                    last_loss = loss.detach().item()
+                    last_loss = logs["loss"]
                     history.append((state.step, last_loss))
-                    logs = {"loss": last_loss, "instance_loss": instance_loss.item(),
-                            "lr": run.lr_scheduler.get_last_lr()[0]}
-                    if prior_loss is not None:
-                        logs["prior_loss"] = prior_loss.item()
+                    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
                     if t.report_to != "none":
                         acc.log(logs, step=state.step)
