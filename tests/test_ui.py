@@ -100,13 +100,20 @@ def test_settings_problems_land_beside_their_fields_and_nothing_is_written(serve
     assert r["errors"] == {"unet_adapter.rank": ["--rank must be int (got 'x')"]}  # types first, as --config does
     values["unet_adapter.rank"] = "4"
     status, r, _ = call(f"{base}/api/runs/{name}/start", "POST", {"values": values})
-    assert r["errors"] == {
-        "data.instance_prompt": ["--instance-prompt is required, e.g. 'a photo of sks dog'"],
-        "data.resolution": ["--resolution must be a positive multiple of 8 (got 33)"],
-        "data.class_prompt": ["--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'"],
-        "train.max_train_steps": ["--max-train-steps must be >= 1 (got 0)"],
-        "text_encoder_adapter.rank": ["--text-encoder-rank must be >= 1 (got 0)"],
-    }
+    # the messages are TrainConfig.validate's own, each under the field it names
+    cfg = from_dict({"model": {"model": "tiny"}, "data": {"resolution": 33, "with_prior_preservation": True,
+                     "instance_data_dir": "x"}, "unet_adapter": {"rank": 4},
+                     "text_encoder_adapter": {"rank": 0}, "train": {"max_train_steps": 0, "output_dir": "o",
+                                                                   "train_text_encoder": True}}).resolved()
+    with pytest.raises(UsageError) as e:
+        cfg.validate()
+    problems = schema.split_problems(str(e.value))
+    expected_keys = {"data.instance_prompt", "data.resolution", "data.class_prompt", "train.max_train_steps",
+                     "text_encoder_adapter.rank"}
+    assert expected_keys <= set(r["errors"])  # and nothing is lost: every problem is shown somewhere
+    assert sorted(m for msgs in r["errors"].values() for m in msgs) == sorted(problems)
+    assert r["errors"]["data.class_prompt"][0].startswith("--with-prior-preservation needs --class-prompt")
+    assert r["errors"]["text_encoder_adapter.rank"][0].startswith("--text-encoder-rank")
     assert sorted(p.name for p in (runs / name).iterdir()) == ["photos", "ui"]
     assert list((runs / name / "ui").iterdir()) == []  # no config.yaml, no job
 
