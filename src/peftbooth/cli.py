@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list, to_dict
+from .config import MODEL_REQUIRED, SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list, to_dict
 
 
 class Parser(argparse.ArgumentParser):
@@ -134,6 +134,8 @@ def cmd_class_images(args) -> int:
 
     cfg = config_from_args(argparse.Namespace(config=None, **vars(args)))
     d, m = cfg.data, cfg.model
+    if not m.model:
+        raise UsageError(MODEL_REQUIRED)
     if not d.class_prompt:
         raise UsageError("--class-prompt is required, e.g. 'a photo of a dog'")
     if not d.class_data_dir:
@@ -165,7 +167,7 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 
 def cmd_generate(args) -> int:
-    from .inference import AdapterPipeline, adapter_folders, image_grid, save_images
+    from .inference import AdapterPipeline, adapter_folders, base_model_for, image_grid, save_images
 
     adapters = parse_pairs(args.adapter, "--adapter", number=False)
     mix = parse_pairs(args.mix, "--mix", number=True)
@@ -187,7 +189,8 @@ def cmd_generate(args) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")
 
-    pipe = AdapterPipeline(args.model, args.revision, args.variant, vae=args.vae)
+    model = base_model_for(args.model, [path for _, path in adapters])
+    pipe = AdapterPipeline(model, args.revision, args.variant, vae=args.vae)
     for (_, path), name in zip(adapters, names):
         pipe.load_adapter(path, name)
     runs = [("mix", dict(mix))] if mix else [(n, {n: 1.0}) for n in names] or [("base", {})]
@@ -261,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_class_images)
 
     p = sub.add_parser("generate", help="generate images with one or more trained adapters")
-    p.add_argument("--model", default="tiny", help="base model: hub id, diffusers folder, or 'tiny'")
+    p.add_argument("--model", default=None, help="base model: hub id, diffusers folder, or 'tiny' (default: the "
+                   "one the --adapter runs record in their config.yaml)")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--vae", default=None, help="replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE")

@@ -20,6 +20,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 class UsageError(Exception):
+MODEL_REQUIRED = ("--model is required: a hub id, a local diffusers folder, or 'tiny' (a tiny random model for "
+                  "trying things out)")
+
+
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
@@ -32,7 +36,8 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelArgs:
-    model: str = _f("tiny", "hub id or local diffusers folder of the base model; 'tiny' builds a tiny random SD model")
+    model: Optional[str] = _f(None, "base model (required): hub id or local diffusers folder; 'tiny' builds a tiny "
+                              "random SD model for trying things out")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of --model")
     variant: Optional[str] = _f(None, "weights variant of --model, e.g. 'fp16'")
     vae: Optional[str] = _f(None, "replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE "
@@ -188,6 +193,8 @@ class TrainConfig:
         problems = []
         d, t = self.data, self.train
         if not d.instance_data_dir:
+        if not self.model.model:
+            problems.append(MODEL_REQUIRED)
             problems.append("--instance-data-dir is required: a folder of photos of the subject")
         if not d.instance_prompt:
             problems.append("--instance-prompt is required, e.g. 'a photo of sks dog'")

@@ -310,12 +310,12 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
     run = Path(a.run_dir)
     adapter_folders(run, "RUN_DIR")
     cfg = read_run_config(run)
-    model_cfg, data_cfg = cfg.get("model") or {}, cfg.get("data") or {}
-    a = replace(a, model=a.model or model_cfg.get("model"),
+    data_cfg = cfg.get("data") or {}
+    from .inference import base_model_for
+
+    a = replace(a, model=base_model_for(a.model, [run], "RUN_DIR"),
                 instance_data_dir=a.instance_data_dir or data_cfg.get("instance_data_dir"),
                 resolution=a.resolution or data_cfg.get("resolution"))
-    if not a.model:
-        raise UsageError(f"RUN_DIR {run}: no config.yaml naming the base model; pass --model")
     if not a.instance_data_dir:
         raise UsageError("--instance-data-dir is required: the real photos of the subject")
     if not a.class_name.strip():

@@ -13,6 +13,7 @@ import torch
 
 from .config import UsageError
 from .formats.common import atomic_dir, check_output, read_run
+from .inference import base_model_for
 
 
 def set_strength(peft_model, scale: float) -> None:
@@ -58,15 +59,6 @@ def unfuse_adapters(handles: dict) -> None:
         peft_model.unload()
 
 
-def base_model_of(run, model: str | None) -> str:
-    """--model if given, else the base model the run records (config.yaml, or the adapter config)."""
-    if model:
-        return model
-    if not run.base_model:
-        raise UsageError(f"RUN_DIR {run.path}: records no base model (no config.yaml); pass --model")
-    return run.base_model
-
-
 def vae_of(run, vae: str | None) -> str | None:
     """--vae if given, else the replacement VAE the run trained with (config.yaml), else None (the base model's)."""
     return vae or run.setting("model", "vae")
@@ -86,7 +78,7 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     output = Path(output_dir)
     check_output(output, overwrite)
     run = read_run(run_dir)
-    model, vae = base_model_of(run, model), vae_of(run, vae)
+    model, vae = base_model_for(model, [run_dir], "RUN_DIR"), vae_of(run, vae)
     check_vae_arg(vae)
     pipe = load_pipeline(model, vae=vae)
     handles = fuse_adapters(pipe, run_dir, scale)

@@ -39,6 +39,55 @@ def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path
     return found
 
 
+def recorded_base_model(run_dir: str | Path) -> tuple[str | None, Path | None]:
+    """(base model, file it was read from) of a run folder: its config.yaml, else the UNet adapter's own record
+    (PEFT's base_model_name_or_path, e.g. in a folder of the PEFT example script); (None, None) if neither has one."""
+    import json
+
+    import yaml
+
+    run = Path(run_dir)
+    config = run / "config.yaml"
+    if config.is_file():
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"{config}: not valid YAML ({str(e).splitlines()[0]})") from e
+        model = ((data.get("model") or {}) if isinstance(data, dict) else {}).get("model")
+        if model:
+            return str(model), config
+    adapter_config = run / "unet" / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            model = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            model = None
+        if model:
+            return str(model), adapter_config
+    return None, None
+
+
+def base_model_for(model: str | None, run_dirs: list[str | Path], flag: str = "--adapter") -> str:
+    """--model if given; else the base model the run folders record, announced on stdout (one line) so that it is
+    never a surprise. Runs that record different base models need --model."""
+    if model:
+        return model
+    if not run_dirs:
+        raise UsageError(f"--model is required when no {flag} is given: a hub id, a local diffusers folder, or 'tiny'")
+    found = [(Path(r), *recorded_base_model(r)) for r in run_dirs]
+    missing = [r for r, m, _ in found if not m]
+    if missing:
+        raise UsageError(f"{flag} {missing[0]}: records no base model (no config.yaml); pass --model")
+    models = {m for _, m, _ in found}
+    if len(models) > 1:
+        (a, ma, _), (b, mb, _) = next((x, y) for x in found for y in found if x[1] != y[1])
+        raise UsageError(f"{flag} {a} and {flag} {b} were trained on different base models ({ma}, {mb}); "
+                         "pass --model")
+    _, model, source = found[0]
+    print(f"base model: {model} (from {source}; --model overrides)")
+    return model
+
+
 def mismatch(error: Exception) -> str:
     """The first 'module: shapes' of a state-dict size mismatch (an adapter trained on another base model)."""
     import re
@@ -81,7 +130,7 @@ class AdapterPipeline:
     active; the PeftMixedModel handles (`self._peft`) only manage them.
     """
 
-    def __init__(self, model: str = "tiny", revision: str | None = None, variant: str | None = None,
+    def __init__(self, model: str, revision: str | None = None, variant: str | None = None,
                  device: str | None = None, dtype: torch.dtype | None = None, vae: str | None = None):
         from .models import load_pipeline
 
