@@ -124,7 +124,34 @@ BAD_INPUTS = {
                "--class-data-dir", "{photos}/photo_0.png"],
         ["--class-data-dir {photos}/photo_0.png: is a file, not a folder"]),
     "resolution-not-multiple-of-8": (
-        None, ["--resolution", "30"], ["--resolution must be a positive multiple of 8 (got 30)"]),
+        None, ["--resolution", "30"], ["--resolution must be a multiple of 8 from 8 to 4096 (got 30)"]),
+    # numeric options: finite and in range, refused before any work (a huge resolution used to hang for minutes)
+    "resolution-huge": (
+        None, ["--resolution", "1000000"], ["--resolution must be a multiple of 8 from 8 to 4096 (got 1000000)"]),
+    "learning-rate-nan": (None, ["--learning-rate", "nan"], ["--learning-rate must be a finite number (got nan)"]),
+    "learning-rate-inf": (None, ["--learning-rate", "inf"], ["--learning-rate must be a finite number (got inf)"]),
+    "learning-rate-negative": (None, ["--learning-rate", "-1e-4"], ["--learning-rate must be > 0 (got -0.0001)"]),
+    "text-encoder-learning-rate-nan": (
+        None, ["--train-text-encoder", "--text-encoder-learning-rate", "nan"],
+        ["--text-encoder-learning-rate must be a finite number (got nan)"]),
+    "adam-epsilon-nan": (None, ["--adam-epsilon", "nan"], ["--adam-epsilon must be a finite number (got nan)"]),
+    "max-grad-norm-nan": (None, ["--max-grad-norm", "nan"], ["--max-grad-norm must be a finite number (got nan)"]),
+    "prior-loss-weight-inf": (
+        None, ["--prior-loss-weight", "inf"], ["--prior-loss-weight must be a finite number (got inf)"]),
+    "snr-gamma-nan": (None, ["--snr-gamma", "nan"], ["--snr-gamma must be a finite number (got nan)"]),
+    "noise-offset-too-big": (None, ["--noise-offset", "5"], ["--noise-offset must be <= 1 (got 5.0)"]),
+    "alpha-nan": (None, ["--alpha", "nan"], ["--alpha must be a finite number (got nan)"]),
+    "rank-huge": (None, ["--rank", "100000"], ["--rank must be <= 4096 (got 100000)"]),
+    "seed-negative": (None, ["--seed", "-1"], ["--seed must be >= 0 (got -1)"]),
+    "seed-too-big": (None, ["--seed", str(2**32)], [f"--seed must be <= {2**32 - 1} (got {2**32})"]),
+    "batch-size-huge": (None, ["--train-batch-size", "100000"], ["--train-batch-size must be <= 1024 (got 100000)"]),
+    "dropout-one": (None, ["--dropout", "1"], ["--dropout must be < 1 (got 1.0)"]),
+    "warmup-negative": (None, ["--lr-warmup-steps", "-5"], ["--lr-warmup-steps must be >= 0 (got -5)"]),
+    "decompose-factor-zero": (
+        None, ["--adapter", "lokr", "--decompose-factor", "0"], ["--decompose-factor must be -1 (automatic) or >= 1"]),
+    "every-problem-at-once": (
+        None, ["--resolution", "1000000", "--learning-rate", "nan"],
+        ["--resolution must be a multiple of 8", "; --learning-rate must be a finite number (got nan)"]),
     "resolution-not-a-number": (
         None, ["--resolution", "big"], ["argument --resolution: invalid int value: 'big'"]),
     "max-train-steps-zero": (
@@ -267,6 +294,7 @@ BAD_CONFIGS = {
     "not-a-mapping": ("- data\n- train\n", "expected a mapping of sections"),
     "invalid-yaml": ("data: {resolution: [32\n", "not valid YAML"),
     "valid-type-bad-value": ("data:\n  train_batch_size: 0\n", "--train-batch-size must be >= 1 (got 0)"),
+    "nan-in-file": ("train:\n  learning_rate: .nan\n", "--learning-rate must be a finite number (got nan)"),
 }
 
 
@@ -371,3 +399,23 @@ def test_saved_config_reproduces_the_run(finished_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--config", str(run / "config.yaml")]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_nan_loss_without_checkpoint_names_none(tiny_model, photos, tmp_path, capsys, monkeypatch):
+    """A NaN loss with no checkpoint written: exit 1, and the message does not speak of a checkpoint that does not
+    exist (it used to say 'the last checkpoint before it is kept')."""
+    import importlib
+
+    train_module = importlib.import_module("peftbooth.train")  # the module, not the function the package exports
+    real = train_module.training_step
+
+    def nan_step(run, batch):
+        loss, inst, prior = real(run, batch)
+        return loss * float("nan"), inst, prior
+
+    monkeypatch.setattr(train_module, "training_step", nan_step)
+    out = tmp_path / "out"
+    assert main(train_argv(tiny_model, photos, out, "--max-train-steps", "2", "--logging-steps", "1")) == 1
+    err = capsys.readouterr().err
+    assert "loss became NaN/inf at step 1; no checkpoint had been written (--checkpointing-steps N keeps some)" in err
+    assert "last checkpoint" not in err and not (out / "checkpoints").exists()

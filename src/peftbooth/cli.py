@@ -11,7 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import MODEL_REQUIRED, SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list, to_dict
+from .config import (
+    MAX_RESOLUTION, MODEL_REQUIRED, RANGES, SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list,
+    range_problem, to_dict,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -140,10 +143,11 @@ def cmd_class_images(args) -> int:
         raise UsageError("--class-prompt is required, e.g. 'a photo of a dog'")
     if not d.class_data_dir:
         raise UsageError("--class-data-dir is required: where the class images go")
-    for flag, v in [("--num-class-images", d.num_class_images), ("--sample-batch-size", d.sample_batch_size),
-                    ("--class-image-steps", d.class_image_steps)]:
-        if v < 1:
-            raise UsageError(f"{flag} must be >= 1 (got {v})")
+    ranges = [(d, "num_class_images"), (d, "sample_batch_size"), (d, "class_image_steps"), (cfg.train, "seed")]
+    problems = [p for p in (range_problem("--" + name.replace("_", "-"), name, getattr(obj, name),
+                                          *RANGES["data" if obj is d else "train"][name]) for obj, name in ranges) if p]
+    if problems:
+        raise UsageError("; ".join(problems))
     paths = generate_class_images(m.model, d.class_prompt, d.class_data_dir, d.num_class_images, d.sample_batch_size,
                                   d.class_image_steps, cfg.train.seed, m.revision, m.variant, vae=m.vae)
     print(f"{len(paths)} class images in {d.class_data_dir}")
@@ -180,11 +184,15 @@ def cmd_generate(args) -> int:
     for name, _ in mix:
         if name not in names:
             raise UsageError(f"--mix {name}: no --adapter of that name; loaded: {', '.join(names) or 'none'}")
-    if args.num_images < 1 or args.steps < 1:
-        raise UsageError("--num-images and --steps must be >= 1")
+    problems = [p for p in (range_problem(flag, flag, value, low, high) for flag, value, low, high in [
+        ("--num-images", args.num_images, 1, 64), ("--steps", args.steps, 1, 1000),
+        ("--seed", args.seed, 0, 2**32 - 1),
+        ("--guidance-scale", args.guidance_scale, 0.0, 100.0)]) if p]
     for flag, value in [("--height", args.height), ("--width", args.width)]:
-        if value is not None and (value <= 0 or value % 8):
-            raise UsageError(f"{flag} must be a positive multiple of 8 (got {value})")
+        if value is not None and not (8 <= value <= MAX_RESOLUTION and value % 8 == 0):
+            problems.append(f"{flag} must be a multiple of 8 from 8 to {MAX_RESOLUTION} (got {value})")
+    if problems:
+        raise UsageError("; ".join(problems))
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")

@@ -8,6 +8,7 @@ the text-encoder adapter section reuses :class:`AdapterArgs` with the flag prefi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,11 +20,11 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's own
 
 
-class UsageError(Exception):
 MODEL_REQUIRED = ("--model is required: a hub id, a local diffusers folder, or 'tiny' (a tiny random model for "
                   "trying things out)")
 
 
+class UsageError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
@@ -192,56 +193,19 @@ class TrainConfig:
         """Raise one UsageError listing every problem, each naming its flag. Call on a resolved config."""
         problems = []
         d, t = self.data, self.train
-        if not d.instance_data_dir:
         if not self.model.model:
             problems.append(MODEL_REQUIRED)
+        if not d.instance_data_dir:
             problems.append("--instance-data-dir is required: a folder of photos of the subject")
         if not d.instance_prompt:
             problems.append("--instance-prompt is required, e.g. 'a photo of sks dog'")
         if not t.output_dir:
             problems.append("--output-dir is required: where the adapters are written")
-        if d.resolution <= 0 or d.resolution % 8:
-            problems.append(f"--resolution must be a positive multiple of 8 (got {d.resolution})")
-        if d.with_prior_preservation:
-            if not d.class_prompt:
-                problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
-            if d.num_class_images < 1:
-                problems.append(f"--num-class-images must be >= 1 (got {d.num_class_images})")
-        for flag, value in [
-            ("--train-batch-size", d.train_batch_size),
-            ("--sample-batch-size", d.sample_batch_size),
-            ("--class-image-steps", d.class_image_steps),
-            ("--max-train-steps", t.max_train_steps),
-            ("--gradient-accumulation-steps", t.gradient_accumulation_steps),
-            ("--logging-steps", t.logging_steps),
-            ("--validation-steps", t.validation_steps),
-            ("--num-validation-images", t.num_validation_images),
-        ]:
-            if value < 1:
-                problems.append(f"{flag} must be >= 1 (got {value})")
-        if d.dataloader_num_workers < 0:
-            problems.append(f"--dataloader-num-workers must be >= 0 (got {d.dataloader_num_workers})")
-        if t.learning_rate <= 0:
-            problems.append(f"--learning-rate must be > 0 (got {t.learning_rate})")
-        if t.text_encoder_learning_rate is not None and t.text_encoder_learning_rate <= 0:
-            problems.append(f"--text-encoder-learning-rate must be > 0 (got {t.text_encoder_learning_rate})")
-        for flag, beta in [("--adam-beta1", t.adam_beta1), ("--adam-beta2", t.adam_beta2)]:
-            if not 0.0 <= beta < 1.0:
-                problems.append(f"{flag} must be in [0, 1) (got {beta})")
-        if t.adam_epsilon <= 0 or t.adam_weight_decay < 0:
-            problems.append("--adam-epsilon must be > 0 and --adam-weight-decay >= 0")
-        if t.lr_warmup_steps < 0:
-            problems.append(f"--lr-warmup-steps must be >= 0 (got {t.lr_warmup_steps})")
-        if t.checkpointing_steps < 0 or t.checkpoints_total_limit < 0:
-            problems.append("--checkpointing-steps and --checkpoints-total-limit must be >= 0")
-        if t.snr_gamma is not None and t.snr_gamma <= 0:
-            problems.append(f"--snr-gamma must be > 0 (got {t.snr_gamma})")
-        if t.noise_offset < 0:
-            problems.append(f"--noise-offset must be >= 0 (got {t.noise_offset})")
+        problems += number_problems(self)
+        if d.with_prior_preservation and not d.class_prompt:
+            problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
         if t.compile_mode != "default" and not t.compile:
             problems.append(f"--compile-mode {t.compile_mode} needs --compile")
-        if t.max_grad_norm < 0:
-            problems.append(f"--max-grad-norm must be >= 0 (got {t.max_grad_norm})")
         for prefix, adapter, presets in [
             ("--", self.unet_adapter, UNET_PRESETS),
             ("--text-encoder-", self.text_encoder_adapter, TEXT_ENCODER_PRESETS),
@@ -253,16 +217,70 @@ class TrainConfig:
             raise UsageError("; ".join(problems))
 
 
+# Ranges of the numeric options, checked before any work: (low, high) with None for no bound; a float low bound
+# listed in OPEN_LOW is exclusive. The upper bounds are far past any real use but keep a typo (--resolution
+# 1000000) from hanging a run for minutes before it fails. Every float must also be finite (argparse takes 'nan').
+MAX_STEPS = 10_000_000
+RANGES = {
+    "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), sample_batch_size=(1, 1024),
+                 class_image_steps=(1, 1000), train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
+    "train": dict(seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
+                  text_encoder_learning_rate=(0.0, 1.0), lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
+                  adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
+                  gradient_accumulation_steps=(1, 1024), max_grad_norm=(0.0, None), snr_gamma=(0.0, None),
+                  noise_offset=(0.0, 1.0), logging_steps=(1, MAX_STEPS), checkpointing_steps=(0, MAX_STEPS),
+                  checkpoints_total_limit=(0, None), validation_steps=(1, MAX_STEPS), num_validation_images=(1, 64)),
+    "adapter": dict(rank=(1, 4096), alpha=(0.0, None), dropout=(0.0, 1.0), module_dropout=(0.0, 1.0)),
+}
+OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "adam_epsilon", "snr_gamma", "alpha"}
+OPEN_HIGH = {"adam_beta1", "adam_beta2", "dropout", "module_dropout"}  # [0, 1)
+MAX_RESOLUTION = 4096
+
+
+def range_problem(flag: str, name: str, value, low, high) -> str | None:
+    """The problem with one numeric option's value, or None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{flag} must be a finite number (got {value})"
+    if low is not None and (value <= low if name in OPEN_LOW else value < low):
+        return f"{flag} must be {'>' if name in OPEN_LOW else '>='} {low:g} (got {value})"
+    if high is not None and (value >= high if name in OPEN_HIGH else value > high):
+        bound = high if isinstance(high, int) else f"{high:g}"
+        return f"{flag} must be {'<' if name in OPEN_HIGH else '<='} {bound} (got {value})"
+    return None
+
+
+def number_problems(cfg: "TrainConfig") -> list[str]:
+    """Every numeric option finite and in its range (RANGES), each problem naming its flag."""
+    problems = []
+    res = cfg.data.resolution
+    if isinstance(res, int) and not (8 <= res <= MAX_RESOLUTION and res % 8 == 0):
+        problems.append(f"--resolution must be a multiple of 8 from 8 to {MAX_RESOLUTION} (got {res})")
+    for section, (cls, prefix) in SECTIONS.items():
+        if section == "text_encoder_adapter" and not cfg.train.train_text_encoder:
+            continue
+        ranges = RANGES["adapter" if cls is AdapterArgs else section] if section != "model" else {}
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            if f.name == "num_class_images" and not cfg.data.with_prior_preservation:
+                continue
+            low, high = ranges.get(f.name, (None, None))
+            problem = range_problem("--" + prefix + f.name.replace("_", "-"), f.name, getattr(obj, f.name), low, high)
+            if problem:
+                problems.append(problem)
+    df = cfg.unet_adapter.decompose_factor
+    if isinstance(df, int) and df != -1 and df < 1:
+        problems.append(f"--decompose-factor must be -1 (automatic) or >= 1 (got {df})")
+    return problems
+
+
 def adapter_problems(a: AdapterArgs, prefix: str, presets: tuple[str, ...]) -> list[str]:
     problems = []
     if a.adapter not in ADAPTER_TYPES:
         problems.append(f"{prefix}adapter must be one of {', '.join(ADAPTER_TYPES)} (got {a.adapter!r})")
-    if a.rank is None or a.rank < 1:
-        problems.append(f"{prefix}rank must be >= 1 (got {a.rank})")
-    for name in ("dropout", "module_dropout"):
-        v = getattr(a, name)
-        if v is not None and not 0.0 <= v < 1.0:
-            problems.append(f"{prefix}{name.replace('_', '-')} must be in [0, 1) (got {v})")
+    if a.rank is None:
+        problems.append(f"{prefix}rank must be >= 1 (got None)")
     tm = (a.target_modules or "").strip()
     if not tm:
         problems.append(f"{prefix}target-modules is empty: use a preset ({' | '.join(presets)}) or module names")

@@ -564,7 +564,7 @@ def fit(run: Run) -> dict:
                 if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
                     # reading the device waits for it: only at these steps, not every step
                     logs = window.read(acc)  # first: with several processes every one takes part in the sum
-                    check_finite(first_bad, params, state.step)
+                    check_finite(first_bad, params, state.step, run.output_dir)
                     last_loss = logs["loss"]
                     history.append((state.step, last_loss))
                     logs["lr"] = run.lr_scheduler.get_last_lr()[0]
@@ -591,18 +591,24 @@ def fit(run: Run) -> dict:
     return stats
 
 
-def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int) -> None:
+def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int, output_dir: Path | None = None) -> None:
     """Raise FloatingPointError naming the first step with a non-finite loss, or non-finite adapter weights.
 
-    Called before a checkpoint is written, so a checkpoint never holds a diverged adapter.
+    Called before a checkpoint is written, so a checkpoint never holds a diverged adapter. The message names the
+    newest checkpoint in `output_dir` only when there is one.
     """
     bad = int(first_bad.item())
+    weights_ok = bad >= 0 or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    if bad < 0 and weights_ok:
+        return
+    found = list_checkpoints(output_dir) if output_dir is not None else []
+    kept = (f"the last checkpoint before it is kept ({found[-1]})" if found else
+            "no checkpoint had been written (--checkpointing-steps N keeps some)")
     if bad >= 0:
-        raise FloatingPointError(f"loss became NaN/inf at step {bad}; the last checkpoint before it is kept; "
-                                 "lower --learning-rate or use --nan-policy skip-step")
-    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        raise FloatingPointError(f"adapter weights became NaN/inf by step {step}; the last checkpoint before it "
-                                 "is kept; lower --learning-rate or --max-grad-norm")
+        raise FloatingPointError(f"loss became NaN/inf at step {bad}; {kept}; lower --learning-rate or use "
+                                 "--nan-policy skip-step")
+    raise FloatingPointError(f"adapter weights became NaN/inf by step {step}; {kept}; lower --learning-rate or "
+                             "--max-grad-norm")
 
 
 # ---------------------------------------------------------------------------------------------------------------
