@@ -196,14 +196,22 @@ def cmd_generate(args) -> int:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")
+    runs = [("mix", dict(mix))] if mix else [(n, {n: 1.0}) for n in names] or [("base", {})]
+    if args.include_base and runs[0][0] != "base":
+        runs.insert(0, ("base", {}))
+    # as export does: images already in the folder are only replaced when asked
+    planned = ["grid.png"] + [f"{stem}_{s}.png" for stem, _ in runs for s in
+                              [f"{i:02d}" for i in range(args.num_images)] + ["grid"]]
+    existing = [name for name in planned if (out / name).exists()]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more this command writes" if len(existing) > 1 else ""
+        raise UsageError(f"--output-dir {out}: already holds {existing[0]}{more}; pass --overwrite or choose "
+                         "another folder")
 
     model = base_model_for(args.model, [path for _, path in adapters])
     pipe = AdapterPipeline(model, args.revision, args.variant, vae=args.vae)
     for (_, path), name in zip(adapters, names):
         pipe.load_adapter(path, name)
-    runs = [("mix", dict(mix))] if mix else [(n, {n: 1.0}) for n in names] or [("base", {})]
-    if args.include_base and runs[0][0] != "base":
-        runs.insert(0, ("base", {}))
     every = []
     for stem, weights in runs:
         pipe.set_adapters(weights)
@@ -289,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--include-base", action="store_true", help="also generate with the base model alone")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in --output-dir")
     p.add_argument("--output-dir", required=True)
     p.set_defaults(func=cmd_generate)
 
@@ -336,10 +345,16 @@ def quiet_libraries() -> None:
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # libraries' notes to their own developers
+    # Only the messages known to be noise for our users, each for its reason; any other warning is shown.
+    # PEFT, loading an adapter folder whose base model is a local path or 'tiny' it cannot look up:
     warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+    # PEFT, saving a text-encoder adapter without the tokenizer's vocabulary (no embeddings are trained):
     warnings.filterwarnings("ignore", message="Could not find a config file.*")
+    # diffusers' DPM-Solver++ passes a torch tensor to np.array (every class image and validation sample):
+    warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                            category=DeprecationWarning)
+    # transformers 5 renamed a property that PEFT and accelerate still read while preparing a model:
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 _python_formatwarning = warnings.formatwarning

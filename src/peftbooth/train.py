@@ -357,9 +357,24 @@ def maybe_compile(unet: torch.nn.Module, accelerator, mode: str = "default") -> 
     if mode in ("reduce-overhead", "max-autotune") and accelerator.device.type != "cuda":
         warnings.warn(f"--compile-mode {mode}: CUDA graphs need a CUDA device; compiled without them on "
                       f"{accelerator.device.type}", stacklevel=2)
-    # an op the compiler cannot handle falls back to eager for that graph, with a warning, instead of crashing
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(unet, mode=None if mode == "default" else mode)
+    compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+    # An op the compiler cannot handle falls back to eager for that graph, with a warning, instead of crashing:
+    # suppress_errors only while this UNet runs (compiling happens inside its calls), not for the whole process.
+    compiled.forward = suppress_compile_errors(compiled.forward)
+    return compiled
+
+
+def suppress_compile_errors(forward):
+    import functools
+
+    import torch._dynamo
+
+    @functools.wraps(forward)
+    def scoped(*args, **kwargs):
+        with torch._dynamo.config.patch(suppress_errors=True):
+            return forward(*args, **kwargs)
+
+    return scoped
 
 
 def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
