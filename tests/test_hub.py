@@ -2,6 +2,7 @@
 files would be uploaded and that pushing is refused, clearly and before any work, without a token or offline."""
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -25,7 +26,8 @@ def test_model_card_of_a_run(tiny_model, photos, tmp_path):
         "data.class_prompt": "a photo of a dog", "data.num_class_images": 1}))
     card = (out / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["base_model"] == tiny_model and meta["instance_prompt"] == "a photo of sks dog"
+    # a local folder is no base model the Hub can link to: the key is left out, not filled with a path
+    assert "base_model" not in meta and meta["instance_prompt"] == "a photo of sks dog"
     assert {"dreambooth", "loha", "text-to-image"} <= set(meta["tags"]) and meta["license"] == "other"
     assert "UNet adapter: loha, rank 4, alpha 4.0" in card and "text-encoder adapter: loha" in card
     assert "prior preservation: `a photo of a dog`, 1 class images" in card
@@ -82,3 +84,77 @@ def test_train_push_to_hub_refused_before_any_work(tiny_model, photos, tmp_path,
                  "--output-dir", str(out), "--push-to-hub", "me/dog"])
     assert code == 2 and "HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_card_base_model_is_only_a_hub_id(tiny_model):
+    from peftbooth.config import TrainConfig
+    from peftbooth.hub import model_card
+
+    stats = {"steps": 1, "final_loss": 0.1}
+    for model, expected in [("stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                            ("tiny", None), (tiny_model, None), ("./models/sd15", None), ("/abs/path/model", None)]:
+        cfg = TrainConfig()
+        cfg.model.model, cfg.data.instance_prompt = model, "a photo of sks dog"
+        meta = front_matter(model_card(cfg.resolved(), stats, Path("run")))
+        assert meta.get("base_model") == expected, model
+
+
+def test_pushed_repo_loads_with_diffusers_load_lora_weights(tiny_model, photos, tmp_path, capsys, monkeypatch):
+    """`push --output DIR` lays the repo out as it would be uploaded; diffusers' own loader, given that folder as
+    it would be given 'user/name', loads the adapters at their trained strength."""
+    run = train(tiny_config(tiny_model, photos, tmp_path / "run", **{
+        "train.train_text_encoder": True, "unet_adapter.alpha": 8.0, "train.learning_rate": 1e-2,
+        "train.max_train_steps": 3}))
+    listed = files_to_upload(run)
+    assert "pytorch_lora_weights.safetensors" in listed
+    repo = tmp_path / "repo"
+    assert main(["push", str(run), "me/dog", "--output", str(repo)]) == 0
+    assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()) == listed
+    assert not (run / "pytorch_lora_weights.safetensors").exists()  # the run folder itself is left as it was
+
+    import torch
+    from peft import PeftModel
+
+    from peftbooth.models import load_components, load_pipeline
+
+    pipe = load_pipeline(tiny_model)
+    pipe.load_lora_weights(str(repo))  # what pipe.load_lora_weights("me/dog") does with the downloaded repo
+    c = load_components(tiny_model)
+    unet = PeftModel.from_pretrained(c.unet, run / "unet").eval()
+    te = PeftModel.from_pretrained(c.text_encoder, run / "text_encoder").eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, 4, 4, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+    ids = torch.randint(0, 99, (1, 77), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, ctx).sample, unet(x, t, ctx).sample, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], te(ids)[0], rtol=1e-4, atol=1e-5)
+        pipe.unload_lora_weights()
+        assert (pipe.unet(x, t, ctx).sample - unet(x, t, ctx).sample).abs().max() > 1e-4  # the adapter mattered
+
+    # a LoHa run has no diffusers-format file to offer: only its PEFT folders are shared
+    loha = train(tiny_config(tiny_model, photos, tmp_path / "loha", **{"unet_adapter.adapter": "loha"}))
+    assert "pytorch_lora_weights.safetensors" not in files_to_upload(loha)
+    assert main(["push", str(run), "me/dog", "--output", str(repo)]) == 2  # an existing folder is not overwritten
+    assert "already exists" in capsys.readouterr().err
+
+    # push itself hands the Hub client exactly that layout (the Hub is out of reach here: the client records)
+    import huggingface_hub
+
+    uploads = []
+
+    class RecordingApi:
+        def __init__(self, token):
+            assert token == "hf_test"
+
+        def create_repo(self, repo_id, **kw):
+            return type("Url", (str,), {"repo_id": "me/" + repo_id if "/" not in repo_id else repo_id})("https://x")
+
+        def upload_folder(self, folder_path, repo_id, allow_patterns, **kw):
+            found = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
+            uploads.append((repo_id, sorted(allow_patterns), found))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    assert main(["push", str(run), "dog"]) == 0  # a bare name: the token's own namespace
+    assert uploads == [("me/dog", listed, listed)]

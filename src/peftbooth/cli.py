@@ -225,12 +225,20 @@ def cmd_generate(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import files_to_upload, push
+    from .hub import files_to_upload, push, stage_repo
 
     if not (Path(args.run_dir) / "unet" / "adapter_model.safetensors").is_file():
         raise UsageError(f"push: {args.run_dir} is not a finished run (no unet/adapter_model.safetensors)")
     if args.dry_run:
         print("\n".join(files_to_upload(args.run_dir)))
+        return 0
+    if args.output:
+        from .formats.common import check_output
+
+        out = Path(args.output)
+        check_output(out, overwrite=False)
+        files = stage_repo(args.run_dir, out)
+        print(f"{len(files)} files laid out in {out} as {args.repo_id} would hold them (nothing uploaded)")
         return 0
     print(f"uploaded to {push(args.run_dir, args.repo_id, private=args.private)}")
     return 0
@@ -316,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", help="user/name")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded and exit")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="write the repo's files into DIR (a new folder) instead of uploading them")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion model folder (offline)")

@@ -1,13 +1,18 @@
 """The run folder's model card, and sharing a run on the Hugging Face Hub.
 
 The token comes from the environment (`HF_TOKEN`) or the user's `hf auth login`, never from a flag, and is
-never printed or written. Only the adapters, the card, config.yaml and sample images are uploaded: never
-checkpoints, class images or logs.
+never printed or written. Only the adapters, the card, config.yaml and sample images are uploaded (and, for a
+LoRA run, the adapters once more as one diffusers-format `pytorch_lora_weights.safetensors`, so that
+`pipe.load_lora_weights("user/name")` works): never checkpoints, class images or logs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -18,6 +23,31 @@ from .config import TrainConfig, UsageError
 UPLOAD_PATTERNS = ("README.md", "config.yaml", "unet/*", "text_encoder/*", "text_encoder_2/*", "samples/*.png",
                    "validation/*/*.png")
 NEVER_UPLOAD = ("checkpoints", "class_images", "logs")
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights("user/name") looks for
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id_or_none(model: str | None) -> str | None:
+    """`model` if it names a Hub repo ('owner/name'), else None: a local folder, 'tiny' or a path is no base model
+    the Hub can link to."""
+    from .models import TINY_NAME, looks_like_path
+
+    if not model or model == TINY_NAME or looks_like_path(model) or os.path.exists(model):
+        return None
+    return model if HUB_ID.match(model) else None
+
+
+def all_lora(run_dir: Path) -> bool:
+    """Every adapter of the run is a LoRA (the diffusers format holds LoRA only), judged from adapter_config.json."""
+    configs = [run_dir / part / "adapter_config.json" for part in ("unet", "text_encoder", "text_encoder_2")]
+    kinds = []
+    for c in configs:
+        if c.is_file():
+            try:
+                kinds.append(str(json.loads(c.read_text()).get("peft_type", "")).upper())
+            except (OSError, ValueError):
+                return False
+    return bool(kinds) and all(k == "LORA" for k in kinds)
 
 
 def sample_images(run_dir: Path) -> list[str]:
@@ -31,7 +61,7 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
     u, te, d, t = cfg.unet_adapter, cfg.text_encoder_adapter, cfg.data, cfg.train
     family = "stable-diffusion-xl" if sdxl else "stable-diffusion"
     meta = {
-        "base_model": cfg.model.model,
+        **({"base_model": hub_id_or_none(cfg.model.model)} if hub_id_or_none(cfg.model.model) else {}),
         "library_name": "peft",
         "license": "other",  # placeholder: the base model's license applies; set it before sharing
         "instance_prompt": d.instance_prompt,
@@ -75,20 +105,43 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
         "`PeftModel.from_pretrained(unet, 'unet')` loads them.",
         "",
     ]
+    if u.adapter == "lora" and (not t.train_text_encoder or te.adapter == "lora"):
+        lines += [f"`peftbooth push` also uploads `{DIFFUSERS_WEIGHTS}`: `pipe.load_lora_weights(\"user/name\")` "
+                  "loads the repo with diffusers alone, at the trained strength.", ""]
     images = sample_images(run_dir)
     if images:
         lines += ["## Samples", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
     return "\n".join(lines)
 
 
-def files_to_upload(run_dir: str | Path) -> list[str]:
-    """Exactly the files `push` uploads, relative to the run folder, sorted."""
-    run = Path(run_dir)
+def run_files(run: Path) -> list[str]:
+    """The run folder's own files that are shared, relative paths, sorted."""
     found = {p for pattern in UPLOAD_PATTERNS for p in run.glob(pattern) if p.is_file()}
     return sorted(
         rel for rel in (p.relative_to(run).as_posix() for p in found)
         if rel.split("/")[0] not in NEVER_UPLOAD and not any(part.startswith(".") for part in rel.split("/"))
     )
+
+
+def files_to_upload(run_dir: str | Path) -> list[str]:
+    """Exactly the files `push` uploads (the repo's layout), sorted: the run's shared files, plus, for a LoRA run,
+    the diffusers-format file made from its adapters."""
+    run = Path(run_dir)
+    return sorted(run_files(run) + ([DIFFUSERS_WEIGHTS] if all_lora(run) else []))
+
+
+def stage_repo(run_dir: str | Path, folder: str | Path) -> list[str]:
+    """Lay the repo out in `folder` exactly as `push` uploads it; return its files. Nothing is written into the
+    run folder. (`push --output DIR` calls this instead of uploading.)"""
+    from .formats import export_run
+
+    run, folder = Path(run_dir), Path(folder)
+    for rel in run_files(run):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / rel, folder / rel)
+    if all_lora(run):
+        export_run(run, "diffusers", folder / DIFFUSERS_WEIGHTS)
+    return files_to_upload(run)
 
 
 def hub_token() -> str:
@@ -104,9 +157,10 @@ def hub_token() -> str:
 
 
 def check_repo_id(repo_id: str) -> None:
+    """'user/name', or a bare 'name' in the token's own namespace (what the example scripts' --push_to_hub does)."""
     parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
-        raise UsageError(f"push: repo id {repo_id!r} must look like 'user/name'")
+    if len(parts) > 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise UsageError(f"push: repo id {repo_id!r} must look like 'user/name' (or 'name', in your namespace)")
 
 
 def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
@@ -115,12 +169,14 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
     check_repo_id(repo_id)
     if not (run / "unet" / "adapter_model.safetensors").is_file():
         raise UsageError(f"push: {run} is not a finished run (no unet/adapter_model.safetensors)")
-    files = files_to_upload(run)
     token = hub_token()
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(run), repo_id=repo_id, repo_type="model", allow_patterns=files,
-                      commit_message=f"peftbooth: upload {run.name}")
+    with tempfile.TemporaryDirectory(prefix="peftbooth-push-") as staging:
+        files = stage_repo(run, staging)  # before the repo is created: a failure here creates nothing
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # create_repo gives a bare name the token's namespace: upload to the id it returns
+        api.upload_folder(folder_path=staging, repo_id=url.repo_id, repo_type="model", allow_patterns=files,
+                          commit_message=f"peftbooth: upload {run.name}")
     return str(url)
