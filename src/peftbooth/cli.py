@@ -378,13 +378,30 @@ def format_warning(message, category, *rest, **kw) -> str:
     return _python_formatwarning(message, category, *rest, **kw)
 
 
+def translate_reference_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    from .reference_args import translate
+
+    train = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    train = train.choices["train"]
+    known = {s for a in train._actions for s in a.option_strings}
+    switches = {s for a in train._actions for s in a.option_strings if a.nargs == 0}
+    return translate(argv, known, switches)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .train import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["train"]:
+        try:  # the DreamBooth example scripts' spellings (--pretrained_model_name_or_path, ...), same meaning
+            argv = ["train", *translate_reference_args(parser, argv[1:])]
+        except UsageError as e:
+            print(f"peftbooth train: error: {e}", file=sys.stderr)
+            return 2
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         args.argv = argv
     except SystemExit as e:  # bad usage (code 2) or --help (0): return the code like every other outcome
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
