@@ -160,12 +160,21 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def cpu_processes_from_launcher() -> None:
+    """Plain `torchrun --nproc_per_node N` on a machine without a GPU: Accelerate joins the processes only when
+    told to use the CPU (what --num-processes sets), else each believes it is alone and they fight over the output
+    folder. Set it before Accelerate's state is first built (check_inputs builds it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Validate everything, then load, claim the output folder and build the Run."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     cfg = cfg.resolved()
+    cpu_processes_from_launcher()
     images, prompts, fingerprint, checkpoint = check_inputs(cfg)
     t = cfg.train
     components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant, cfg.model.vae)
