@@ -130,7 +130,7 @@ BAD_INPUTS = {
         None, ["--resolution", "1000000"], ["--resolution must be a multiple of 8 from 8 to 4096 (got 1000000)"]),
     "learning-rate-nan": (None, ["--learning-rate", "nan"], ["--learning-rate must be a finite number (got nan)"]),
     "learning-rate-inf": (None, ["--learning-rate", "inf"], ["--learning-rate must be a finite number (got inf)"]),
-    "learning-rate-negative": (None, ["--learning-rate", "-1e-4"], ["--learning-rate must be > 0 (got -0.0001)"]),
+    "learning-rate-negative": (None, ["--learning-rate=-1e-4"], ["--learning-rate must be > 0 (got -0.0001)"]),
     "text-encoder-learning-rate-nan": (
         None, ["--train-text-encoder", "--text-encoder-learning-rate", "nan"],
         ["--text-encoder-learning-rate must be a finite number (got nan)"]),
