@@ -93,6 +93,33 @@ def test_resume_with_accumulation_and_random_crops(tiny_model, photos, tmp_path,
     assert_bitwise_equal(adapter_tensors(resumed), reference)
 
 
+@pytest.mark.parametrize("extra", [{"unet_adapter.dropout": 0.5},
+                                   {"data.dataloader_num_workers": 2, "data.center_crop": False}],
+                         ids=["dropout", "two-workers"])
+def test_resume_with_dropout_or_data_workers_is_bitwise_identical(tiny_model, photos, tmp_path, monkeypatch, extra):
+    """LoRA dropout draws from the global torch RNG, so the checkpoint's RNG state must be restored (the control:
+    without it the resumed run ends elsewhere); with 2 data-loader workers (random crops: pixels are loaded in the
+    workers) the resumed data still matches."""
+    from peftbooth import checkpoint
+
+    settings = {"train.max_train_steps": 4, "data.random_flip": True, "train.seed": 5, **extra}
+    reference = adapter_tensors(train(tiny_config(tiny_model, photos, tmp_path / "ref", **settings)))
+    out = tmp_path / "run"
+    signal_at_step(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(tiny_model, photos, out, **settings))
+    monkeypatch.undo()
+    if "unet_adapter.dropout" in extra:
+        shutil.copytree(out, tmp_path / "no-rng")
+    resumed = train(tiny_config(tiny_model, photos, out, **settings, **{"train.resume": "latest"}))
+    assert_bitwise_equal(adapter_tensors(resumed), reference)
+    if "unet_adapter.dropout" in extra:
+        monkeypatch.setattr(checkpoint, "set_rng_state", lambda state: None)
+        wrong = adapter_tensors(train(tiny_config(tiny_model, photos, tmp_path / "no-rng", **settings,
+                                                  **{"train.resume": "latest"})))
+        assert any(not torch.equal(wrong[k], reference[k]) for k in reference)
+
+
 def test_checkpoints_total_limit_keeps_newest(tiny_model, photos, tmp_path):
     out = train(tiny_config(tiny_model, photos, tmp_path / "run", **{
         "train.max_train_steps": 4, "train.checkpointing_steps": 1, "train.checkpoints_total_limit": 2}))

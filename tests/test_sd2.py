@@ -64,14 +64,34 @@ def test_offset_noise_shifts_each_channel_by_a_constant():
     torch.testing.assert_close(out.std(dim=(2, 3)), torch.zeros(2, 4))
 
 
-def test_sd2_v_prediction_run_trains_and_generates(sd2_model, photos, tmp_path):
+def test_sd2_v_prediction_run_trains_and_generates(sd2_model, photos, tmp_path, monkeypatch):
+    """--snr-gamma and --noise-offset reach every training step (with their values), on the velocity target."""
+    import importlib
+
     from peftbooth.inference import AdapterPipeline
     from peftbooth.train import train
 
+    train_module = importlib.import_module("peftbooth.train")
+    weights_calls, offset_calls = [], []
+    real_weights, real_offset = train_module.min_snr_weights, train_module.offset_noise
+
+    def weights_spy(snr_t, gamma, prediction_type):
+        weights_calls.append((gamma, prediction_type, snr_t.shape[0]))
+        return real_weights(snr_t, gamma, prediction_type)
+
+    def offset_spy(noise, offset, strength):
+        offset_calls.append((strength, offset.abs().sum().item()))
+        return real_offset(noise, offset, strength)
+
+    monkeypatch.setattr(train_module, "min_snr_weights", weights_spy)
+    monkeypatch.setattr(train_module, "offset_noise", offset_spy)
     out = train(tiny_config(sd2_model, photos, tmp_path / "run", **{
         "unet_adapter.target_modules": "all", "train.snr_gamma": 5.0, "train.noise_offset": 0.05,
         "train.max_train_steps": 3, "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",
         "data.num_class_images": 2, "train.train_text_encoder": True}))
+    # one call per training step (proxies measure with the plain loss), instance rows only (batch 1 + 1 class row)
+    assert weights_calls == [(5.0, "v_prediction", 1)] * 3
+    assert [strength for strength, _ in offset_calls] == [0.05] * 3 and all(size > 0 for _, size in offset_calls)
     pipe = AdapterPipeline(sd2_model)
     assert pipe.pipe.scheduler.config.prediction_type == "v_prediction"  # sampling uses the velocity too
     base = pipe.generate("a photo of sks dog", steps=2, height=32, width=32)

@@ -190,8 +190,32 @@ def test_loss_curve_handles_any_history():
     assert loss_points([(2, 1.0), (1, 2.0), (3, float("inf"))]) == [[1, 2.0], [2, 1.0]]
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (Debian package 'chromium')")
+def require_browser() -> None:
+    """Skip where Chromium is missing on a developer's machine; fail under CI (env CI or PEFTBOOTH_REQUIRE_BROWSER
+    set, as .ci/run does), where a missing browser is a broken setup, not a reason to pass."""
+    if os.path.exists(CHROMIUM):
+        return
+    why = f"{CHROMIUM} not installed (Debian package 'chromium')"
+    if os.environ.get("CI") or os.environ.get("PEFTBOOTH_REQUIRE_BROWSER"):
+        pytest.fail(f"{why}, and CI requires the browser tests to run")
+    pytest.skip(why)
+
+
+def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(os.path, "exists", lambda path: False if path == CHROMIUM else True)
+    for var in ("CI", "PEFTBOOTH_REQUIRE_BROWSER"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_browser()
+    for var in ("CI", "PEFTBOOTH_REQUIRE_BROWSER"):
+        monkeypatch.setenv(var, "1")
+        with pytest.raises(pytest.fail.Exception, match="CI requires the browser tests to run"):
+            require_browser()
+        monkeypatch.delenv(var)
+
+
 def test_report_renders_in_headless_chromium(report, tmp_path):
+    require_browser()
     shot = tmp_path / "report.png"
     proc = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
