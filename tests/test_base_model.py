@@ -22,8 +22,8 @@ def test_train_without_model_is_refused_before_anything_is_written(tmp_path, cap
     rc = main(["train", "--instance-data-dir", str(photos), "--instance-prompt", PROMPT, "--output-dir", str(out)])
     assert rc == 2
     line = one_line_error(capsys)
-    assert line.startswith("peftbooth train: error: --model is required: a hub id, a local diffusers folder, or "
-                           "'tiny'"), line
+    assert line.startswith("peftbooth train: error: --model is required: a hub id, a local diffusers folder, "
+                           "'world' (the small pretrained world model, docs/world.md) or 'tiny'"), line
     assert not out.exists()
 
 

@@ -15,6 +15,7 @@ from .config import (
     MAX_RESOLUTION, MODEL_REQUIRED, RANGES, SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list,
     range_problem, to_dict,
 )
+from .demo import DEMO_STEPS
 
 
 class Parser(argparse.ArgumentParser):
@@ -338,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("demo", help="train lora, loha and lokr on synthetic photos with the tiny model (CPU, ~1 min)")
+    p = sub.add_parser("demo", help="train lora, loha and lokr on the world model's subject and show what they "
+                       "learned (offline, CPU, about 3 min)")
     p.add_argument("--output-dir", default="demo-output")
-    p.add_argument("--steps", type=int, default=30, help="training steps per adapter")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps per adapter")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -20,8 +20,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's own
 
 
-MODEL_REQUIRED = ("--model is required: a hub id, a local diffusers folder, or 'tiny' (a tiny random model for "
-                  "trying things out)")
+MODEL_REQUIRED = ("--model is required: a hub id, a local diffusers folder, 'world' (the small pretrained world "
+                  "model, docs/world.md) or 'tiny' (a tiny random model for trying things out)")
 
 
 class UsageError(Exception):
@@ -37,8 +37,8 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelArgs:
-    model: Optional[str] = _f(None, "base model (required): hub id or local diffusers folder; 'tiny' builds a tiny "
-                              "random SD model for trying things out")
+    model: Optional[str] = _f(None, "base model (required): hub id or local diffusers folder; 'world' is the small "
+                              "pretrained world model (docs/world.md); 'tiny' builds a tiny random SD model")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of --model")
     variant: Optional[str] = _f(None, "weights variant of --model, e.g. 'fp16'")
     vae: Optional[str] = _f(None, "replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE "

@@ -1,94 +1,92 @@
-"""`peftbooth demo`: the whole workflow offline on CPU, in about a minute.
+"""`peftbooth demo`: the whole workflow offline on CPU, on the pretrained world model.
 
-Draws a few photos of a synthetic subject, trains a LoRA, a LoHa and a LoKr adapter on the tiny random model with
-prior preservation, then generates before/after images with the base model loaded once.
+Writes five photos of the world's subject (a ball, magenta above and cyan below, that the world model never
+draws), trains a LoRA, a LoHa and a LoKr adapter on it with prior preservation and a text-encoder adapter, then,
+with the base model loaded once, draws: the base model's balls, each adapter's subject in two contexts its photos
+never showed, and each adapter's "a photo of a ball", which should still be ordinary balls. The world's
+evaluator scores every model (docs/world.md).
 """
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from .world.recipe import RECIPE
+from .world.scenes import CLASS_PROMPT, HELD_OUT_CONTEXTS, INSTANCE_PROMPT, SIZE, subject_prompt
 
-from .config import TrainConfig
-
-INSTANCE_PROMPT = "a photo of sks toy"
-CLASS_PROMPT = "a photo of a toy"
-
-
-def draw_subject_photos(folder: Path, n: int = 5, size: int = 96, seed: int = 0) -> list[Path]:
-    """The 'subject': a red block with a yellow eye, at varying places and sizes on varying backgrounds."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randint(60, 200) for _ in range(3)))
-        d = ImageDraw.Draw(img)
-        s = rng.randint(size // 3, size // 2)
-        x, y = rng.randint(4, size - s - 4), rng.randint(4, size - s - 4)
-        d.rectangle((x, y, x + s, y + s), fill=(210, 30, 30))
-        d.ellipse((x + s // 4, y + s // 4, x + 3 * s // 4, y + 3 * s // 4), fill=(250, 220, 40))
-        paths.append(folder / f"toy_{i}.png")
-        img.save(paths[-1])
-    return paths
+DEMO_STEPS = RECIPE["max_train_steps"]
+ADAPTERS = ("lora", "loha", "lokr")
 
 
-def run_demo(output_dir: str | Path = "demo-output", steps: int = 30, resolution: int = 64) -> dict:
-    from .inference import AdapterPipeline, image_grid
+def demo_rows(adapters) -> list[tuple[str, dict, str]]:
+    """(label, adapter weights, prompt) per grid row."""
+    rows = [("base", {}, CLASS_PROMPT), ("base", {}, subject_prompt(HELD_OUT_CONTEXTS[0]))]
+    for a in adapters:
+        rows += [(a, {a: 1.0}, subject_prompt(c)) for c in HELD_OUT_CONTEXTS] + [(a, {a: 1.0}, CLASS_PROMPT)]
+    return rows
+
+
+def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, num_images: int = 4) -> dict:
+    from diffusers import DPMSolverMultistepScheduler
+
+    from .inference import AdapterPipeline
     from .train import train
+    from .validation import grid, sample
+    from .world import MODEL_DIR, WORLD_NAME
+    from .world.evaluator import load_evaluator
+    from .world.metrics import WorldEvalSettings, format_world_table, pipeline_sampler, world_metrics
+    from .world.recipe import world_config
+    from .world.scenes import write_subject_photos
+    from .data import load_image
 
     out = Path(output_dir)
     start = time.perf_counter()
-    photos = out / "photos"
-    draw_subject_photos(photos)
-    print(f"[demo] drew {len(list(photos.glob('*.png')))} photos of the subject into {photos}")
+    photos = write_subject_photos(out / "photos")
+    print(f"[demo] wrote {len(photos)} photos of the subject ({INSTANCE_PROMPT!r} + context) into {out / 'photos'}")
     runs = {}
-    for adapter in ("lora", "loha", "lokr"):
-        cfg = TrainConfig()
-        cfg.model.model = "tiny"
-        cfg.unet_adapter.adapter = adapter
-        cfg.unet_adapter.rank = 8
-        cfg.unet_adapter.target_modules = "all"
-        cfg.data.instance_data_dir = str(photos)
-        cfg.data.instance_prompt = INSTANCE_PROMPT
-        cfg.data.resolution = resolution
-        cfg.data.random_flip = True
-        cfg.data.with_prior_preservation = True
-        cfg.data.class_prompt = CLASS_PROMPT
-        cfg.data.class_data_dir = str(out / "class_images")  # shared: generated once, reused by the next runs
-        cfg.data.num_class_images = 4
-        cfg.data.class_image_steps = 10
-        cfg.train.output_dir = str(out / f"run-{adapter}")
-        cfg.train.overwrite = True
-        cfg.train.max_train_steps = steps
-        cfg.train.learning_rate = 1e-3
-        cfg.train.train_text_encoder = adapter == "lora"
-        cfg.train.logging_steps = 10
-        print(f"[demo] training {adapter} for {steps} steps"
-              + (" (+ text-encoder adapter)" if cfg.train.train_text_encoder else ""))
+    for adapter in ADAPTERS:
+        cfg = world_config(out / "photos", out / f"run-{adapter}", adapter, prior=True, text_encoder=True,
+                           steps=steps, class_data_dir=out / "class_images")  # class images: made once, shared
+        print(f"[demo] training {adapter} for {steps} steps on --model world (prior preservation, text-encoder adapter)")
         runs[adapter] = train(cfg)
 
-    pipe = AdapterPipeline("tiny")  # loaded once; adapters are swapped on it
-    rows = [("base", {})]
+    pipe = AdapterPipeline(WORLD_NAME, device="cpu")  # loaded once; adapters are switched on it
+    pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     for adapter, path in runs.items():
         pipe.load_adapter(path, adapter)
-        rows.append((adapter, {adapter: 1.0}))
-    rows.append(("mix lora+lokr", {"lora": 0.5, "lokr": 0.5}))
-    images = []
-    for _, weights in rows:
+    rows, labels = [], []
+    for label, weights, prompt in demo_rows(runs):
         pipe.set_adapters(weights)
-        images += pipe.generate(INSTANCE_PROMPT, num_images=2, seed=0, steps=10)
+        rows += sample(pipe.pipe, [prompt], list(range(num_images)), SIZE, 20, 5.0)
+        labels.append(f"{label}: {prompt}")
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    image_grid(images, cols=2).save(samples / "before_after.png")
-    print(f"[demo] rows of samples/before_after.png: {', '.join(name for name, _ in rows)}")
+    sheet = grid(rows)
+    sheet.resize((sheet.width * 3, sheet.height * 3), 0).save(samples / "before_after.png")
+    (samples / "before_after.txt").write_text("\n".join(labels) + "\n")
+
+    evaluator = load_evaluator(MODEL_DIR)
+    real = [load_image(p) for p in photos]
+    settings = WorldEvalSettings()
+    sample_fn = pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale)
+    results = {}
+    for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
+        pipe.set_adapters(weights)
+        results[name], _ = world_metrics(sample_fn, evaluator, real, settings)
+    from .evaluate import write_json
+
+    write_json(out / "world_metrics.json", {"settings": vars(settings), "results": results})
+    print("[demo] world metrics (held-out contexts; the evaluator stands in for DINO / CLIP):")
+    print(format_world_table(results))
     print(f"[demo] done in {time.perf_counter() - start:.0f} s. Everything is in {out}/:")
-    print(f"  photos/         the synthetic subject photos ({INSTANCE_PROMPT!r})")
-    print(f"  class_images/   class images made by the base model ({CLASS_PROMPT!r})")
+    print("  photos/         the subject's photos and their captions")
+    print(f"  class_images/   {CLASS_PROMPT!r} images drawn by the base model (prior preservation)")
     for adapter, path in runs.items():
-        extra = " + text_encoder/" if (Path(path) / "text_encoder").is_dir() else ""
-        print(f"  {Path(path).name + '/':<15} {adapter}: unet/{extra}, report.html, proxies.json, config.yaml, README.md")
-    print("  samples/        before_after.png: base, each adapter, and a 50/50 mix, same seed")
-    return {"runs": runs, "samples": samples / "before_after.png"}
+        print(f"  {Path(path).name + '/':<15} {adapter}: unet/, text_encoder/, report.html, config.yaml, README.md")
+    print("  samples/        before_after.png, one row per line of before_after.txt:")
+    for line in labels:
+        print(f"                    {line}")
+    print("  world_metrics.json")
+    return {"runs": runs, "samples": samples / "before_after.png", "metrics": results}
+

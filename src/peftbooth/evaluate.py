@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UsageError
+from .world import is_world_model
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -318,8 +319,8 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
                 resolution=a.resolution or data_cfg.get("resolution"))
     if not a.instance_data_dir:
         raise UsageError("--instance-data-dir is required: the real photos of the subject")
-    if not a.class_name.strip():
-        raise UsageError("--class-name must not be empty, e.g. --class-name dog")
+    if not (a.class_name or "").strip():
+        raise UsageError("--class-name is required (and not empty) for the DreamBooth protocol, e.g. --class-name dog")
     identifier = a.identifier or identifier_from_prompt(data_cfg.get("instance_prompt"), a.class_name)
     if not identifier:
         raise UsageError(f"--identifier is required: the run's instance prompt "
@@ -453,12 +454,47 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def cmd_eval(args) -> int:
+    if is_world_model(base_model_of_run(args.run_dir, args.model)):
+        return cmd_eval_world(args)
     names = {f.name for f in dataclasses.fields(EvalArgs)}
-    report = evaluate_run(EvalArgs(**{k: v for k, v in vars(args).items() if k in names}))
+    # flags left unset keep EvalArgs' defaults (the paper's settings)
+    report = evaluate_run(EvalArgs(**{k: v for k, v in vars(args).items() if k in names and v is not None}))
     out = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / EVAL_DIR
     print(format_table(report))
     note = "" if report["protocol_complete"] else f" (first {report['num_prompts']} prompts only: not the protocol)"
     print(f"metrics written to {out / 'metrics.json'}{note}")
+    from .report import has_training_stats, write_report
+
+    if has_training_stats(args.run_dir) and not args.output_dir:
+        print(f"report updated: {write_report(args.run_dir)}")
+    return 0
+
+
+def base_model_of_run(run_dir: str, model: str | None) -> str | None:
+    """--model, else the base model in RUN_DIR/config.yaml (None when neither names one)."""
+    return model or (read_run_config(Path(run_dir)).get("model") or {}).get("model")
+
+
+def cmd_eval_world(args) -> int:
+    """A run on the world model: the world's evaluator measures what DINO and CLIP measure for real photos."""
+    from .inference import adapter_folders
+    from .world.metrics import WorldEvalSettings, evaluate_world_run, format_world_table
+
+    run = Path(args.run_dir)
+    adapter_folders(run, "RUN_DIR")
+    given = {k: getattr(args, k) for k in ("num_images", "seed", "steps", "guidance_scale")
+             if getattr(args, k) is not None}
+    settings = WorldEvalSettings(**given)  # unset flags: the world's own defaults
+    for flag, value in [("--num-images", settings.num_images), ("--steps", settings.steps)]:
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1 (got {value})")
+    out = Path(args.output_dir) if args.output_dir else run / EVAL_DIR
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: is a file")
+    print("base model: world (the world's evaluator stands in for DINO and CLIP; see docs/world.md)")
+    report = evaluate_world_run(run, read_run_config(run), out, settings, args.baseline, adapter_fingerprint(run))
+    print(format_world_table(report["results"]))
+    print(f"metrics written to {out / 'world_metrics.json'}")
     from .report import has_training_stats, write_report
 
     if has_training_stats(args.run_dir) and not args.output_dir:
@@ -472,16 +508,18 @@ def add_commands(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'peftbooth train'")
     p.add_argument("--instance-data-dir", default=None,
                    help="the real photos of the subject (default: the run's --instance-data-dir)")
-    p.add_argument("--class-name", required=True, help="class noun of the subject, e.g. dog")
+    p.add_argument("--class-name", default=None,
+                   help="class noun of the subject, e.g. dog (required, except for a run on the world model)")
     p.add_argument("--live", action="store_true", help="live-subject prompt list (animals, people) instead of objects")
     p.add_argument("--identifier", default=None,
                    help="unique token (default: the word before --class-name in the run's instance prompt)")
     p.add_argument("--model", default=None, help="base model (default: the one in RUN_DIR/config.yaml)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt (the paper: 4)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="images per prompt (default: 4, the paper's; world runs: 8)")
     p.add_argument("--seed", type=int, default=0,
                    help="prompt j is sampled from seed SEED + j (adapter and base alike)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (DPM-Solver++)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps, DPM-Solver++ (default: 25; world: 20)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: 7.5; world runs: 5.0")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training resolution)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the base model without the adapter, same seeds (--no-baseline skips it)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import UsageError
+from .world import MODEL_DIR as WORLD_MODEL_DIR, WORLD_NAME
 
 # Sub-folders a Stable Diffusion (1.x / 2.x) diffusers folder must hold for training; SDXL adds its second text
 # encoder and tokenizer.
@@ -91,12 +92,18 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """'tiny' -> the cached tiny model folder (built on first use); a local folder is checked; else a hub id."""
+    """'tiny' -> the cached tiny model folder (built on first use); 'world' -> the pretrained world model shipped
+    with the package; a local folder is checked; else a hub id."""
     if model == TINY_NAME:
         path = cache_dir() / "tiny-sd"
         if not (path / "model_index.json").exists():
             build_tiny_model(path)
         return str(path)
+    if model == WORLD_NAME:
+        if not (WORLD_MODEL_DIR / "model_index.json").is_file():
+            raise UsageError(f"--model world: the world model is missing from {WORLD_MODEL_DIR}; rebuild it with "
+                             "'python -m peftbooth.world.build'")
+        return str(WORLD_MODEL_DIR)
     if os.path.exists(model):
         check_model_folder(model)
         return model

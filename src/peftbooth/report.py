@@ -281,9 +281,37 @@ def proxies_section(run_dir: Path) -> str:
     return section("Offline proxies", body, "proxies")
 
 
+def world_metrics_section(run_dir: Path, m: dict) -> str:
+    """`peftbooth eval` of a run on the world model: the world evaluator's metrics, adapter and base model."""
+    from .evaluate import EVAL_DIR, adapter_fingerprint
+    from .world.metrics import LABELS, METRICS
+
+    rows = [[esc(LABELS.get(k, k))] + [fmt(v.get(name), 3) for name in METRICS] for k, v in m["results"].items()]
+    body = table(rows, ["model", *METRICS])
+    if m.get("adapter_fingerprint") != adapter_fingerprint(run_dir):
+        body = ('<p class="warn">These metrics were computed for a different adapter (an earlier run in this '
+                "folder): run <code>peftbooth eval</code> again.</p>") + body
+    st = m.get("settings", {})
+    body += (f'<p class="note">The world\'s evaluator stands in for DINO and CLIP (docs/world.md): subject '
+             f"prompts in contexts the photos did not show ({esc(', '.join(st.get('contexts', [])))}), "
+             f"{esc(st.get('num_images'))} images each; the class prompt twice as many.</p>")
+    for name in m["results"]:
+        sheet = run_dir / EVAL_DIR / f"world_{name}_sheet.png"
+        if sheet.is_file():
+            rel = sheet.relative_to(run_dir).as_posix()
+            body += (f'<figure><figcaption>{esc(LABELS.get(name, name))}: one row per prompt '
+                     f'({esc(" / ".join(m.get("prompts", [])))})</figcaption>'
+                     f'<img class="grid" src="{src(rel)}" alt="{esc(name)}"></figure>')
+    return section("World metrics", body, "metrics")
+
+
 def metrics_section(run_dir: Path) -> str:
     from .evaluate import EVAL_DIR, adapter_fingerprint
+    from .world.metrics import WORLD_METRICS_FILE
 
+    world = read_json(run_dir / EVAL_DIR / WORLD_METRICS_FILE)
+    if world:
+        return world_metrics_section(run_dir, world)
     m = read_json(run_dir / EVAL_DIR / "metrics.json")
     if not m:
         return section("DreamBooth metrics", "<p>Not computed yet: <code>peftbooth eval RUN_DIR --class-name CLASS"

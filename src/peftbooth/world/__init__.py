@@ -1,0 +1,19 @@
+"""The world: a procedural scene generator, a small pretrained SD-shaped model of it (shipped, <= 10 MB) and an
+evaluator trained on the same world, so that personalisation is measured offline. See docs/world.md."""
+
+from pathlib import Path
+
+WORLD_NAME = "world"  # `--model world`
+MODEL_DIR = Path(__file__).parent / "model"  # written by `python -m peftbooth.world.build`
+
+
+def is_world_model(model: str | None) -> bool:
+    """`--model world`, or a path to the shipped world model folder."""
+    if not model:
+        return False
+    if model == WORLD_NAME:
+        return True
+    try:
+        return Path(model).resolve() == MODEL_DIR.resolve()
+    except OSError:
+        return False

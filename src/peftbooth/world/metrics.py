@@ -1,0 +1,155 @@
+"""What the DreamBooth paper measures, measured in the world: the evaluator plays DINO and CLIP.
+
+- subject fidelity: the share of "a photo of a sks ball <context>" images that show the subject, over contexts that
+  were never in its photos (the paper's DINO / CLIP-I);
+- prompt fidelity: the share of those images whose background is the context the prompt asked for (CLIP-T);
+- class drift (language drift): the share of "a photo of a ball" images that show the subject, and class fidelity,
+  the share that show a ball at all;
+- diversity: the normalised entropy of the class images' colours (the subject counts as one more "colour"),
+  1 = every colour equally often, 0 = one colour only;
+- subject similarity: the mean cosine similarity of the evaluator's features of the subject images to those of
+  the real photos (the paper's DINO score, in this world's feature space).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .evaluator import judge, load_evaluator
+from .scenes import CLASS_PROMPT, COLOURS, HELD_OUT_CONTEXTS, IDENTIFIER, SIZE, SUBJECT_CLASS, subject_prompt
+
+METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity")
+
+
+@dataclass
+class WorldEvalSettings:
+    num_images: int = 8  # per subject prompt; the class prompt gets twice as many
+    seed: int = 0
+    steps: int = 20  # DPM-Solver++
+    guidance_scale: float = 5.0
+    identifier: str = IDENTIFIER
+    contexts: tuple[str, ...] = HELD_OUT_CONTEXTS
+
+
+def colour_entropy(labels: list[str]) -> float:
+    """Normalised entropy of the labels over the world's colours plus 'subject': 1 = uniform, 0 = one only."""
+    k = len(COLOURS) + 1
+    counts = np.array([labels.count(c) for c in set(labels)], float)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum() / math.log(k))
+
+
+def world_metrics(sample_fn, evaluator, real_images: list, s: WorldEvalSettings) -> tuple[dict, dict]:
+    """Metrics of one model. `sample_fn(prompt, seeds) -> images` draws from it. Returns (metrics, images by
+    prompt)."""
+    seeds = [s.seed + i for i in range(s.num_images)]
+    images = {subject_prompt(c, s.identifier): sample_fn(subject_prompt(c, s.identifier), seeds) for c in s.contexts}
+    class_images = sample_fn(CLASS_PROMPT, [s.seed + 1000 + i for i in range(2 * s.num_images)])
+    subj = judge(evaluator, [im for ims in images.values() for im in ims])
+    wanted = [c for c in s.contexts for _ in seeds]
+    cls = judge(evaluator, class_images)
+    real = judge(evaluator, real_images)["features"] if real_images else None
+    drifted = cls["p_subject"] > 0.5
+    out = {
+        "subject_fidelity": float(np.mean(subj["p_subject"] > 0.5)),
+        "prompt_fidelity": float(np.mean([b == c for b, c in zip(subj["background"], wanted)])),
+        "class_drift": float(np.mean(drifted)),
+        "class_fidelity": float(np.mean([c == SUBJECT_CLASS for c in cls["class"]])),
+        "diversity": colour_entropy(["subject" if d else c for d, c in zip(drifted, cls["colour"])]),
+        "subject_similarity": None if real is None else float((subj["features"] @ real.T).mean()),
+    }
+    images[CLASS_PROMPT] = class_images
+    return {k: (None if v is None else round(v, 4)) for k, v in out.items()}, images
+
+
+def pipeline_sampler(pipe, steps: int, guidance_scale: float):
+    """sample_fn over a StableDiffusionPipeline: one image per seed (CPU generators), at the world's size."""
+    from ..validation import sample
+
+    def sample_fn(prompt: str, seeds: list[int]) -> list:
+        return sample(pipe, [prompt], seeds, SIZE, steps, guidance_scale)[0]
+    return sample_fn
+
+
+def evaluate_adapter(model_dir: str | Path, run_dirs: dict[str, str | Path], real_images: list,
+                     s: WorldEvalSettings | None = None, baseline: bool = True) -> dict:
+    """World metrics of each run's adapter (and of the base model) on the world model loaded once."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ..inference import AdapterPipeline
+
+    s = s or WorldEvalSettings()
+    pipe = AdapterPipeline(str(model_dir), device="cpu")
+    pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
+    evaluator = load_evaluator(model_dir)
+    sample_fn = pipeline_sampler(pipe.pipe, s.steps, s.guidance_scale)
+    results, images = {}, {}
+    if baseline:
+        pipe.set_adapters({})
+        results["base"], images["base"] = world_metrics(sample_fn, evaluator, real_images, s)
+    for name, run in run_dirs.items():
+        pipe.load_adapter(run, name)
+        pipe.set_adapters({name: 1.0})
+        results[name], images[name] = world_metrics(sample_fn, evaluator, real_images, s)
+    return {"results": results, "images": images}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `peftbooth eval RUN` on a run trained on the world model
+
+WORLD_METRICS_FILE = "world_metrics.json"
+LABELS = {"adapter": "adapter", "base": "base model (no adapter)"}
+
+
+def format_world_table(results: dict) -> str:
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, m in results.items():
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cell(m[k]) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def identifier_of(instance_prompt: str | None) -> str | None:
+    """The word before the class noun in 'a photo of a sks ball'."""
+    words = (instance_prompt or "").split()
+    return words[words.index(SUBJECT_CLASS) - 1] if SUBJECT_CLASS in words[1:] else None
+
+
+def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, settings: WorldEvalSettings,
+                       baseline: bool = True, fingerprint: str | None = None) -> dict:
+    """World metrics of a run (and of the base model, same seeds): world_metrics.json, a table and image sheets
+    in `output_dir`. `cfg` is the run's config.yaml."""
+    from dataclasses import asdict, replace
+
+    from ..config import UsageError
+    from ..data import list_images, load_image
+    from ..evaluate import write_json
+    from ..validation import grid
+    from . import MODEL_DIR
+
+    data_cfg = cfg.get("data") or {}
+    identifier = identifier_of(data_cfg.get("instance_prompt"))
+    if identifier is None:
+        raise UsageError(f"RUN_DIR {run_dir}: its instance prompt {data_cfg.get('instance_prompt')!r} names no "
+                         f"identifier before {SUBJECT_CLASS!r}, the world's subject class")
+    settings = replace(settings, identifier=identifier)
+    photos = data_cfg.get("instance_data_dir")
+    real = [load_image(p) for p in list_images(photos, "--instance-data-dir")] if photos and Path(photos).is_dir() else []
+    res = evaluate_adapter(MODEL_DIR, {"adapter": run_dir}, real, settings, baseline)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, by_prompt in res["images"].items():  # one row per prompt, one column per seed, 2x
+        sheet = grid(list(by_prompt.values()))
+        sheet.resize((sheet.width * 2, sheet.height * 2), 0).save(out / f"world_{name}_sheet.png")
+    report = {"protocol": "world", "settings": asdict(settings), "adapter_fingerprint": fingerprint,
+              "num_real_images": len(real), "prompts": list(next(iter(res["images"].values()))),
+              "results": res["results"]}
+    write_json(out / WORLD_METRICS_FILE, report)
+    (out / "world_metrics.md").write_text(format_world_table(res["results"]) + "\n")
+    return report

@@ -1,0 +1,45 @@
+"""The default DreamBooth recipe for the world (docs/world.md): one place for the demo, the benchmark and the
+tests, so all three measure the same thing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import TrainConfig
+from . import WORLD_NAME
+from .scenes import CLASS_PROMPT, INSTANCE_PROMPT, SIZE
+
+RECIPE = dict(rank=8, target_modules="all", learning_rate=2e-3, max_train_steps=500, num_class_images=50,
+              class_image_steps=20, prior_loss_weight=0.5)
+
+
+def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lora", prior: bool = True,
+                 text_encoder: bool = True, steps: int | None = None, seed: int = 0,
+                 class_data_dir: str | Path | None = None) -> TrainConfig:
+    """A TrainConfig for the world model: adapter on the UNet's attention, feed-forward, ResNet and time-embedding
+    layers (and a text-encoder adapter), optionally with prior preservation on "a photo of a ball"."""
+    cfg = TrainConfig()
+    cfg.model.model = WORLD_NAME
+    cfg.unet_adapter.adapter = adapter
+    cfg.unet_adapter.rank = RECIPE["rank"]
+    cfg.unet_adapter.target_modules = RECIPE["target_modules"]
+    cfg.data.instance_data_dir = str(photos)
+    cfg.data.instance_prompt = INSTANCE_PROMPT  # each photo's NAME.txt caption adds its context
+    cfg.data.resolution = SIZE
+    cfg.data.with_prior_preservation = prior
+    if prior:
+        cfg.data.class_prompt = CLASS_PROMPT
+        cfg.data.num_class_images = RECIPE["num_class_images"]
+        cfg.data.class_image_steps = RECIPE["class_image_steps"]
+        cfg.data.prior_loss_weight = RECIPE["prior_loss_weight"]
+        if class_data_dir:
+            cfg.data.class_data_dir = str(class_data_dir)
+    cfg.train.output_dir = str(output_dir)
+    cfg.train.overwrite = True
+    cfg.train.seed = seed
+    cfg.train.max_train_steps = steps or RECIPE["max_train_steps"]
+    cfg.train.learning_rate = RECIPE["learning_rate"]
+    cfg.train.train_text_encoder = text_encoder
+    cfg.train.logging_steps = 50
+    cfg.train.report_to = "none"
+    return cfg
