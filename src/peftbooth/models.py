@@ -275,11 +275,9 @@ def load_pipeline(model: str, revision: str | None = None, variant: str | None =
 
 def _write_tokenizer(folder: Path) -> None:
     """A byte-level CLIP BPE vocabulary with no merges: every character is a token, words end with '</w>'."""
-    # Byte-level BPE maps each of the 256 bytes to a printable character: printable bytes map to themselves,
-    # the others to code points from 256 upwards (the GPT-2 / CLIP convention).
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    from .world.tokenizer import byte_chars
+
+    chars = byte_chars()  # each of the 256 bytes as a printable character (the GPT-2 / CLIP convention)
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
