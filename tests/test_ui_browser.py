@@ -112,8 +112,8 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             assert not (run / "config.yaml").exists()  # refused before anything was written
             assert (run / "photos" / "photo_0.txt").read_text().strip() == "a photo of sks dog on grass"
             page.fill("#f-data-resolution", "32")
-            page.fill("#f-train-max_train_steps", "40")
-            page.fill("#f-train-validation_steps", "20")
+            page.fill("#f-train-max_train_steps", "400")  # long enough that Stop lands mid-run on a fast machine
+            page.fill("#f-train-validation_steps", "200")
             page.fill("#f-train-num_validation_images", "1")
             page.fill("#f-train-logging_steps", "1")
             page.fill("#f-train-learning_rate", "0.001")
@@ -145,7 +145,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             expect(page.locator("#validation figure[data-step='0'] img.validation-image")).to_have_count(
                 1, timeout=SLOW)
             page.wait_for_function("() => Number(document.querySelector('#run-step').dataset.step) >= 1", timeout=SLOW)
-            expect(page.locator("#run-step")).to_contain_text("/ 40")
+            expect(page.locator("#run-step")).to_contain_text("/ 400")
             expect(page.locator("#run-rate")).to_contain_text("it/s")
 
             # --- Stop: the step finishes, a checkpoint is written, the process exits 130
@@ -158,7 +158,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             page.wait_for_function("() => document.querySelector('#stop').dataset.checkpoints !== ''")
             assert wait_for(lambda: json.loads((run / "ui" / "job.json").read_text()).get("returncode")) == 130
             stopped_at = int(checkpoints[-1].name.rsplit("-", 1)[1])
-            assert 1 <= stopped_at < 40
+            assert 1 <= stopped_at < 400
 
             # --- Resume; then the UI itself is killed and restarted: the run goes on and is still shown
             page.click("#resume")
@@ -173,8 +173,8 @@ def test_ui_end_to_end_in_chromium(tmp_path):
 
             # --- it finishes: the last validation row, the report
             expect(state).to_have_attribute("data-state", "finished", timeout=SLOW)
-            expect(page.locator("#validation figure[data-step='40'] img.validation-image")).to_have_count(1)
-            expect(page.locator("#run-step")).to_contain_text("step 40 / 40")
+            expect(page.locator("#validation figure[data-step='400'] img.validation-image")).to_have_count(1)
+            expect(page.locator("#run-step")).to_contain_text("step 400 / 400")
             expect(page.locator("#report-link")).to_be_visible()
             assert (run / "unet" / "adapter_model.safetensors").is_file()
             assert "--resume latest" in (run / "ui" / "train.log").read_text()
