@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("demo", help="train lora, loha and lokr on the world model's subject and show what they "
-                       "learned (offline, CPU, about 3 min)")
+                       "learned (offline, CPU, about 5 min)")
     p.add_argument("--output-dir", default="demo-output")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps per adapter")
     p.set_defaults(func=cmd_demo)
