@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..losses import min_snr_weights, snr
 from . import configs
 from .evaluator import HEADS, WorldEvaluator, judge, load_evaluator, save_evaluator
 from .scenes import (BACKGROUNDS, CLASSES, COLOURS, CONTEXTS, SUBJECT_COLOURS, draw, general_image, prompt,
@@ -130,13 +131,6 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
             ema[k].mul_(decay).add_(v, alpha=1 - decay)
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR, per row."""
-    a = alphas_cumprod[t]
-    snr = a / (1 - a)
-    return snr.clamp(max=gamma) / snr
-
-
 def train_unet(data: dict, vae, seed: int, steps: int, batch: int, lr: float, p_empty: float):
     from diffusers import DDPMScheduler
 
@@ -150,7 +144,6 @@ def train_unet(data: dict, vae, seed: int, steps: int, batch: int, lr: float, p_
     mean, std = torch.from_numpy(data["mean"]), torch.from_numpy(data["std"])
     ids, empty = torch.from_numpy(data["ids"]).long(), torch.from_numpy(data["empty_ids"]).long()
     g = torch.Generator().manual_seed(seed + 3)
-    acp = sched.alphas_cumprod
     t0, running = time.perf_counter(), 0.0
     for step in range(steps):
         for group in opt.param_groups:
@@ -167,7 +160,7 @@ def train_unet(data: dict, vae, seed: int, steps: int, batch: int, lr: float, p_
         context = text_encoder(input_ids)[0]  # (B, 16, 64)
         pred = unet(noisy, t, context).sample
         per_row = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(acp, t) * per_row).mean()
+        loss = (min_snr_weights(snr(sched, t), 5.0, "epsilon") * per_row).mean()  # Min-SNR-5
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
