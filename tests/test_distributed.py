@@ -41,7 +41,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, 
         assert a.keys() == b.keys()
         changed = 0
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            # Two ranks sum the gradient in a different order than one batch of 2, and Adam divides by the
+            # gradient's running scale, so an element whose gradient nearly cancels can move by a small fraction of
+            # one step (lr 0.01). Allowed: 1 % of one step; measured up to 3.2e-5 on another CPU (1 of 128 elements).
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
             changed += int(a[k].abs().sum() > 0)
         assert changed  # trained, not both still at their zero init
 
