@@ -71,9 +71,9 @@ def test_sd2_v_prediction_run_trains_and_generates(sd2_model, photos, tmp_path, 
     from peftbooth.inference import AdapterPipeline
     from peftbooth.train import train
 
-    train_module = importlib.import_module("peftbooth.train")
+    objective = importlib.import_module("peftbooth.objective")  # the training step's maths live there
     weights_calls, offset_calls = [], []
-    real_weights, real_offset = train_module.min_snr_weights, train_module.offset_noise
+    real_weights, real_offset = objective.min_snr_weights, objective.offset_noise
 
     def weights_spy(snr_t, gamma, prediction_type):
         weights_calls.append((gamma, prediction_type, snr_t.shape[0]))
@@ -83,8 +83,8 @@ def test_sd2_v_prediction_run_trains_and_generates(sd2_model, photos, tmp_path, 
         offset_calls.append((strength, offset.abs().sum().item()))
         return real_offset(noise, offset, strength)
 
-    monkeypatch.setattr(train_module, "min_snr_weights", weights_spy)
-    monkeypatch.setattr(train_module, "offset_noise", offset_spy)
+    monkeypatch.setattr(objective, "min_snr_weights", weights_spy)
+    monkeypatch.setattr(objective, "offset_noise", offset_spy)
     out = train(tiny_config(sd2_model, photos, tmp_path / "run", **{
         "unet_adapter.target_modules": "all", "train.snr_gamma": 5.0, "train.noise_offset": 0.05,
         "train.max_train_steps": 3, "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",

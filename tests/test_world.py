@@ -160,8 +160,8 @@ def test_a_broken_objective_fails_the_learning_test(world_setup, monkeypatch):
     """The control: with the target replaced by the noisy input, the same run does not learn the subject."""
     import importlib
 
-    train_module = importlib.import_module("peftbooth.train")  # the module (the package exports train())
-    monkeypatch.setattr(train_module, "diffusion_target", lambda sched, latents, noise, t: sched.add_noise(
+    objective = importlib.import_module("peftbooth.objective")  # the training step's maths
+    monkeypatch.setattr(objective, "diffusion_target", lambda sched, latents, noise, t: sched.add_noise(
         latents, noise, t))
     broken = train_and_measure(world_setup, "lora-broken", prior=True)["lora-broken"]
     assert broken["subject_fidelity"] < LEARNED

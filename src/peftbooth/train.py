@@ -33,8 +33,10 @@ from .config import TrainConfig, UsageError, to_dict
 from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_captions, load_image
 from .evaluate import write_proxies
 from .hub import check_repo_id, hub_token, model_card, push
-from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
-from .models import Components, added_conditioning, check_vae_arg, encode_text, load_components
+from .models import Components, check_vae_arg, load_components
+from .objective import (
+    LossParts, ObjectiveSettings, batch_conditioning, batch_posterior, row_generators, training_loss,
+)
 from .report import write_report
 from .tracking import LossWindow, ScalerSkips
 from .validation import maybe_validate
@@ -400,51 +402,16 @@ def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.O
 # the loop
 
 
-def training_step(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Loss of one (micro-)batch: encode, noise, predict, compare with the target. Returns (loss, inst, prior)."""
+def training_step(run: Run, batch: dict) -> LossParts:
+    """Loss of one (micro-)batch of the run: encode it (or read the caches), then objective.training_loss.
+    Returns (loss, instance loss, prior loss or None)."""
     c, device = run.components, run.accelerator.device
-    if run.latent_cache is not None:
-        mean, std = run.latent_cache.posterior(batch["keys"])
-    else:
-        vae_dtype = next(c.vae.parameters()).dtype  # fp32 for SDXL's own VAE (see upcast_vae)
-        pixel_values = batch["pixel_values"].to(device, dtype=vae_dtype, non_blocking=True)  # (N, 3, H, W)
-        with torch.no_grad():
-            posterior = c.vae.encode(pixel_values).latent_dist
-        mean, std = posterior.mean.to(run.weight_dtype), posterior.std.to(run.weight_dtype)
-    # Per-row randomness from per-row seeds (see DreamBoothDataset): the same row gets the same latent sample,
-    # noise and timestep in any batch, on any process, before or after a resume.
-    rows = [torch.Generator(device).manual_seed(s) for s in batch["seeds"]]
-    eps = torch.stack([torch.randn(mean.shape[1:], generator=g, device=device) for g in rows]).to(mean.dtype)
-    # (N, 4, H/f, W/f), scaled so latents have roughly unit variance (0.18215 for SD 1.x)
-    latents = (mean + std * eps) * c.latent_scale
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g, device=device) for g in rows]).to(latents.dtype)
-    T = c.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.cat([torch.randint(0, T, (1,), generator=g, device=device) for g in rows]).long()
-    tr = run.cfg.train
-    if tr.noise_offset:
-        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g, device=device) for g in rows])
-        noise = offset_noise(noise, offset.to(noise.dtype), tr.noise_offset)
-    noisy_latents = c.noise_scheduler.add_noise(latents, noise, timesteps)
-    if tr.channels_last:
-        noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)  # same values, NHWC strides
-    # context (N, 77, D); pooled (N, P) for SDXL, else None
-    if run.text_cache is not None:
-        context, pooled = run.text_cache.lookup(batch["prompts"])
-    else:
-        with torch.set_grad_enabled(run.cfg.train.train_text_encoder):
-            context, pooled = encode_text(run.text_encoders, [ids.to(device) for ids in batch["input_ids"]])
-    added = None
-    if c.is_sdxl:  # (N, 6) micro-conditioning of each row's crop, kept beside its latents in the cache or batch
-        cache = run.latent_cache
-        time_ids = cache.crop_time_ids(batch["keys"]) if cache is not None else batch["time_ids"]
-        added = added_conditioning(pooled, time_ids)
-    pred = run.unet(noisy_latents, timesteps, context, added_cond_kwargs=added).sample
-    target = diffusion_target(c.noise_scheduler, latents, noise, timesteps)
-    weights = None
-    if tr.snr_gamma is not None:  # Min-SNR on the instance rows (B,); the class rows keep weight 1
-        instance_t = timesteps[: batch["num_instance"]]
-        weights = min_snr_weights(snr(c.noise_scheduler, instance_t), tr.snr_gamma, c.prediction_type)
-    return dreambooth_loss(pred, target, batch["num_instance"], run.cfg.data.prior_loss_weight, weights)
+    mean, std = batch_posterior(batch, c.vae, run.latent_cache, device, run.weight_dtype)
+    context, added = batch_conditioning(batch, run.text_encoders, run.text_cache, run.latent_cache, device,
+                                        run.cfg.train.train_text_encoder, c.is_sdxl)
+    generators = row_generators(batch["seeds"], device)
+    return training_loss(run.unet, c.noise_scheduler, mean, std, context, added, generators, batch["num_instance"],
+                         c.latent_scale, ObjectiveSettings.from_config(run.cfg))
 
 
 class TrainingInterrupted(Exception):
