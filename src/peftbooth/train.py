@@ -6,9 +6,6 @@ Read top to bottom: nothing is written to disk until every input has been checke
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import threading
 import shutil
 import tempfile
 import time
@@ -38,6 +35,10 @@ from .objective import (
     LossParts, ObjectiveSettings, batch_conditioning, batch_posterior, row_generators, training_loss,
 )
 from .report import write_report
+# SIGNAL_STEPS and TrainingInterrupted are imported from here by the CLI and tests too
+from .signals import (  # noqa: F401
+    SIGNAL_STEPS, StopSignals, TrainingInterrupted, all_true, end_training, signal_interval,
+)
 from .tracking import LossWindow, ScalerSkips
 from .validation import maybe_validate
 
@@ -414,73 +415,6 @@ def training_step(run: Run, batch: dict) -> LossParts:
                          c.latent_scale, ObjectiveSettings.from_config(run.cfg))
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT / SIGTERM: the current step was finished and a checkpoint written. `exit_code` is 128 + signal."""
-
-    def __init__(self, signum: int, checkpoint: Path):
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped after a checkpoint at {checkpoint}; "
-                         "run the same command with --resume latest to continue")
-
-
-# With several processes, agreeing on a stop signal is a gather and a host sync; the loop asks only every this
-# many optimizer steps (or fewer: at logging steps, which sync anyway, and at checkpoints), not every step.
-SIGNAL_STEPS = 10
-
-
-class StopSignals:
-    """First SIGINT/SIGTERM: note it, so the loop ends after the current step with a checkpoint (with several
-    processes: after the next step where they agree, at most `every` steps on). The same signal again: exit at once
-    (the last complete checkpoint stays valid: checkpoints are renamed into place)."""
-
-    def __init__(self, every: int = 1):
-        self.received: int | None = None
-        self.every = every
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        # the same signal again: the user insists. A different one right after (torchrun answers the terminal's
-        # SIGINT by sending its workers SIGTERM) must not cut the checkpoint short.
-        if self.received == signum:
-            os._exit(128 + signum)
-        if self.received is not None:
-            return
-        self.received = signum
-        steps = "this step" if self.every == 1 else f"at most {self.every} steps"
-        print(f"\n{signal.Signals(signum).name}: finishing {steps}, then writing a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
-
-    def agreed(self, accelerator, step: int, checkpoint_due: bool) -> int:
-        """The signal to stop on after optimizer step `step` (0: none), the same on every process: a process
-        that got it a step earlier must not wait in the checkpoint while the others wait in the gradient
-        exchange. Alone, every step (no sync); with several processes, every `every` steps and at checkpoints."""
-        received = self.received or 0
-        if accelerator.num_processes > 1:
-            if step % self.every and not checkpoint_due:
-                return 0  # the others are not asked now: nobody stops yet
-            flags = accelerator.gather(torch.tensor([received], device=accelerator.device))
-            received = int(flags.max())
-        return received
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def all_true(accelerator, flag: torch.Tensor) -> bool:
-    """A boolean that holds on every process (a host sync; with several processes, a gather too)."""
-    if accelerator.num_processes > 1:
-        return bool(accelerator.gather(flag.reshape(1).float()).min() > 0)
-    return bool(flag)
-
-
 def begin_epoch(run: Run, state: TrainState) -> None:
     """Point the sampler and dataset at `state`'s epoch, skipping the micro-batches already consumed."""
     if hasattr(run.dataloader, "set_epoch"):
@@ -515,8 +449,7 @@ def fit(run: Run) -> dict:
     # fp16: a step whose scaled gradients overflowed updates nothing; it must not count or advance the schedule
     scaler_skips = ScalerSkips(getattr(acc, "scaler", None))
     window = LossWindow(acc.device)  # the logged losses: means over the steps since the last log
-    every = 1 if acc.num_processes == 1 else min(t.logging_steps, SIGNAL_STEPS)
-    with StopSignals(every) as signals:
+    with StopSignals(signal_interval(acc.num_processes, t.logging_steps)) as signals:
         while state.step < t.max_train_steps:
             begin_epoch(run, state)
             for batch in run.dataloader:
@@ -606,33 +539,6 @@ def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int,
 # saving
 
 
-def end_training(run: Run) -> None:
-    """Accelerate's end_training (trackers closed, process group destroyed), with the DDP wrappers dropped first.
-
-    With several processes: DDP's Reducer holds the process group. Where the Reducer is the group's last owner,
-    the group's destructor waits for gloo's worker threads while holding the GIL, and a worker that needs the GIL
-    to free the tensors of a finished gather never ends: seen as 1 run in 12 hanging at exit with 2 CPU processes
-    (a known PyTorch pattern, pytorch/pytorch#56297). So first a barrier: every earlier collective is finished and
-    freed by the workers while this thread waits without the GIL. Then the references this code and Accelerate
-    hold to the wrappers are dropped while the group is still registered, so that where nothing else holds a
-    wrapper, destroy_process_group (whose binding lets go of the GIL) is the group's last owner. (On rank 0 one
-    wrapper was seen to outlive this, referenced from outside Python's view: there the barrier is what helps.)
-    After the change 20 of 20 runs exited.
-    """
-    import gc
-
-    acc = run.accelerator
-    if acc.num_processes > 1:
-        acc.wait_for_everyone()
-        for name in ("unet", "text_encoder", "text_encoder_2"):
-            model = getattr(run, name)
-            if model is not None:
-                setattr(run, name, acc.unwrap_model(model))
-        acc.free_memory()  # Accelerate's own references to the prepared models, optimizer and data loader
-        gc.collect()
-    acc.end_training()
-
-
 def replayable(cfg: TrainConfig) -> TrainConfig:
     """The config as saved in OUTPUT/config.yaml: one-off actions of this invocation (resume, overwrite, push)
     reset, so `train --config OUTPUT/config.yaml --output-dir NEW` trains the same thing again and nothing more."""
@@ -686,7 +592,7 @@ def save(run: Run, stats: dict) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk
-    end_training(run)
+    end_training(run.accelerator, run)
     acc.print(f"adapters written to {out}: " + ", ".join(f"{name}/" for name in run.trained()))
     if run.cfg.train.push_to_hub and acc.is_main_process:
         url = push(out, run.cfg.train.push_to_hub)
