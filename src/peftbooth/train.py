@@ -5,17 +5,14 @@ Read top to bottom: nothing is written to disk until every input has been checke
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -23,26 +20,25 @@ from . import adapters as ad
 from . import factored
 from .cache import LatentCache, TextCache
 from .checkpoint import (
-    CHECKPOINTS, TrainState, acquire_lock, check_compatible, data_fingerprint, list_checkpoints, load_checkpoint,
-    release_lock, resolve_resume, save_checkpoint,
+    CHECKPOINTS, TrainState, acquire_lock, list_checkpoints, load_checkpoint, release_lock, save_checkpoint,
 )
-from .config import TrainConfig, UsageError, to_dict
-from .data import DreamBoothDataset, EpochSampler, collate, list_images, load_captions, load_image
+from .config import TrainConfig
+from .data import DreamBoothDataset, EpochSampler, collate
 from .evaluate import write_proxies
-from .hub import check_repo_id, hub_token, model_card, push
-from .models import Components, check_vae_arg, load_components
+from .models import Components, load_components
 from .objective import (
     LossParts, ObjectiveSettings, batch_conditioning, batch_posterior, row_generators, training_loss,
 )
-from .report import write_report
-# SIGNAL_STEPS and TrainingInterrupted are imported from here by the CLI and tests too
-from .signals import (  # noqa: F401
-    SIGNAL_STEPS, StopSignals, TrainingInterrupted, all_true, end_training, signal_interval,
+# Names other modules, benchmarks and tests import from here (peftbooth.train) keep working: check_inputs (CLI,
+# UI), TrainingInterrupted (CLI), the speed helpers (benchmarks); tests patch some of them on this module.
+from .preflight import RUN_MARKER, check_inputs, cpu_processes_from_launcher  # noqa: F401
+from .saving import check_ranks_agree, replayable, save  # noqa: F401
+from .signals import SIGNAL_STEPS, StopSignals, TrainingInterrupted, all_true, signal_interval  # noqa: F401
+from .speed import (  # noqa: F401
+    make_optimizer, maybe_compile, offload, to_compute_dtype, upcast_vae, weight_dtype_for,
 )
 from .tracking import LossWindow, ScalerSkips
 from .validation import maybe_validate
-
-RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
 
 
 @dataclass
@@ -107,70 +103,6 @@ def proxies_or_warning(run: Run) -> dict | None:
 # setup
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
-    """Validate config, output folder, photos and resume; return (images, prompts, fingerprint, checkpoint).
-
-    Writes nothing.
-    """
-    cfg.validate()
-    out = Path(cfg.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out}: is a file")
-    if (out / RUN_MARKER).exists() and not cfg.train.overwrite:
-        raise UsageError(f"--output-dir {out}: already holds a finished run; pass --overwrite or choose another folder")
-    # complete checkpoints only: a run killed while writing its first one leaves just a .tmp- folder, which
-    # --resume latest cannot use and a fresh start replaces
-    if list_checkpoints(out) and not cfg.train.resume and not cfg.train.overwrite:
-        raise UsageError(f"--output-dir {out}: holds checkpoints of an unfinished run; pass --resume latest to "
-                         "continue it, or --overwrite to start over (its checkpoints are deleted)")
-    check_vae_arg(cfg.model.vae)
-    d = cfg.data
-    paths = list_images(d.instance_data_dir, "--instance-data-dir")
-    if not paths:
-        raise UsageError(f"--instance-data-dir {d.instance_data_dir}: no images (jpg, jpeg, png, webp) found")
-    images = [load_image(p, max_side=2 * d.resolution) for p in paths]
-    for p, img in zip(paths, images):
-        if min(img.size) < 8:
-            raise UsageError(f"{p}: image is only {img.size[0]}x{img.size[1]} px; use photos of at least 8 px a side")
-    fingerprint = data_fingerprint(paths)
-    checkpoint = None
-    if cfg.train.resume:
-        checkpoint = resolve_resume(cfg.train.resume, out)
-        check_compatible(checkpoint, cfg, fingerprint, cfg.train.resume_force)
-    if d.with_prior_preservation and d.class_data_dir and Path(d.class_data_dir).is_file():
-        raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
-    if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16")
-    from accelerate import PartialState
-
-    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
-        # Accelerate runs fp16 on the CPU with neither autocast nor a gradient scaler: fp16 gradients would
-        # underflow unseen
-        raise UsageError("--mixed-precision fp16: needs a GPU (on the CPU there is no fp16 autocast or gradient "
-                         "scaler); use --mixed-precision bf16 or no")
-    if cfg.train.push_to_hub:  # refuse now, not after an hour of training
-        check_repo_id(cfg.train.push_to_hub)
-        hub_token()
-    if cfg.train.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UsageError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-    return images, load_captions(paths, d.instance_prompt), fingerprint, checkpoint
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def cpu_processes_from_launcher() -> None:
-    """Plain `torchrun --nproc_per_node N` on a machine without a GPU: Accelerate joins the processes only when
-    told to use the CPU (what --num-processes sets), else each believes it is alone and they fight over the output
-    folder. Set it before Accelerate's state is first built (check_inputs builds it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-
-
 def setup(cfg: TrainConfig) -> Run:
     """Validate everything, then load, claim the output folder and build the Run."""
     from accelerate import Accelerator
@@ -214,97 +146,45 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
               fingerprint: str, checkpoint: Path | None, lock: Path | None) -> Run:
     """The rest of setup, once the output folder is ours: class images, adapters, dtypes, caches, optimizer."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
-    t, d, out = cfg.train, cfg.data, Path(cfg.train.output_dir)
+    t, d, device = cfg.train, cfg.data, accelerator.device
     set_seed(t.seed)
-
-    class_paths = None
-    if d.with_prior_preservation:
-        from .prior import generate_class_images
-
-        class_dir = Path(d.class_data_dir) if d.class_data_dir else out / "class_images"
-        class_paths = generate_class_images(
-            components.model_path, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size,
-            d.class_image_steps, t.seed, cfg.model.revision, cfg.model.variant, accelerator.device,
-            show_progress=accelerator.is_local_main_process, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone, vae=cfg.model.vae,
-        )
-        set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
-
-    if t.channels_last:
-        # before the adapters exist: only the frozen 4-D weights change layout; adapter weights stay contiguous,
-        # as safetensors needs them for saving
-        components.unet.to(memory_format=torch.channels_last)
-    unet = ad.attach(components.unet, cfg.unet_adapter, ad.UNET_PRESETS, "", cfg.model.model)
-    # one text encoder (SD 1.x / 2.x) or two (SDXL); with --train-text-encoder each gets its own adapter of the
-    # --text-encoder-* settings, saved as text_encoder/ and text_encoder_2/
-    text_encoders = list(components.text_encoders)
-    if t.train_text_encoder:
-        text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-", cfg.model.model,
-                                   layers=used_text_layers(components, i))
-                         for i, m in enumerate(text_encoders)]
-    if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
-        for model in (unet, *text_encoders):
-            factored.install(model)
-
+    class_paths = class_images(cfg, accelerator, components) if d.with_prior_preservation else None
+    set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
+    unet, text_encoders = attach_adapters(cfg, components)
     # Frozen weights in the compute dtype, adapter weights in fp32: the optimizer sees exact fp32 parameters
     # and gradients while the big frozen matmuls run in half precision.
     weight_dtype = weight_dtype_for(t.mixed_precision)
-    components.vae.to(accelerator.device, dtype=torch.float32 if upcast_vae(cfg, components) else weight_dtype)
+    components.vae.to(device, dtype=torch.float32 if upcast_vae(cfg, components) else weight_dtype)
     for model in text_encoders:
-        to_compute_dtype(model, accelerator.device, weight_dtype)
-
-    # Caches: the frozen VAE and text encoder give the same answer for the same input, so ask them once.
-    cache_latents = t.cache_latents and d.center_crop
-    if t.cache_latents and not d.center_crop:
-        accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
-    dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
-                                d.class_prompt, load_pixels=not cache_latents, seed=t.seed)
-    latent_cache = text_cache = None
-    if cache_latents:
-        latent_cache = LatentCache.build(dataset, components.vae, accelerator.device, weight_dtype, d.sample_batch_size)
-        offload(components.vae, accelerator.device)
-    if t.cache_text_states and not t.train_text_encoder:
-        all_prompts = prompts + ([d.class_prompt] if class_paths else [])
-        text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, accelerator.device)
-        for encoder in text_encoders:
-            offload(encoder, accelerator.device)
+        to_compute_dtype(model, device, weight_dtype)
+    dataset, latent_cache, text_cache = dataset_and_caches(cfg, accelerator, components, text_encoders, images,
+                                                           prompts, class_paths, weight_dtype)
     # The UNet goes to the device only now: the VAE encoding the photos at full resolution is the largest
     # activation before training, and the UNet's weights (1.7 GB in bf16 for SD 1.5) need not sit beside it.
-    to_compute_dtype(unet, accelerator.device, weight_dtype)
+    to_compute_dtype(unet, device, weight_dtype)
     if t.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if t.train_text_encoder:
             for encoder in components.text_encoders:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
-    if t.train_text_encoder:
-        params.append({"params": [p for m in text_encoders for p in m.parameters() if p.requires_grad],
-                       "lr": t.text_encoder_learning_rate or t.learning_rate})
-    optimizer = make_optimizer(params, t, accelerator.device)
+    optimizer, lr_scheduler = optimizer_and_schedule(t, unet, text_encoders, device)
     # the data order is a function of (seed, epoch): resumable; whole global batches: no padding by Accelerate
     sampler = EpochSampler(len(dataset), t.seed, d.train_batch_size * accelerator.num_processes)
     dataloader = DataLoader(
         dataset, batch_size=d.train_batch_size, sampler=sampler, num_workers=d.dataloader_num_workers,
         collate_fn=partial(collate, tokenizers=None if text_cache else components.tokenizers),
-        generator=torch.Generator().manual_seed(t.seed), pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(t.seed), pin_memory=device.type == "cuda",
     )
-    # The schedule counts optimizer steps; it is stepped by hand once per optimizer step (see fit).
-    lr_scheduler = get_scheduler(
-        t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_train_steps
-    )
-    if t.train_text_encoder:
-        unet, *text_encoders, optimizer, dataloader = accelerator.prepare(unet, *text_encoders, optimizer, dataloader)
-    else:
-        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    trained_encoders = text_encoders if t.train_text_encoder else []  # a frozen encoder is not wrapped
+    unet, *prepared, optimizer, dataloader = accelerator.prepare(unet, *trained_encoders, optimizer, dataloader)
+    text_encoders = prepared or text_encoders
     if t.compile:
         unet = maybe_compile(unet, accelerator, t.compile_mode)
     if accelerator.is_main_process and t.report_to != "none":
         accelerator.init_trackers("peftbooth")
     run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, weight_dtype,
-              out, sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
+              Path(t.output_dir), sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
               text_encoders[1] if len(text_encoders) > 1 else None)
     for name, model in run.trained().items():
         trainable, total = ad.count_parameters(model)
@@ -313,6 +193,77 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         run.state = load_checkpoint(run, checkpoint)
         accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
     return run
+
+
+def class_images(cfg: TrainConfig, accelerator, components: Components) -> list[Path]:
+    """The run's class images (--class-data-dir, else OUTPUT/class_images), the missing ones generated first."""
+    from .prior import generate_class_images
+
+    d, out = cfg.data, Path(cfg.train.output_dir)
+    class_dir = Path(d.class_data_dir) if d.class_data_dir else out / "class_images"
+    return generate_class_images(
+        components.model_path, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size,
+        d.class_image_steps, cfg.train.seed, cfg.model.revision, cfg.model.variant, accelerator.device,
+        show_progress=accelerator.is_local_main_process, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone, vae=cfg.model.vae,
+    )
+
+
+def attach_adapters(cfg: TrainConfig, components: Components) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(UNet with its adapter, text encoders): one (SD 1.x / 2.x) or two (SDXL); with --train-text-encoder each
+    gets its own adapter of the --text-encoder-* settings, saved as text_encoder/ and text_encoder_2/."""
+    t = cfg.train
+    if t.channels_last:
+        # before the adapters exist: only the frozen 4-D weights change layout; adapter weights stay contiguous,
+        # as safetensors needs them for saving
+        components.unet.to(memory_format=torch.channels_last)
+    unet = ad.attach(components.unet, cfg.unet_adapter, ad.UNET_PRESETS, "", cfg.model.model)
+    text_encoders = list(components.text_encoders)
+    if t.train_text_encoder:
+        text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-",
+                                   cfg.model.model, layers=used_text_layers(components, i))
+                         for i, m in enumerate(text_encoders)]
+    if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
+        for model in (unet, *text_encoders):
+            factored.install(model)
+    return unet, text_encoders
+
+
+def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, text_encoders: list, images: list,
+                       prompts: list[str], class_paths: list[Path] | None, weight_dtype: torch.dtype
+                       ) -> tuple[DreamBoothDataset, LatentCache | None, TextCache | None]:
+    """The dataset, and the caches: the frozen VAE and text encoder give the same answer for the same input, so
+    they are asked once and then moved off the GPU."""
+    t, d, device = cfg.train, cfg.data, accelerator.device
+    cache_latents = t.cache_latents and d.center_crop
+    if t.cache_latents and not d.center_crop:
+        accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
+    dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
+                                d.class_prompt, load_pixels=not cache_latents, seed=t.seed)
+    latent_cache = text_cache = None
+    if cache_latents:
+        latent_cache = LatentCache.build(dataset, components.vae, device, weight_dtype, d.sample_batch_size)
+        offload(components.vae, device)
+    if t.cache_text_states and not t.train_text_encoder:
+        all_prompts = prompts + ([d.class_prompt] if class_paths else [])
+        text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, device)
+        for encoder in text_encoders:
+            offload(encoder, device)
+    return dataset, latent_cache, text_cache
+
+
+def optimizer_and_schedule(t, unet: torch.nn.Module, text_encoders: list, device: torch.device):
+    """AdamW over the adapter weights (the text encoders' at --text-encoder-learning-rate) and its LR schedule,
+    which counts optimizer steps: fit steps it by hand once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
+    if t.train_text_encoder:
+        params.append({"params": [p for m in text_encoders for p in m.parameters() if p.requires_grad],
+                       "lr": t.text_encoder_learning_rate or t.learning_rate})
+    optimizer = make_optimizer(params, t, device)
+    return optimizer, get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                    num_training_steps=t.max_train_steps)
 
 
 def used_text_layers(components: Components, index: int) -> list[int] | None:
@@ -325,78 +276,6 @@ def used_text_layers(components: Components, index: int) -> list[int] | None:
     if not components.is_sdxl or index != 0:
         return None
     return list(range(components.text_encoder.config.num_hidden_layers - 1))
-
-
-def to_compute_dtype(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move `model` to `device` with its frozen weights in `dtype` and its trainable (adapter) weights in fp32."""
-    model.to(device, dtype=dtype)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-
-
-def upcast_vae(cfg: TrainConfig, components: Components) -> bool:
-    """--upcast-vae, by default on for SDXL's own VAE: in fp16 it overflows to NaN latents (an fp16-fixed --vae
-    does not, so a replacement VAE runs in the compute dtype unless asked)."""
-    if cfg.model.upcast_vae is not None:
-        return cfg.model.upcast_vae
-    return components.is_sdxl and cfg.model.vae is None
-
-
-def offload(model: torch.nn.Module, device: torch.device) -> None:
-    """Move a model whose outputs are cached off the GPU for the rest of training."""
-    if device.type == "cuda":
-        model.to("cpu")
-        torch.cuda.empty_cache()
-
-
-def maybe_compile(unet: torch.nn.Module, accelerator, mode: str = "default") -> torch.nn.Module:
-    """torch.compile the UNet; where compiling cannot work, warn and train eagerly instead of failing.
-
-    With the adapters in place the UNet compiles to one graph for LoRA, and for LoHa/LoKr through
-    factored.forward_without_coin (PEFT's own LoHa/LoKr forward splits it at every adapted layer).
-    """
-    import torch._dynamo
-
-    why = None
-    if not torch._dynamo.is_dynamo_supported():
-        why = "torch.compile is not supported on this Python/platform"
-    elif accelerator.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
-        why = "no C++ compiler found for the CPU backend"
-    if why:
-        warnings.warn(f"--compile: {why}; training eagerly", stacklevel=2)
-        return unet
-    if mode in ("reduce-overhead", "max-autotune") and accelerator.device.type != "cuda":
-        warnings.warn(f"--compile-mode {mode}: CUDA graphs need a CUDA device; compiled without them on "
-                      f"{accelerator.device.type}", stacklevel=2)
-    compiled = torch.compile(unet, mode=None if mode == "default" else mode)
-    # An op the compiler cannot handle falls back to eager for that graph, with a warning, instead of crashing:
-    # suppress_errors only while this UNet runs (compiling happens inside its calls), not for the whole process.
-    compiled.forward = suppress_compile_errors(compiled.forward)
-    return compiled
-
-
-def suppress_compile_errors(forward):
-    import functools
-
-    import torch._dynamo
-
-    @functools.wraps(forward)
-    def scoped(*args, **kwargs):
-        with torch._dynamo.config.patch(suppress_errors=True):
-            return forward(*args, **kwargs)
-
-    return scoped
-
-
-def make_optimizer(params: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
-    kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    if t.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kw)
-    # fused AdamW: one kernel for all parameters on CUDA instead of a handful per tensor
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,6 +294,82 @@ def training_step(run: Run, batch: dict) -> LossParts:
                          c.latent_scale, ObjectiveSettings.from_config(run.cfg))
 
 
+@dataclass
+class Loop:
+    """What `fit` carries from one optimizer step to the next besides `run.state` (which checkpoints hold): the
+    trained models and their parameters, the progress bar, the losses since the last log and what went wrong."""
+
+    trained: list[torch.nn.Module]
+    params: list[torch.Tensor]  # the adapter weights (requires_grad)
+    progress: tqdm
+    window: LossWindow  # the logged losses: means over the steps since the last log
+    scaler_skips: ScalerSkips  # fp16: a step whose scaled gradients overflowed updates nothing
+    first_bad: torch.Tensor  # () the first step with a non-finite loss, -1: none; on the device, no host sync
+    skip_group: bool = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
+    last_loss: float = float("nan")
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, logged loss)
+    validation_seconds: float = 0.0  # time spent sampling validation images, left out of the throughput
+
+
+def start_loop(run: Run) -> Loop:
+    """The trained models in train mode and a fresh Loop, its progress bar at the run's step."""
+    acc, trained = run.accelerator, list(run.trained().values())
+    for m in trained:
+        m.train()
+    progress = tqdm(total=run.cfg.train.max_train_steps, initial=run.state.step, desc="train",
+                    disable=not acc.is_local_main_process)
+    return Loop(trained, [p for m in trained for p in m.parameters() if p.requires_grad], progress,
+                LossWindow(acc.device), ScalerSkips(getattr(acc, "scaler", None)), torch.tensor(-1, device=acc.device))
+
+
+def fit(run: Run) -> dict:
+    """Optimise the adapters until max_train_steps optimizer steps. Returns a few statistics for the run card.
+
+    Continues from `run.state` (a resumed run starts mid-way); writes checkpoints every --checkpointing-steps
+    and when interrupted; stops on a non-finite loss per --nan-policy.
+    """
+    t, acc, state = run.cfg.train, run.accelerator, run.state
+    loop, start, start_step = start_loop(run), time.perf_counter(), state.step
+    if state.step == 0:  # the "before training" row; a resumed run has it already
+        validate(run, loop)
+    with StopSignals(signal_interval(acc.num_processes, t.logging_steps)) as signals:
+        for batch in micro_batches(run):
+            if not micro_step(run, loop, batch):
+                continue  # within an accumulation group, or a step that updated nothing
+            run.lr_scheduler.step()
+            state.step += 1
+            loop.progress.update(1)
+            checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
+            stop = signals.agreed(acc, state.step, checkpoint_due)  # all processes stop after the same step
+            if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
+                log_losses(run, loop)  # reading the device waits for it: only at these steps, not every step
+            if checkpoint_due or stop:
+                path = save_checkpoint(run, state, run.fingerprint)
+                if stop:
+                    loop.progress.close()
+                    raise TrainingInterrupted(stop, path)
+            validate(run, loop)
+    loop.progress.close()
+    seconds = time.perf_counter() - start - loop.validation_seconds
+    return {"steps": state.step, "final_loss": loop.last_loss, "seconds": seconds,
+            "it_s": (state.step - start_step) / max(seconds, 1e-9), "loss_history": loop.history,
+            "validation_seconds": loop.validation_seconds}
+
+
+def micro_batches(run: Run):
+    """The run's micro-batches, epoch after epoch, from where `run.state` stands until max_train_steps optimizer
+    steps are done (the consumer advances state.step). state.position counts the micro-batches of the epoch."""
+    state, max_steps = run.state, run.cfg.train.max_train_steps
+    while state.step < max_steps:
+        begin_epoch(run, state)
+        for batch in run.dataloader:
+            state.position += 1
+            yield batch
+            if state.step >= max_steps:
+                return
+        state.epoch, state.position = state.epoch + 1, 0  # the epoch ran out before max_train_steps
+
+
 def begin_epoch(run: Run, state: TrainState) -> None:
     """Point the sampler and dataset at `state`'s epoch, skipping the micro-batches already consumed."""
     if hasattr(run.dataloader, "set_epoch"):
@@ -425,94 +380,57 @@ def begin_epoch(run: Run, state: TrainState) -> None:
     run.sampler.start = state.position * run.cfg.data.train_batch_size * run.accelerator.num_processes
 
 
-def fit(run: Run) -> dict:
-    """Optimise the adapters until max_train_steps optimizer steps. Returns a few statistics for the run card.
+def micro_step(run: Run, loop: Loop, batch: dict) -> bool:
+    """Forward and backward of one micro-batch; at the end of an accumulation group, the optimizer step.
 
-    Continues from `run.state` (a resumed run starts mid-way); writes checkpoints every --checkpointing-steps
-    and when interrupted; stops on a non-finite loss per --nan-policy.
+    True when that optimizer step updated the adapters; False within a group, for a group skipped for a
+    non-finite loss (--nan-policy skip-step) and for an fp16 step whose gradients overflowed (taken again).
     """
     t, acc, state = run.cfg.train, run.accelerator, run.state
-    trained = list(run.trained().values())
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    for m in trained:
-        m.train()
-    progress = tqdm(total=t.max_train_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
-    # The first step with a non-finite loss, tracked on the device so that no step waits for the host.
-    first_bad = torch.tensor(-1, device=acc.device)
-    last_loss, history, start, start_step = float("nan"), [], time.perf_counter(), state.step
-    validation_seconds = 0.0  # time spent sampling validation images, left out of the throughput
-    if state.step == 0:  # the "before training" row; a resumed run has it already
-        tick = time.perf_counter()
-        maybe_validate(run, 0)
-        validation_seconds += time.perf_counter() - tick
-    skip_group = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
-    # fp16: a step whose scaled gradients overflowed updates nothing; it must not count or advance the schedule
-    scaler_skips = ScalerSkips(getattr(acc, "scaler", None))
-    window = LossWindow(acc.device)  # the logged losses: means over the steps since the last log
-    with StopSignals(signal_interval(acc.num_processes, t.logging_steps)) as signals:
-        while state.step < t.max_train_steps:
-            begin_epoch(run, state)
-            for batch in run.dataloader:
-                state.position += 1
-                overflowed = False
-                with acc.accumulate(*trained):
-                    loss, instance_loss, prior_loss = training_step(run, batch)
-                    finite = torch.isfinite(loss)
-                    if t.nan_policy == "skip-step" and not all_true(acc, finite):  # one host sync per step
-                        skip_group = True  # every process skips the same optimizer step
-                    else:
-                        first_bad = torch.where(~finite & (first_bad < 0), state.step + 1, first_bad)
-                        window.add(loss, instance_loss, prior_loss)
-                        acc.backward(loss)
-                    if acc.sync_gradients and not skip_group:
-                        if t.max_grad_norm > 0:
-                            acc.clip_grad_norm_(params, t.max_grad_norm)
-                        run.optimizer.step()
-                        overflowed = scaler_skips.skipped()
-                    if acc.sync_gradients:
-                        run.optimizer.zero_grad(set_to_none=True)
-                if not acc.sync_gradients:
-                    continue
-                window.end_step(updated=not (skip_group or overflowed))
-                if skip_group:  # a non-finite loss in this optimizer step's micro-batches: drop the whole step
-                    acc.print(f"warning: non-finite loss in step {state.step + 1}; that step was skipped")
-                    skip_group = False
-                    continue
-                if overflowed:  # the scaler skipped the update and lowered its scale: this step is taken again
-                    continue
-                run.lr_scheduler.step()
-                state.step += 1
-                progress.update(1)
-                checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
-                stop = signals.agreed(acc, state.step, checkpoint_due)  # all processes stop after the same step
-                if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
-                    # reading the device waits for it: only at these steps, not every step
-                    logs = window.read(acc)  # first: with several processes every one takes part in the sum
-                    check_finite(first_bad, params, state.step, run.output_dir)
-                    last_loss = logs["loss"]
-                    history.append((state.step, last_loss))
-                    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}")
-                    if t.report_to != "none":
-                        acc.log(logs, step=state.step)
-                if checkpoint_due or stop:
-                    path = save_checkpoint(run, state, run.fingerprint)
-                    if stop:
-                        progress.close()
-                        raise TrainingInterrupted(stop, path)
-                tick = time.perf_counter()
-                if maybe_validate(run, state.step):
-                    validation_seconds += time.perf_counter() - tick
-                if state.step >= t.max_train_steps:
-                    break
-            else:  # the epoch ran out before max_train_steps
-                state.epoch, state.position = state.epoch + 1, 0
-    progress.close()
-    seconds = time.perf_counter() - start - validation_seconds
-    steps = state.step - start_step
-    stats = {"steps": state.step, "final_loss": last_loss, "seconds": seconds, "it_s": steps / max(seconds, 1e-9),
-             "loss_history": history, "validation_seconds": validation_seconds}
-    return stats
+    overflowed = False
+    with acc.accumulate(*loop.trained):
+        loss, instance_loss, prior_loss = training_step(run, batch)
+        finite = torch.isfinite(loss)
+        if t.nan_policy == "skip-step" and not all_true(acc, finite):  # one host sync per step
+            loop.skip_group = True  # every process skips the same optimizer step
+        else:
+            loop.first_bad = torch.where(~finite & (loop.first_bad < 0), state.step + 1, loop.first_bad)
+            loop.window.add(loss, instance_loss, prior_loss)
+            acc.backward(loss)
+        if acc.sync_gradients and not loop.skip_group:
+            if t.max_grad_norm > 0:
+                acc.clip_grad_norm_(loop.params, t.max_grad_norm)
+            run.optimizer.step()
+            overflowed = loop.scaler_skips.skipped()  # the scaler lowered its scale: this step is taken again
+        if acc.sync_gradients:
+            run.optimizer.zero_grad(set_to_none=True)
+    if not acc.sync_gradients:
+        return False
+    skipped, loop.skip_group = loop.skip_group, False
+    loop.window.end_step(updated=not (skipped or overflowed))
+    if skipped:  # a non-finite loss in this optimizer step's micro-batches: the whole step is dropped
+        acc.print(f"warning: non-finite loss in step {state.step + 1}; that step was skipped")
+    return not (skipped or overflowed)
+
+
+def log_losses(run: Run, loop: Loop) -> None:
+    """Read the mean losses since the last log (a host sync), refuse non-finite ones, show and log them."""
+    acc, step = run.accelerator, run.state.step
+    logs = loop.window.read(acc)  # first: with several processes every one takes part in the sum
+    check_finite(loop.first_bad, loop.params, step, run.output_dir)
+    loop.last_loss = logs["loss"]
+    loop.history.append((step, loop.last_loss))
+    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    loop.progress.set_postfix(loss=f"{loop.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+    if run.cfg.train.report_to != "none":
+        acc.log(logs, step=step)
+
+
+def validate(run: Run, loop: Loop) -> None:
+    """Validation images at this step when it is a validation step, timed apart from training."""
+    tick = time.perf_counter()
+    if maybe_validate(run, run.state.step) or run.state.step == 0:
+        loop.validation_seconds += time.perf_counter() - tick
 
 
 def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int, output_dir: Path | None = None) -> None:
@@ -533,68 +451,3 @@ def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int,
                                  "--nan-policy skip-step")
     raise FloatingPointError(f"adapter weights became NaN/inf by step {step}; {kept}; lower --learning-rate or "
                              "--max-grad-norm")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# saving
-
-
-def replayable(cfg: TrainConfig) -> TrainConfig:
-    """The config as saved in OUTPUT/config.yaml: one-off actions of this invocation (resume, overwrite, push)
-    reset, so `train --config OUTPUT/config.yaml --output-dir NEW` trains the same thing again and nothing more."""
-    import dataclasses
-
-    train_args = dataclasses.replace(cfg.train, resume=None, resume_force=False, overwrite=False, push_to_hub=None)
-    return dataclasses.replace(cfg, train=train_args)
-
-
-def check_ranks_agree(run: Run) -> None:
-    """Data-parallel processes must end with the same adapters (only rank 0's are saved): compare exactly."""
-    acc = run.accelerator
-    models = list(run.trained().values())
-    # one float64 checksum per adapter tensor: (P,) per process, gathered to (world * P,)
-    sums = torch.stack([p.detach().double().sum() for m in models for p in m.parameters() if p.requires_grad])
-    per_rank = acc.gather(sums.to(acc.device)).view(acc.num_processes, -1)
-    if not bool((per_rank == per_rank[0]).all()):
-        raise RuntimeError("data-parallel processes ended with different adapter weights; not saving")
-    acc.print(f"adapter weights identical on all {acc.num_processes} processes")
-
-
-def save(run: Run, stats: dict) -> Path:
-    """Write unet/ (and text_encoder/) adapter folders, config.yaml and README.md into the output dir.
-
-    Everything is written complete into a hidden staging folder first, then moved into place one by one, unet/
-    (the finished-run marker) last: no file is ever half-written, though a crash between moves can leave the new
-    config.yaml beside the previous adapter.
-    """
-    acc, out = run.accelerator, run.output_dir
-    acc.wait_for_everyone()
-    if acc.num_processes > 1:
-        check_ranks_agree(run)
-    if acc.is_main_process:
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-        try:
-            # save_embedding_layers=False: no embeddings are trained, and 'auto' would look the base model up online
-            for name, model in run.trained().items():
-                acc.unwrap_model(model).save_pretrained(staging / name, save_embedding_layers=False)
-            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(replayable(run.cfg)), sort_keys=False))
-            (staging / "README.md").write_text(model_card(run.cfg, stats, out, sdxl=run.components.is_sdxl))
-            # config.yaml and README.md first, unet/ (the finished-run marker) last
-            for name in ["config.yaml", "README.md", "text_encoder", "text_encoder_2", "unet"]:
-                src, dst = staging / name, out / name
-                if not src.exists():
-                    if dst.is_dir() and name.startswith("text_encoder"):
-                        shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
-                    continue
-                if dst.is_dir():
-                    shutil.rmtree(dst)
-                os.replace(src, dst)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk
-    end_training(run.accelerator, run)
-    acc.print(f"adapters written to {out}: " + ", ".join(f"{name}/" for name in run.trained()))
-    if run.cfg.train.push_to_hub and acc.is_main_process:
-        url = push(out, run.cfg.train.push_to_hub)
-        acc.print(f"pushed to {url}")
-    return out

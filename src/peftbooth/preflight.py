@@ -1,0 +1,79 @@
+"""Every input of a training run checked before anything is written: `check_inputs` reads the config, the
+output folder, the photos and the checkpoint to resume, and raises UsageError naming the flag. The UI's form
+runs the same checks (ui/schema.py), so a run it starts does not fail on them later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import check_compatible, data_fingerprint, list_checkpoints, resolve_resume
+from .config import TrainConfig, UsageError
+from .data import list_images, load_captions, load_image
+from .hub import check_repo_id, hub_token
+from .models import check_vae_arg
+
+RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
+    """Validate config, output folder, photos and resume; return (images, prompts, fingerprint, checkpoint).
+
+    Writes nothing.
+    """
+    cfg.validate()
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: is a file")
+    if (out / RUN_MARKER).exists() and not cfg.train.overwrite:
+        raise UsageError(f"--output-dir {out}: already holds a finished run; pass --overwrite or choose another folder")
+    # complete checkpoints only: a run killed while writing its first one leaves just a .tmp- folder, which
+    # --resume latest cannot use and a fresh start replaces
+    if list_checkpoints(out) and not cfg.train.resume and not cfg.train.overwrite:
+        raise UsageError(f"--output-dir {out}: holds checkpoints of an unfinished run; pass --resume latest to "
+                         "continue it, or --overwrite to start over (its checkpoints are deleted)")
+    check_vae_arg(cfg.model.vae)
+    d = cfg.data
+    paths = list_images(d.instance_data_dir, "--instance-data-dir")
+    if not paths:
+        raise UsageError(f"--instance-data-dir {d.instance_data_dir}: no images (jpg, jpeg, png, webp) found")
+    images = [load_image(p, max_side=2 * d.resolution) for p in paths]
+    for p, img in zip(paths, images):
+        if min(img.size) < 8:
+            raise UsageError(f"{p}: image is only {img.size[0]}x{img.size[1]} px; use photos of at least 8 px a side")
+    fingerprint = data_fingerprint(paths)
+    checkpoint = None
+    if cfg.train.resume:
+        checkpoint = resolve_resume(cfg.train.resume, out)
+        check_compatible(checkpoint, cfg, fingerprint, cfg.train.resume_force)
+    if d.with_prior_preservation and d.class_data_dir and Path(d.class_data_dir).is_file():
+        raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
+    if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16")
+    from accelerate import PartialState
+
+    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        # Accelerate runs fp16 on the CPU with neither autocast nor a gradient scaler: fp16 gradients would
+        # underflow unseen
+        raise UsageError("--mixed-precision fp16: needs a GPU (on the CPU there is no fp16 autocast or gradient "
+                         "scaler); use --mixed-precision bf16 or no")
+    if cfg.train.push_to_hub:  # refuse now, not after an hour of training
+        check_repo_id(cfg.train.push_to_hub)
+        hub_token()
+    if cfg.train.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+    return images, load_captions(paths, d.instance_prompt), fingerprint, checkpoint
+
+
+def cpu_processes_from_launcher() -> None:
+    """Plain `torchrun --nproc_per_node N` on a machine without a GPU: Accelerate joins the processes only when
+    told to use the CPU (what --num-processes sets), else each believes it is alone and they fight over the output
+    folder. Set it before Accelerate's state is first built (check_inputs builds it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
