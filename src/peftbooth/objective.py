@@ -99,7 +99,7 @@ def batch_posterior(batch: dict, vae, latent_cache, device: torch.device, dtype:
     """(mean, std) of each row's VAE posterior, (N, 4, h, w) in `dtype`: from the cache, else by encoding."""
     if latent_cache is not None:
         return latent_cache.posterior(batch["keys"])
-    vae_dtype = next(vae.parameters()).dtype  # fp32 for SDXL's own VAE (see train.upcast_vae)
+    vae_dtype = next(vae.parameters()).dtype  # fp32 for SDXL's own VAE (see speed.upcast_vae)
     pixel_values = batch["pixel_values"].to(device, dtype=vae_dtype, non_blocking=True)  # (N, 3, H, W)
     with torch.no_grad():
         posterior = vae.encode(pixel_values).latent_dist

@@ -1,6 +1,8 @@
 """DreamBooth training: ``setup`` validates and builds everything, ``fit`` is the loop, ``save`` writes the run.
 
-Read top to bottom: nothing is written to disk until every input has been checked.
+Read top to bottom: nothing is written to disk until every input has been checked (preflight.py). The step's
+maths is objective.py, stop signals and the multi-process exit are signals.py, dtypes and compiling speed.py,
+class images prior.py, and the finished run folder saving.py.
 """
 
 from __future__ import annotations
@@ -196,16 +198,17 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
 
 
 def class_images(cfg: TrainConfig, accelerator, components: Components) -> list[Path]:
-    """The run's class images (--class-data-dir, else OUTPUT/class_images), the missing ones generated first."""
-    from .prior import generate_class_images
+    """The run's class images (--class-data-dir, else OUTPUT/class_images), the missing ones made first by the
+    components in memory: called before the adapters are attached, so they are the base model's images."""
+    from .prior import class_images_from_components
 
     d, out = cfg.data, Path(cfg.train.output_dir)
     class_dir = Path(d.class_data_dir) if d.class_data_dir else out / "class_images"
-    return generate_class_images(
-        components.model_path, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size,
-        d.class_image_steps, cfg.train.seed, cfg.model.revision, cfg.model.variant, accelerator.device,
-        show_progress=accelerator.is_local_main_process, process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone, vae=cfg.model.vae,
+    return class_images_from_components(
+        components, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
+        cfg.train.seed, accelerator.device, show_progress=accelerator.is_local_main_process,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
     )
 
 

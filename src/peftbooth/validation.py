@@ -11,16 +11,18 @@ TensorBoard, the grid is logged under the tag ``validation``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .models import vae_in_own_dtype
+# The sampling helpers moved to sampling.py; evaluate, world and demo import them from here too.
+from .sampling import (  # noqa: F401
+    eval_mode, grid, image_seeds, in_memory_pipeline, on_device, sample, sampling_state,
+    untouched_rng,
+)
 
 VALIDATION_DIR = "validation"
 # Read at call time, so a test (or a caller without the arguments, like fit) can change them in one place.
@@ -64,109 +66,7 @@ def validation_steps_on_disk(output_dir: str | Path) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# model state helpers (shared with the offline proxies in evaluate.py)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: torch.nn.Module):
-    """Put every submodule in eval mode (no adapter/LoRA dropout) and restore each one's own flag afterwards.
-
-    Restoring per submodule, not calling .train() at the end, keeps whatever mix the caller had (frozen parts in
-    eval, trained parts in train) and works before training, when everything is still in eval mode.
-    """
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-def module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@contextlib.contextmanager
-def on_device(device: torch.device, *models: torch.nn.Module):
-    """Move models to `device` for the block and back to where each was.
-
-    On a GPU the VAE and a frozen text encoder are moved to the CPU once their outputs are cached (train.offload);
-    sampling needs them on the GPU for a moment.
-    """
-    homes = [(m, module_device(m)) for m in models]
-    moved = [(m, home) for m, home in homes if home != device]
-    for m, _ in moved:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m, home in moved:
-            m.to(home)
-        if moved and device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def untouched_rng(device: torch.device):
-    """Run the block without advancing the global RNGs: training draws the same noise with or without validation."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# sampling
-
-
-def in_memory_pipeline(components):
-    """A StableDiffusion(XL)Pipeline over the run's own modules (shared, not copied) with a DPM-Solver++ scheduler.
-
-    The scheduler is built from the model's own scheduler config, so a v-prediction model is sampled as one.
-    """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    c = components
-    scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
-    if c.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=scheduler, add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def image_seeds(seed: int, num_images: int) -> list[int]:
-    """Seed of each image index: the same for every prompt and every step, so rows are comparable."""
-    return [seed + i for i in range(num_images)]
-
-
-def sample(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance_scale: float
-           ) -> list[list[Image.Image]]:
-    """images[j][i]: prompt j from seed i. CPU generators: the same starting noise on any device."""
-    rows = []
-    for prompt in prompts:
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        rows.append(pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, height=resolution,
-                         width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale).images)
-    return rows
-
-
-def grid(rows: list[list[Image.Image]]) -> Image.Image:
-    """One row per prompt, one column per seed."""
-    w, h = rows[0][0].size
-    out = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for j, row in enumerate(rows):
-        for i, img in enumerate(row):
-            out.paste(img, (i * w, j * h))
-    return out
+# writing
 
 
 def write_images(folder: Path, rows: list[list[Image.Image]]) -> list[Path]:
@@ -204,9 +104,8 @@ def run_validation(run, step: int, num_inference_steps: int | None = None,
         # a fresh run (or --overwrite): rows from an earlier run in this folder would be mixed into the report
         shutil.rmtree(Path(run.output_dir) / VALIDATION_DIR, ignore_errors=True)
     # the base modules: they hold the text-encoder adapter layers when those are trained
-    text_encoders = c.text_encoders
-    with torch.no_grad(), untouched_rng(acc.device), eval_mode(run.unet, *run.text_encoders, c.vae), \
-            on_device(acc.device, c.vae, *text_encoders), acc.autocast(), vae_in_own_dtype(c.vae):
+    with sampling_state(acc.device, c.vae, [run.unet, *run.text_encoders, c.vae], [c.vae, *c.text_encoders],
+                        acc.autocast()):
         pipe = in_memory_pipeline(c)
         rows = sample(pipe, prompts, image_seeds(t.seed, t.num_validation_images), run.cfg.data.resolution,
                       num_inference_steps or DEFAULT_INFERENCE_STEPS,
