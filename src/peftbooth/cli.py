@@ -228,7 +228,9 @@ def cmd_generate(args) -> int:
 def cmd_push(args) -> int:
     from .hub import files_to_upload, push, stage_repo
 
-    if not (Path(args.run_dir) / "unet" / "adapter_model.safetensors").is_file():
+    from .rundir import RunDir
+
+    if not RunDir(args.run_dir).is_finished():
         raise UsageError(f"push: {args.run_dir} is not a finished run (no unet/adapter_model.safetensors)")
     if args.dry_run:
         print("\n".join(files_to_upload(args.run_dir)))

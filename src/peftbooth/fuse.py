@@ -13,7 +13,7 @@ import torch
 
 from .config import UsageError
 from .formats.common import atomic_dir, check_output, read_run
-from .inference import base_model_for
+from .rundir import base_model_for
 
 
 def set_strength(peft_model, scale: float) -> None:

@@ -111,9 +111,9 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
 
 def cmd_export(args) -> int:
     if args.format == "kohya":  # the one format whose contents depend on the base model (block names, version)
-        from ..inference import base_model_for, recorded_base_model
+        from ..rundir import RunDir, base_model_for
 
-        if recorded_base_model(args.run_dir)[0]:
+        if RunDir(args.run_dir).recorded_base_model()[0]:
             base_model_for(None, [args.run_dir], "RUN_DIR")  # says which one
     path = export_run(args.run_dir, args.format, args.output, overwrite=args.overwrite)
     print(f"{args.format} export written to {path}")
