@@ -121,3 +121,18 @@ def test_write_json_keeps_the_file_valid_json(tmp_path):
     assert read_json(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{")
     assert read_json(tmp_path / "bad.json") is None
+
+
+# files outside the run-folder refactor that still spell the list out, for the lead to switch to ADAPTER_PARTS
+PARTS_PENDING = {"train.py"}
+
+
+def test_the_adapter_parts_are_listed_once():
+    from pathlib import Path
+
+    import peftbooth
+
+    root = Path(peftbooth.__file__).parent
+    literal = '("unet", "text_encoder", "text_encoder_2")'
+    spelled = {p.relative_to(root).as_posix() for p in root.rglob("*.py") if literal in p.read_text()}
+    assert spelled - PARTS_PENDING == {"rundir.py"}

@@ -20,7 +20,9 @@ reader here treats config.yaml as optional unless it is asked to be strict.
 
 Writers go through :func:`atomic_file` / :func:`atomic_dir` (and :func:`write_text`, :func:`write_json` on top of
 them): everything is written under a hidden name beside its destination and renamed into place in one step, so a
-reader (the UI, a second command, a resumed run) never sees half a file.
+reader (the UI, a second command, a resumed run) never sees half a file. (Checkpoints are the one exception, with
+their own writer in checkpoint.py: every process of a data-parallel run adds its RNG state to one shared temp
+folder, which is fsynced and renamed between barriers.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import math
 import os
 import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +103,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     cannot be renamed onto a non-empty one, so an existing `path` is moved aside first and removed afterwards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _hidden_sibling(path, "tmp")
+    tmp.mkdir()  # not mkdtemp: its 0700 would become the final folder's permissions
     old = None
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            old = _hidden_sibling(path, "old")
+            old.mkdir()
             os.replace(path, old / "x")
         os.replace(tmp, path)
     finally:
