@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..config import UsageError
+from ..config import UsageError, option
 from ..rundir import EVAL_METRICS_FILE, RunDir, base_model_for, write_json, write_text
 from .evaluators import Evaluators
 from .protocol import (
-    DEFAULT_CLIP, DEFAULT_DINO, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine, identifier_from_prompt,
+    CLIP_T_PROMPTS, DEFAULT_CLIP, DEFAULT_DINO, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine, identifier_from_prompt,
     metrics_from_embeddings, protocol_templates, render,
 )
 
@@ -25,24 +26,34 @@ from .protocol import (
 
 @dataclass
 class EvalArgs:
-    run_dir: str
-    class_name: str
-    instance_data_dir: str | None = None  # default: the run's own --instance-data-dir
-    live: bool = False
-    identifier: str | None = None  # default: the word before the class noun in the run's instance prompt
-    model: str | None = None  # default: the run's base model
-    num_images: int = 4
-    seed: int = 0
-    steps: int = 25
-    guidance_scale: float = 7.5
-    resolution: int | None = None  # default: the run's training resolution
-    baseline: bool = True
-    clip_model: str = DEFAULT_CLIP
-    dino_model: str = DEFAULT_DINO
-    clip_t_prompt: str = "class"
-    max_prompts: int | None = None  # the first K prompts only: a quick look, not the protocol
-    output_dir: str | None = None  # default: RUN_DIR/eval
-    device: str | None = None
+    """The settings of one evaluation, and the `eval` subcommand's flags (one per field, see peftbooth.flags).
+    A run on the world model takes only num_images, seed, num_inference_steps, guidance_scale and baseline, and
+    its own defaults for those left unset (world.metrics.WorldEvalSettings)."""
+
+    run_dir: str = option(None, "run folder written by 'peftbooth train'", positional=True, metavar="RUN_DIR")
+    class_name: Optional[str] = option(None, "class noun of the subject, e.g. dog (required, except for a run on "
+                                       "the world model)")
+    instance_data_dir: Optional[str] = option(None, "the real photos of the subject (default: the run's "
+                                              "--instance-data-dir)")
+    live: bool = option(False, "live-subject prompt list (animals, people) instead of objects")
+    identifier: Optional[str] = option(None, "unique token (default: the word before --class-name in the run's "
+                                       "instance prompt)")
+    model: Optional[str] = option(None, "base model (default: the one in RUN_DIR/config.yaml)")
+    num_images: int = option(4, "images per prompt (default: 4, the paper's; world runs: 8)")
+    seed: int = option(0, "prompt j is sampled from seed SEED + j (adapter and base alike)")
+    num_inference_steps: int = option(25, "denoising steps, DPM-Solver++ (default: 25; world: 20)",
+                                      aliases=("--steps",))
+    guidance_scale: float = option(7.5, "default: 7.5; world runs: 5.0")
+    resolution: Optional[int] = option(None, "image size (default: the training resolution)")
+    baseline: bool = option(True, "also evaluate the base model without the adapter, same seeds (--no-baseline "
+                            "skips it)")
+    clip_model: str = option(DEFAULT_CLIP, "CLIP for CLIP-I and CLIP-T: hub id or local folder")
+    dino_model: str = option(DEFAULT_DINO, "DINO ViT for the DINO score: hub id or local folder")
+    clip_t_prompt: str = option("class", "text CLIP-T compares with: 'class' = prompt without the identifier "
+                                "(default), 'full'", choices=CLIP_T_PROMPTS)
+    max_prompts: Optional[int] = option(None, "only the first K prompts (a quick look, not the protocol)")
+    output_dir: Optional[str] = option(None, "where metrics.json and the images go (default: RUN_DIR/eval)")
+    device: Optional[str] = option(None, "cuda | cpu (default: cuda when available)")
 
 
 def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
@@ -66,7 +77,7 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
         raise UsageError(f"--identifier is required: the run's instance prompt "
                          f"{data_cfg.get('instance_prompt')!r} has no word before {a.class_name!r}")
     a = replace(a, identifier=identifier)
-    for flag, value in [("--num-images", a.num_images), ("--steps", a.steps)]:
+    for flag, value in [("--num-images", a.num_images), ("--num-inference-steps", a.num_inference_steps)]:
         if value < 1:
             raise UsageError(f"{flag} must be >= 1 (got {value})")
     if a.resolution is not None and (a.resolution <= 0 or a.resolution % 8):
@@ -127,7 +138,7 @@ def evaluate_run(args: EvalArgs) -> dict:
     results, per_prompt = {}, {}
     for name, weights in variants:
         pipe.set_adapters(weights)
-        rows = generate_protocol_images(pipe, prompts, a.num_images, a.seed, a.steps, a.guidance_scale,
+        rows = generate_protocol_images(pipe, prompts, a.num_images, a.seed, a.num_inference_steps, a.guidance_scale,
                                         a.resolution)
         folder = out / "images" / name
         folder.mkdir(parents=True, exist_ok=True)
