@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, UsageError, to_dict
+from .rundir import CHECKPOINTS_DIR
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = CHECKPOINTS_DIR  # OUT/checkpoints/ (the run folder's layout is rundir's)
 NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"  # written last inside the temp folder
 REQUIRED = ("unet/adapter_model.safetensors", "optimizer.pt", "state.pt", STATE_FILE)

@@ -1,9 +1,10 @@
-"""`peftbooth` command line: parse -> call the library. Flags of `train` are generated from the config dataclasses."""
+"""`peftbooth` command line: parse -> call the library. Every command's flags come from dataclasses: `train`'s and
+`class-images`' from the config sections (config.py), `eval`'s from EvalArgs, the others' from options.py; see
+flags.py for how a field becomes a flag."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import warnings
@@ -12,10 +13,10 @@ from pathlib import Path
 import yaml
 
 from .config import (
-    MAX_RESOLUTION, MODEL_REQUIRED, RANGES, SECTIONS, TrainConfig, UsageError, field_type, from_dict, is_list,
-    range_problem, to_dict,
+    MAX_RESOLUTION, MODEL_REQUIRED, RANGES, SECTIONS, TrainConfig, UsageError, from_dict, range_problem, to_dict,
 )
-from .demo import DEMO_STEPS
+from .flags import add_option_flags, add_section_flags, flag_name, options_from_args  # noqa: F401 (flag_name: old path)
+from .options import DemoOptions, GenerateOptions, PushOptions, TinyModelOptions
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,32 +24,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def flag_name(prefix: str, field_name: str) -> str:
-    return "--" + prefix + field_name.replace("_", "-")
-
-
-def add_section_flags(parser: argparse.ArgumentParser, section: str, only: tuple[str, ...] | None = None) -> None:
-    """One flag per field of the section's dataclass. Defaults are SUPPRESSed so only given flags override."""
-    cls, prefix = SECTIONS[section]
-    group = parser.add_argument_group(section)
-    for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        typ, _ = field_type(f)
-        kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif is_list(f):
-            kw.update(action="append", type=typ, metavar=f.name.upper())  # repeat the flag for more values
-        else:
-            kw["type"] = typ
-            kw["metavar"] = f.name.upper()
-            if f.metadata.get("choices"):
-                kw["choices"] = f.metadata["choices"]
-                kw.pop("metavar")
-        group.add_argument(flag_name(prefix, f.name), **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -174,6 +149,7 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 def cmd_generate(args) -> int:
     from .inference import AdapterPipeline, adapter_folders, base_model_for, image_grid, save_images
 
+    args = options_from_args(GenerateOptions, args)
     adapters = parse_pairs(args.adapter, "--adapter", number=False)
     mix = parse_pairs(args.mix, "--mix", number=True)
     names = []
@@ -186,7 +162,7 @@ def cmd_generate(args) -> int:
         if name not in names:
             raise UsageError(f"--mix {name}: no --adapter of that name; loaded: {', '.join(names) or 'none'}")
     problems = [p for p in (range_problem(flag, flag, value, low, high) for flag, value, low, high in [
-        ("--num-images", args.num_images, 1, 64), ("--steps", args.steps, 1, 1000),
+        ("--num-images", args.num_images, 1, 64), ("--num-inference-steps", args.num_inference_steps, 1, 1000),
         ("--seed", args.seed, 0, 2**32 - 1),
         ("--guidance-scale", args.guidance_scale, 0.0, 100.0)]) if p]
     for flag, value in [("--height", args.height), ("--width", args.width)]:
@@ -216,7 +192,7 @@ def cmd_generate(args) -> int:
     every = []
     for stem, weights in runs:
         pipe.set_adapters(weights)
-        images = pipe.generate(args.prompt, args.num_images, args.seed, args.steps, args.guidance_scale,
+        images = pipe.generate(args.prompt, args.num_images, args.seed, args.num_inference_steps, args.guidance_scale,
                                args.height, args.width, args.negative_prompt)
         save_images(images, out, stem)
         every += images
@@ -228,16 +204,20 @@ def cmd_generate(args) -> int:
 def cmd_push(args) -> int:
     from .hub import files_to_upload, push, stage_repo
 
-    if not (Path(args.run_dir) / "unet" / "adapter_model.safetensors").is_file():
+    args = options_from_args(PushOptions, args)
+
+    from .rundir import RunDir
+
+    if not RunDir(args.run_dir).is_finished():
         raise UsageError(f"push: {args.run_dir} is not a finished run (no unet/adapter_model.safetensors)")
     if args.dry_run:
         print("\n".join(files_to_upload(args.run_dir)))
         return 0
-    if args.output:
+    if args.output_dir:
         from .formats.common import check_output
 
-        out = Path(args.output)
-        check_output(out, overwrite=False)
+        out = Path(args.output_dir)
+        check_output(out, overwrite=False, flag="--output-dir")
         files = stage_repo(args.run_dir, out)
         print(f"{len(files)} files laid out in {out} as {args.repo_id} would hold them (nothing uploaded)")
         return 0
@@ -247,6 +227,8 @@ def cmd_push(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     from .models import build_tiny_model
+
+    args = options_from_args(TinyModelOptions, args)
 
     path = Path(args.dir)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
@@ -261,7 +243,8 @@ def cmd_tiny_model(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output_dir, steps=args.steps)
+    o = options_from_args(DemoOptions, args)
+    run_demo(o.output_dir, steps=o.max_train_steps)
     return 0
 
 
@@ -289,25 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_class_images)
 
     p = sub.add_parser("generate", help="generate images with one or more trained adapters")
-    p.add_argument("--model", default=None, help="base model: hub id, diffusers folder, or 'tiny' (default: the "
-                   "one the --adapter runs record in their config.yaml)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--vae", default=None, help="replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE")
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a run folder (unet/ and optional text_encoder/, text_encoder_2/ adapter folders); repeatable")
-    p.add_argument("--mix", nargs="+", default=[], metavar="NAME=WEIGHT", help="generate with a weighted mix")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--include-base", action="store_true", help="also generate with the base model alone")
-    p.add_argument("--overwrite", action="store_true", help="replace images already in --output-dir")
-    p.add_argument("--output-dir", required=True)
+    add_option_flags(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
     from .formats import add_commands
@@ -320,30 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ui_command(sub)  # ui
 
-    p = sub.add_parser("push", help="upload a run's adapters, model card and samples to the Hugging Face Hub")
-    p.add_argument("run_dir")
-    p.add_argument("repo_id", help="user/name")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded and exit")
-    p.add_argument("--output", default=None, metavar="DIR",
-                   help="write the repo's files into DIR (a new folder) instead of uploading them")
-    p.set_defaults(func=cmd_push)
-
-    p = sub.add_parser("tiny-model", help="write a tiny random Stable Diffusion model folder (offline)")
-    p.add_argument("dir")
-    p.add_argument("--kind", choices=("sd1", "sd2-v", "sdxl"), default="sd1",
-                   help="sd1: SD 1.x layout; sd2-v: SD 2.x layout with v-prediction; sdxl: SDXL layout "
-                        "(two text encoders, micro-conditioning; 64 px images)")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
-                   help="scheduler prediction type of --kind sd1 and sdxl")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_tiny_model)
-
-    p = sub.add_parser("demo", help="train lora, loha and lokr on the world model's subject and show what they "
-                       "learned (offline, CPU, about 5 min)")
-    p.add_argument("--output-dir", default="demo-output")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps per adapter")
-    p.set_defaults(func=cmd_demo)
+    for name, options, func, help in [
+        ("push", PushOptions, cmd_push, "upload a run's adapters, model card and samples to the Hugging Face Hub"),
+        ("tiny-model", TinyModelOptions, cmd_tiny_model, "write a tiny random Stable Diffusion model folder (offline)"),
+        ("demo", DemoOptions, cmd_demo, "train lora, loha and lokr on the world model's subject and show what they "
+         "learned (offline, CPU, about 5 min)"),
+    ]:
+        p = sub.add_parser(name, help=help)
+        add_option_flags(p, options)
+        p.set_defaults(func=func)
     return parser
 
 

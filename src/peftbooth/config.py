@@ -28,11 +28,15 @@ class UsageError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
-def _f(default, help: str, **kw):
-    """A dataclass field with its one-line help text (shown by ``--help``)."""
+def option(default, help: str, **kw):
+    """A dataclass field with its one-line help text (shown by ``--help``); `kw` is more metadata for the flag
+    (choices; and for the other commands' options, see peftbooth.flags: positional, required, aliases, ...)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = option  # the short name the sections below use
 
 
 @dataclass

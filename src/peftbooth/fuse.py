@@ -13,7 +13,7 @@ import torch
 
 from .config import UsageError
 from .formats.common import atomic_dir, check_output, read_run
-from .inference import base_model_for
+from .rundir import base_model_for
 
 
 def set_strength(peft_model, scale: float) -> None:
@@ -76,7 +76,7 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     if not (isinstance(scale, (int, float)) and torch.isfinite(torch.tensor(float(scale)))):
         raise UsageError(f"--scale must be a finite number (got {scale!r})")
     output = Path(output_dir)
-    check_output(output, overwrite)
+    check_output(output, overwrite, "--output-dir")
     run = read_run(run_dir)
     model, vae = base_model_for(model, [run_dir], "RUN_DIR"), vae_of(run, vae)
     check_vae_arg(vae)
@@ -84,7 +84,7 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     handles = fuse_adapters(pipe, run_dir, scale)
     for peft_model in handles.values():
         peft_model.unload()  # the layers are merged: dropping the wrappers keeps the fused weights
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite, "--output-dir") as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").write_text(
             f"# peftbooth fused model\n\nBase model `{model}`{f' with the VAE `{vae}`' if vae else ''} and the adapters "

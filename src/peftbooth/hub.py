@@ -8,7 +8,6 @@ LoRA run, the adapters once more as one diffusers-format `pytorch_lora_weights.s
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,11 +17,14 @@ from pathlib import Path
 import yaml
 
 from .config import TrainConfig, UsageError
+from .rundir import (
+    ADAPTER_PARTS, CHECKPOINTS_DIR, CLASS_IMAGES_DIR, CONFIG_FILE, MODEL_CARD, VALIDATION_DIR, RunDir,
+)
 
 # What a shared run holds (relative glob patterns), and what it never holds even if a pattern would match.
-UPLOAD_PATTERNS = ("README.md", "config.yaml", "unet/*", "text_encoder/*", "text_encoder_2/*", "samples/*.png",
-                   "validation/*/*.png")
-NEVER_UPLOAD = ("checkpoints", "class_images", "logs")
+SAMPLE_PATTERNS = ("samples/*.png", f"{VALIDATION_DIR}/*/*.png")
+UPLOAD_PATTERNS = (MODEL_CARD, CONFIG_FILE, *(f"{part}/*" for part in ADAPTER_PARTS), *SAMPLE_PATTERNS)
+NEVER_UPLOAD = (CHECKPOINTS_DIR, CLASS_IMAGES_DIR, "logs")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights("user/name") looks for
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -38,21 +40,15 @@ def hub_id_or_none(model: str | None) -> str | None:
 
 
 def all_lora(run_dir: Path) -> bool:
-    """Every adapter of the run is a LoRA (the diffusers format holds LoRA only), judged from adapter_config.json."""
-    configs = [run_dir / part / "adapter_config.json" for part in ("unet", "text_encoder", "text_encoder_2")]
-    kinds = []
-    for c in configs:
-        if c.is_file():
-            try:
-                kinds.append(str(json.loads(c.read_text()).get("peft_type", "")).upper())
-            except (OSError, ValueError):
-                return False
+    """Every adapter of the run is a LoRA (the diffusers format holds LoRA only), judged from adapter_config.json
+    (an unreadable one is no LoRA)."""
+    kinds = RunDir(run_dir).adapter_types()
     return bool(kinds) and all(k == "LORA" for k in kinds)
 
 
 def sample_images(run_dir: Path) -> list[str]:
     """Sample / validation PNGs of a run folder, relative paths, sorted."""
-    found = [p for pattern in ("samples/*.png", "validation/*/*.png") for p in run_dir.glob(pattern)]
+    found = [p for pattern in SAMPLE_PATTERNS for p in run_dir.glob(pattern)]
     return sorted(p.relative_to(run_dir).as_posix() for p in found)
 
 
@@ -167,7 +163,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload a finished run's adapters, card, config and samples to a model repo; return its URL."""
     run = Path(run_dir)
     check_repo_id(repo_id)
-    if not (run / "unet" / "adapter_model.safetensors").is_file():
+    if not RunDir(run).is_finished():
         raise UsageError(f"push: {run} is not a finished run (no unet/adapter_model.safetensors)")
     token = hub_token()
     from huggingface_hub import HfApi

@@ -9,83 +9,20 @@ from PIL import Image
 
 from . import factored
 from .config import UsageError
+from .rundir import ADAPTER_PARTS, PICKLE_SUFFIXES, RunDir, base_model_for  # noqa: F401 (old import paths)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
+PARTS = ADAPTER_PARTS  # the old name
 
 
 def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path]:
-    """{'unet': dir, 'text_encoder': dir?, 'text_encoder_2': dir?} of a run folder (ours or the PEFT DreamBooth
-    example's layout; text_encoder_2/ for SDXL).
-
-    Only safetensors weights are accepted: a folder with nothing but a pickled adapter_model.bin is refused
-    rather than unpickled.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise UsageError(f"{flag} {path}: no such folder")
-    found = {}
-    for part in PARTS:
-        folder = root / part
-        if not (folder / "adapter_config.json").is_file():
-            continue
-        if not (folder / "adapter_model.safetensors").is_file():
-            pickles = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
-            why = f"only pickle weights ({', '.join(pickles)}), which are not loaded for safety" if pickles else "no adapter_model.safetensors"
-            raise UsageError(f"{flag} {folder}: {why}; convert them to safetensors")
-        found[part] = folder
-    if "unet" not in found:
-        raise UsageError(f"{flag} {path}: no unet/adapter_config.json; pass a run folder written by 'peftbooth train'")
-    return found
+    """{'unet': dir, 'text_encoder': dir?, 'text_encoder_2': dir?} of a run folder, checked
+    (:meth:`RunDir.adapter_folders`)."""
+    return RunDir(path).adapter_folders(flag)
 
 
 def recorded_base_model(run_dir: str | Path) -> tuple[str | None, Path | None]:
-    """(base model, file it was read from) of a run folder: its config.yaml, else the UNet adapter's own record
-    (PEFT's base_model_name_or_path, e.g. in a folder of the PEFT example script); (None, None) if neither has one."""
-    import json
-
-    import yaml
-
-    run = Path(run_dir)
-    config = run / "config.yaml"
-    if config.is_file():
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"{config}: not valid YAML ({str(e).splitlines()[0]})") from e
-        model = ((data.get("model") or {}) if isinstance(data, dict) else {}).get("model")
-        if model:
-            return str(model), config
-    adapter_config = run / "unet" / "adapter_config.json"
-    if adapter_config.is_file():
-        try:
-            model = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError):
-            model = None
-        if model:
-            return str(model), adapter_config
-    return None, None
-
-
-def base_model_for(model: str | None, run_dirs: list[str | Path], flag: str = "--adapter") -> str:
-    """--model if given; else the base model the run folders record, announced on stdout (one line) so that it is
-    never a surprise. Runs that record different base models need --model."""
-    if model:
-        return model
-    if not run_dirs:
-        raise UsageError(f"--model is required when no {flag} is given: a hub id, a local diffusers folder, or 'tiny'")
-    found = [(Path(r), *recorded_base_model(r)) for r in run_dirs]
-    missing = [r for r, m, _ in found if not m]
-    if missing:
-        raise UsageError(f"{flag} {missing[0]}: records no base model (no config.yaml); pass --model")
-    models = {m for _, m, _ in found}
-    if len(models) > 1:
-        (a, ma, _), (b, mb, _) = next((x, y) for x in found for y in found if x[1] != y[1])
-        raise UsageError(f"{flag} {a} and {flag} {b} were trained on different base models ({ma}, {mb}); "
-                         "pass --model")
-    _, model, source = found[0]
-    print(f"base model: {model} (from {source}; --model overrides)")
-    return model
+    """(base model, file it was read from) of a run folder (:meth:`RunDir.recorded_base_model`)."""
+    return RunDir(run_dir).recorded_base_model()
 
 
 def mismatch(error: Exception) -> str:
@@ -98,29 +35,6 @@ def mismatch(error: Exception) -> str:
         module = m.group(1).removeprefix("base_model.model.")
         return f"{module}: the adapter has shape {m.group(2)[11:-1]}, this model needs {m.group(3)[11:-1]}"
     return str(error).strip().splitlines()[0][:300]
-
-
-def read_adapter(folder: Path, model: torch.nn.Module):
-    """(PEFT config, state dict) of an adapter folder, with keys laid out like `model`'s modules.
-
-    CLIP text encoders saved with transformers < 5 have a `text_model.` level that transformers 5 removed (and
-    the reverse): the PEFT example script's folders from either era are remapped instead of silently not loading.
-    """
-    from peft import PeftConfig
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from safetensors.torch import load_file
-
-    config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(folder))].from_pretrained(str(folder))
-    config.inference_mode = True
-    state = load_file(folder / "adapter_model.safetensors")
-    prefix, level = "base_model.model.", "text_model."
-    has_level = any(n == "text_model" for n, _ in model.named_children())
-    keys_have_level = any(k.startswith(prefix + level) for k in state)
-    if keys_have_level and not has_level:
-        state = {k.replace(prefix + level, prefix, 1): v for k, v in state.items()}
-    elif has_level and not keys_have_level and any(k.startswith(prefix + "encoder.") for k in state):
-        state = {k.replace(prefix, prefix + level, 1): v for k, v in state.items()}
-    return config, state
 
 
 class AdapterPipeline:
@@ -154,6 +68,8 @@ class AdapterPipeline:
         from peft import PeftMixedModel
         from peft.utils import set_peft_model_state_dict
 
+        from .formats.common import read_adapter
+
         folders = adapter_folders(path)
         name = name or Path(path).resolve().name
         if name in self.adapters:
@@ -163,7 +79,8 @@ class AdapterPipeline:
             raise UsageError(f"--adapter {path}: has {extra[0]}/, which this base model does not have "
                              "(an SDXL adapter on an SD 1.x/2.x model?)")
         for part, folder in folders.items():
-            config, state = read_adapter(folder, self.model[part])
+            adapter = read_adapter(folder, part)
+            config, state = adapter.peft_config(), adapter.state_dict_for(self.model[part])
             try:
                 if part not in self._peft:
                     # the mixed model holds adapters of different types (a LoRA beside a LoKr) on one base

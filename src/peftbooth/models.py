@@ -374,10 +374,13 @@ def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: i
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
+    from .rundir import atomic_dir
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    try:
+    # the tokenizer files are staged beside it, the model is written in a hidden folder and renamed into place
+    with tempfile.TemporaryDirectory(prefix=".tiny-", dir=path.parent) as work, atomic_dir(path) as model:
+        tmp = Path(work)
         unet, vae, text_encoder, scheduler, text_encoder_2 = random_components(shape, prediction_type, seed)
         _write_tokenizer(tmp / "_tok")
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "_tok"))
@@ -395,13 +398,8 @@ def build_tiny_model(path: str | Path, prediction_type: str = "epsilon", seed: i
                 vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                 tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
             )
-        pipe.save_pretrained(str(tmp / "model"), safe_serialization=True)
+        pipe.save_pretrained(str(model), safe_serialization=True)
         for folder in ("tokenizer", "tokenizer_2") if text_encoder_2 is not None else ("tokenizer",):
             for name in ("vocab.json", "merges.txt"):
-                shutil.copy(tmp / "_tok" / name, tmp / "model" / folder / name)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp / "model", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copy(tmp / "_tok" / name, model / folder / name)
     return path

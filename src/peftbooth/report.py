@@ -14,17 +14,16 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
-import os
 from pathlib import Path
 from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
-REPORT_FILE = "report.html"
-STATS_FILE = "train_stats.json"
-ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")
+from .rundir import (  # ADAPTER_PARTS, REPORT_FILE, STATS_FILE: also kept here for old import paths
+    ADAPTER_PARTS, EVAL_DIR, EVAL_METRICS_FILE, REPORT_FILE, STATS_FILE, VALIDATION_DIR, RunDir, read_json, write_json,
+    write_text,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,24 +31,15 @@ ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def has_training_stats(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / STATS_FILE).is_file()
+    return RunDir(run_dir).stats_file.is_file()
 
 
 def save_stats(run_dir: str | Path, stats: dict) -> dict:
     """Keep fit()'s statistics (steps, seconds, it_s, final_loss, loss_history) beside the run, as JSON."""
-    from .evaluate import write_json
-
     keep = {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list, tuple, dict, type(None)))}
     keep["loss_history"] = loss_points(stats.get("loss_history") or [])
-    write_json(Path(run_dir) / STATS_FILE, keep)
-    return json.loads((Path(run_dir) / STATS_FILE).read_text())
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    path = write_json(RunDir(run_dir).stats_file, keep)
+    return read_json(path)  # as a later rebuild will read it: tuples as lists, NaN as None
 
 
 def loss_points(history) -> list[list[float]]:
@@ -64,12 +54,7 @@ def loss_points(history) -> list[list[float]]:
 
 def adapter_sizes(run_dir: Path) -> dict[str, int]:
     """Bytes on disk of each adapter folder (unet/, text_encoder/, text_encoder_2/)."""
-    sizes = {}
-    for part in ADAPTER_PARTS:
-        folder = run_dir / part
-        if folder.is_dir():
-            sizes[part] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    return sizes
+    return RunDir(run_dir).adapter_sizes()
 
 
 def validation_grids(run_dir: Path) -> list[tuple[int, str]]:
@@ -240,7 +225,7 @@ def validation_section(run_dir: Path) -> str:
     grids = validation_grids(run_dir)
     if not grids:
         return section("Validation", "<p>No validation images (train with --validation-prompt).</p>", "validation")
-    prompts = read_json(run_dir / "validation" / "prompts.json") or []
+    prompts = read_json(run_dir / VALIDATION_DIR / "prompts.json") or []
     legend = "".join(f"<li><code>{esc(p)}</code></li>" for p in prompts)
     body = (f"<p>Rows: the prompts, in order; columns: fixed seeds, identical at every step, so each column shows "
             f"what training changed.</p><ol>{legend}</ol>")
@@ -255,7 +240,7 @@ def validation_section(run_dir: Path) -> str:
 
 
 def proxies_section(run_dir: Path) -> str:
-    p = read_json(run_dir / "proxies.json")
+    p = RunDir(run_dir).read_proxies()
     if not p:
         return section("Offline proxies", "<p>Not computed (proxies.json is written at the end of training).</p>",
                        "proxies")
@@ -283,12 +268,11 @@ def proxies_section(run_dir: Path) -> str:
 
 def world_metrics_section(run_dir: Path, m: dict) -> str:
     """`peftbooth eval` of a run on the world model: the world evaluator's metrics, adapter and base model."""
-    from .evaluate import EVAL_DIR, adapter_fingerprint
     from .world.metrics import LABELS, METRICS
 
     rows = [[esc(LABELS.get(k, k))] + [fmt(v.get(name), 3) for name in METRICS] for k, v in m["results"].items()]
     body = table(rows, ["model", *METRICS])
-    if m.get("adapter_fingerprint") != adapter_fingerprint(run_dir):
+    if m.get("adapter_fingerprint") != RunDir(run_dir).adapter_fingerprint():
         body = ('<p class="warn">These metrics were computed for a different adapter (an earlier run in this '
                 "folder): run <code>peftbooth eval</code> again.</p>") + body
     st = m.get("settings", {})
@@ -306,13 +290,13 @@ def world_metrics_section(run_dir: Path, m: dict) -> str:
 
 
 def metrics_section(run_dir: Path) -> str:
-    from .evaluate import EVAL_DIR, adapter_fingerprint
     from .world.metrics import WORLD_METRICS_FILE
 
-    world = read_json(run_dir / EVAL_DIR / WORLD_METRICS_FILE)
+    run = RunDir(run_dir)
+    world = run.read_eval(WORLD_METRICS_FILE)
     if world:
         return world_metrics_section(run_dir, world)
-    m = read_json(run_dir / EVAL_DIR / "metrics.json")
+    m = run.read_eval(EVAL_METRICS_FILE)
     if not m:
         return section("DreamBooth metrics", "<p>Not computed yet: <code>peftbooth eval RUN_DIR --class-name CLASS"
                        "</code> adds DINO, CLIP-I and CLIP-T here.</p>", "metrics")
@@ -320,7 +304,7 @@ def metrics_section(run_dir: Path) -> str:
     rows = [[esc(labels.get(k, k)), fmt(v.get("dino"), 3), fmt(v.get("clip_i"), 3), fmt(v.get("clip_t"), 3)]
             for k, v in m["results"].items()]
     body = table(rows, ["model", "DINO", "CLIP-I", "CLIP-T"])
-    if m.get("adapter_fingerprint") != adapter_fingerprint(run_dir):
+    if m.get("adapter_fingerprint") != run.adapter_fingerprint():
         body = ('<p class="warn">These metrics were computed for a different adapter (an earlier run in this '
                 "folder): run <code>peftbooth eval</code> again.</p>") + body
     a = m.get("args", {})
@@ -342,8 +326,8 @@ def usage_section(run_dir: Path, cfg: dict) -> str:
     model = (cfg.get("model") or {}).get("model") or "MODEL"
     prompt = (cfg.get("data") or {}).get("instance_prompt") or "a photo of sks dog"
     run = str(run_dir.resolve())
-    te = (run_dir / "text_encoder").is_dir()
-    te2 = (run_dir / "text_encoder_2").is_dir()
+    te = RunDir(run_dir).adapter_dir("text_encoder").is_dir()
+    te2 = RunDir(run_dir).adapter_dir("text_encoder_2").is_dir()
     vae = (cfg.get("model") or {}).get("vae")  # the replacement VAE the run trained with, if any
     code = (
         f'peftbooth generate --model {model} --adapter {run} \\\n    --prompt "{prompt}" --output-dir samples/'
@@ -362,8 +346,8 @@ def usage_section(run_dir: Path, cfg: dict) -> str:
 
 
 def config_section(run_dir: Path) -> str:
-    path = run_dir / "config.yaml"
-    text = path.read_text() if path.is_file() else "(no config.yaml)"
+    text = RunDir(run_dir).config_text()
+    text = "(no config.yaml)" if text is None else text
     return section("Configuration", f"<pre>{esc(text)}</pre>", "config")
 
 
@@ -379,7 +363,7 @@ max-width:100%;height:auto}img.chart{max-width:100%;height:auto}.note{color:#666
 
 
 def render_html(run_dir: Path, stats: dict) -> str:
-    cfg = read_json_yaml(run_dir / "config.yaml")
+    cfg = RunDir(run_dir).read_config()
     name = esc(run_dir.resolve().name)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [("run", "run"), ("loss", "loss"), ("validation",
                   "validation"), ("proxies", "proxies"), ("metrics", "metrics"), ("use", "use"), ("config", "config")])
@@ -393,22 +377,24 @@ def render_html(run_dir: Path, stats: dict) -> str:
 
 
 def read_json_yaml(path: Path) -> dict:
+    """Old spelling: a run's config.yaml is read by ``RunDir(run).read_config()``."""
+    path = Path(path)
+    return RunDir(path.parent).read_config() if path.name == "config.yaml" else _read_yaml(path)
+
+
+def _read_yaml(path: Path) -> dict:
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_report(run_dir: str | Path, stats: dict | None = None) -> Path:
     """Write OUTPUT/report.html (atomically). `stats` from fit() is saved to train_stats.json; without it the
     saved one is used, so the report can be rebuilt after training (as `peftbooth eval` does)."""
-    run_dir = Path(run_dir)
-    stats = save_stats(run_dir, stats) if stats is not None else (read_json(run_dir / STATS_FILE) or {})
-    page = render_html(run_dir, stats)
-    path = run_dir / REPORT_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    run = RunDir(run_dir)
+    stats = save_stats(run.path, stats) if stats is not None else (run.read_stats() or {})
+    return write_text(run.report_file, render_html(run.path, stats))

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 
 from ..config import UsageError
+from ..flags import add_option_flags, options_from_args
+from ..options import EXPORT_FORMATS, ExportOptions, FuseOptions, ImportOptions
 from .common import (
     ADAPTER_WEIGHTS,
     PICKLE_SUFFIXES,
@@ -30,7 +32,7 @@ from .common import (
     save_safetensors,
 )
 
-FORMATS = ("diffusers", "kohya", "peft")
+FORMATS = EXPORT_FORMATS
 
 
 def output_file(output: Path, default_name: str) -> Path:
@@ -87,10 +89,10 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
     from .kohya import kohya_to_peft
 
     output = Path(output_dir)
-    check_output(output, overwrite)
+    check_output(output, overwrite, "--output-dir")
     tensors, metadata = load_safetensors(file, "FILE")
     parts = kohya_to_peft(tensors, metadata, model, where=f"FILE {file}")
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite, "--output-dir") as tmp:
         for part, (config, state) in parts.items():
             config.base_model_name_or_path = model
             (tmp / part).mkdir()
@@ -110,18 +112,20 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
 
 
 def cmd_export(args) -> int:
-    if args.format == "kohya":  # the one format whose contents depend on the base model (block names, version)
-        from ..inference import base_model_for, recorded_base_model
+    o = options_from_args(ExportOptions, args)
+    if o.format == "kohya":  # the one format whose contents depend on the base model (block names, version)
+        from ..rundir import RunDir, base_model_for
 
-        if recorded_base_model(args.run_dir)[0]:
-            base_model_for(None, [args.run_dir], "RUN_DIR")  # says which one
-    path = export_run(args.run_dir, args.format, args.output, overwrite=args.overwrite)
-    print(f"{args.format} export written to {path}")
+        if RunDir(o.run_dir).recorded_base_model()[0]:
+            base_model_for(None, [o.run_dir], "RUN_DIR")  # says which one
+    path = export_run(o.run_dir, o.format, o.output, overwrite=o.overwrite)
+    print(f"{o.format} export written to {path}")
     return 0
 
 
 def cmd_import(args) -> int:
-    path = import_kohya(args.file, args.output, model=args.model, overwrite=args.overwrite)
+    o = options_from_args(ImportOptions, args)
+    path = import_kohya(o.file, o.output_dir, model=o.model, overwrite=o.overwrite)
     print(f"PEFT adapters written to {path}")
     return 0
 
@@ -129,44 +133,22 @@ def cmd_import(args) -> int:
 def cmd_fuse(args) -> int:
     from ..fuse import fuse_run
 
-    path = fuse_run(args.model, args.run_dir, args.output, scale=args.scale, overwrite=args.overwrite, vae=args.vae)
+    o = options_from_args(FuseOptions, args)
+    path = fuse_run(o.model, o.run_dir, o.output_dir, scale=o.scale, overwrite=o.overwrite, vae=o.vae)
     print(f"fused Stable Diffusion pipeline written to {path}")
     return 0
 
 
 def add_commands(subparsers) -> None:
     """Add the `export`, `import` and `fuse` subcommands to the main CLI's subparsers."""
-    overwrite_help = "replace an existing output"
-
-    p = subparsers.add_parser("export", help="export a run's adapters for diffusers, A1111/ComfyUI/Forge or PEFT")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'peftbooth train'")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="diffusers: pytorch_lora_weights.safetensors for load_lora_weights (LoRA only); "
-                        "kohya: one LyCORIS-style .safetensors (LoRA, LoHa, LoKr); peft: the adapter folders")
-    p.add_argument("--output", required=True, metavar="PATH",
-                   help="a .safetensors file, or a folder to write it into (peft: the output folder)")
-    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    p.set_defaults(func=cmd_export)
-
-    p = subparsers.add_parser("import", help="convert a kohya / LyCORIS .safetensors into PEFT adapter folders")
-    p.add_argument("file", metavar="FILE", help="kohya / LyCORIS .safetensors (LoRA, LoHa, LoKr)")
-    p.add_argument("--output", required=True, metavar="DIR",
-                   help="folder for unet/, text_encoder/ and (SDXL) text_encoder_2/")
-    p.add_argument("--model", default=None,
-                   help="base model the file is for (diffusers folder, hub id or 'tiny'); default: the published "
-                        "SD 1.x / 2.x / SDXL layout, picked from the file")
-    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    p.set_defaults(func=cmd_import)
-
-    p = subparsers.add_parser("fuse", help="merge a run's adapters into the base model and save a full pipeline")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'peftbooth train'")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the fused diffusers pipeline")
-    p.add_argument("--model", default=None, help="base model (default: the one in RUN_DIR/config.yaml)")
-    p.add_argument("--vae", default=None, help="VAE for the fused folder (hub id or folder); default: the run's "
-                   "--vae from RUN_DIR/config.yaml, else the base model's")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter strength merged in (1.0 = as trained)")
-    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    p.set_defaults(func=cmd_fuse)
+    for name, options, func, help in [
+        ("export", ExportOptions, cmd_export, "export a run's adapters for diffusers, A1111/ComfyUI/Forge or PEFT"),
+        ("import", ImportOptions, cmd_import, "convert a kohya / LyCORIS .safetensors into PEFT adapter folders"),
+        ("fuse", FuseOptions, cmd_fuse, "merge a run's adapters into the base model and save a full pipeline"),
+    ]:
+        p = subparsers.add_parser(name, help=help)
+        add_option_flags(p, options)
+        p.set_defaults(func=func)
 
 
 __all__ = ["FORMATS", "add_commands", "export_run", "import_kohya", "load_safetensors"]

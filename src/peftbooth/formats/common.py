@@ -1,19 +1,17 @@
-"""Shared pieces of the export / import / fuse commands: reading run folders, safe file loading, atomic writes.
+"""Reading adapter folders, safe file loading and checked outputs: shared by export / import / fuse and generate.
 
 A run folder's adapters are read into :class:`Adapter` objects: the PEFT config plus the weights grouped by the
 dotted module path they adapt (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` ->
-``{'lora_A.weight': ..., 'lora_B.weight': ...}``). Every writer works from that grouping, so the PEFT key layout
-is parsed in exactly one place.
+``{'lora_A.weight': ..., 'lora_B.weight': ...}``). Every writer works from that grouping, and generation loads
+the same object into a pipeline, so the PEFT key layout is parsed in exactly one place (:func:`read_adapter`).
+Where the folders are is :class:`~peftbooth.rundir.RunDir`'s business.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,13 +20,13 @@ from typing import Iterator
 
 import torch
 
+from .. import rundir
 from ..config import UsageError
-from ..inference import PICKLE_SUFFIXES, adapter_folders
+from ..rundir import ADAPTER_CONFIG, ADAPTER_PARTS, ADAPTER_WEIGHTS, PICKLE_SUFFIXES, RunDir
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
+PARTS = ADAPTER_PARTS  # the old name
 PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained keys: PREFIX + module path + "." + parameter
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+TEXT_MODEL_LEVEL = "text_model."  # CLIP's level that transformers 5 removed (see Adapter.state_dict_for)
 
 # Parameter names PEFT saves per adapted module (the adapter name is already stripped from saved keys).
 PARAMS = {
@@ -47,6 +45,8 @@ class Adapter:
     kind: str  # 'lora' | 'loha' | 'lokr'
     config: dict  # the adapter_config.json contents
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module path -> {param: tensor}
+    folder: Path | None = None  # where it was read from (None: built in memory, e.g. by the kohya import)
+    tensors: dict[str, torch.Tensor] | None = None  # the weights as saved, PEFT keys (the same tensors as modules)
 
     def rank(self, module: str) -> int:
         return int(pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"]))
@@ -61,6 +61,33 @@ class Adapter:
         if self.kind == "lora" and self.config.get("use_rslora"):
             return alpha / math.sqrt(r)  # rank-stabilised LoRA
         return alpha / r  # LoRA, LoHa and LoKr alike
+
+    def peft_config(self):
+        """The PEFT config object (LoraConfig, LoHaConfig, LoKrConfig), for inference."""
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        cls = PEFT_TYPE_TO_CONFIG_MAPPING[str(self.config["peft_type"]).upper()]
+        # from the folder where there is one: from_pretrained knows how to read configs of other PEFT releases
+        config = cls.from_pretrained(str(self.folder)) if self.folder is not None else cls(**self.config)
+        config.inference_mode = True
+        return config
+
+    def state_dict_for(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The PEFT state dict with keys laid out like `model`'s modules, for set_peft_model_state_dict.
+
+        CLIP text encoders saved with transformers < 5 have a `text_model.` level that transformers 5 removed (and
+        the reverse): the PEFT example script's folders from either era are remapped instead of silently not
+        loading."""
+        state = self.tensors if self.tensors is not None else {
+            f"{PEFT_PREFIX}{module}.{param}": t for module, params in self.modules.items() for param, t in params.items()}
+        prefix, level = PEFT_PREFIX, TEXT_MODEL_LEVEL
+        has_level = any(n == "text_model" for n, _ in model.named_children())
+        keys_have_level = any(k.startswith(prefix + level) for k in state)
+        if keys_have_level and not has_level:
+            return {k.replace(prefix + level, prefix, 1): v for k, v in state.items()}
+        if has_level and not keys_have_level and any(k.startswith(prefix + "encoder.") for k in state):
+            return {k.replace(prefix, prefix + level, 1): v for k, v in state.items()}
+        return state
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -150,7 +177,9 @@ def group_peft_state_dict(tensors: dict[str, torch.Tensor], kind: str, where: st
 
 
 def read_adapter(folder: Path, part: str) -> Adapter:
-    """Read a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of one model part."""
+    """Read a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of one model part: the one
+    reader of adapter folders (export, fuse and generate alike)."""
+    folder = Path(folder)
     cfg_path = folder / ADAPTER_CONFIG
     try:
         config = json.loads(cfg_path.read_text())
@@ -161,11 +190,14 @@ def read_adapter(folder: Path, part: str) -> Adapter:
         raise UsageError(f"{cfg_path}: adapter type {config.get('peft_type')!r} is not supported; "
                          f"supported: {', '.join(PEFT_TYPES)}")
     tensors, _ = load_safetensors(folder / ADAPTER_WEIGHTS, "adapter")
-    return Adapter(part, kind, config, group_peft_state_dict(tensors, kind, str(folder / ADAPTER_WEIGHTS)))
+    return Adapter(part, kind, config, group_peft_state_dict(tensors, kind, str(folder / ADAPTER_WEIGHTS)),
+                   folder=folder, tensors=tensors)
 
 
 @dataclass
 class RunFolder:
+    """A run's adapters as read and checked by :func:`read_run` (the folder's layout is :class:`RunDir`'s)."""
+
     path: Path
     adapters: dict[str, Adapter]  # 'unet' -> Adapter, optional 'text_encoder' and (SDXL) 'text_encoder_2'
     train_config: dict  # config.yaml as a dict ({} if the folder has none, e.g. the PEFT example's layout)
@@ -186,20 +218,11 @@ class RunFolder:
 
 def read_run(run_dir: str | Path) -> RunFolder:
     """A run folder (ours or the PEFT DreamBooth example's layout): adapters and, if present, config.yaml."""
-    import yaml
-
-    folders = adapter_folders(run_dir, "RUN_DIR")  # refuses missing folders and pickle-only adapters
+    run = RunDir(run_dir)
+    folders = run.adapter_folders("RUN_DIR")  # refuses missing folders and pickle-only adapters
     adapters = {part: read_adapter(folder, part) for part, folder in folders.items()}
-    cfg_file = Path(run_dir) / "config.yaml"
-    train_config = {}
-    if cfg_file.is_file():
-        try:
-            train_config = yaml.safe_load(cfg_file.read_text()) or {}
-        except yaml.YAMLError:
-            train_config = {}  # only used for descriptive metadata; the adapters themselves are self-describing
-        if not isinstance(train_config, dict):
-            train_config = {}
-    return RunFolder(Path(run_dir), adapters, train_config)
+    # lenient: config.yaml is only descriptive metadata here; the adapters themselves are self-describing
+    return RunFolder(run.path, adapters, run.read_config())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +264,7 @@ def kohya_text_name(part: str, module: str, sdxl: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# atomic writes
+# checked, atomic outputs (the writing itself is rundir's)
 
 
 def check_output(path: Path, overwrite: bool, flag: str = "--output") -> None:
@@ -253,39 +276,20 @@ def check_output(path: Path, overwrite: bool, flag: str = "--output") -> None:
 
 
 @contextmanager
-def atomic_file(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path` in one step, so readers never
-    see a half-written file and a crash leaves any previous file intact."""
-    check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def atomic_file(path: Path, overwrite: bool = False, flag: str = "--output") -> Iterator[Path]:
+    """:func:`peftbooth.rundir.atomic_file` after :func:`check_output`: an existing file is only replaced when
+    asked."""
+    check_output(path, overwrite, flag)
+    with rundir.atomic_file(path) as tmp:
+        yield tmp
 
 
 @contextmanager
-def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Like `atomic_file` for a folder: filled in a hidden sibling folder, then renamed into place."""
-    check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = None
-    try:
+def atomic_dir(path: Path, overwrite: bool = False, flag: str = "--output") -> Iterator[Path]:
+    """:func:`peftbooth.rundir.atomic_dir` after :func:`check_output`."""
+    check_output(path, overwrite, flag)
+    with rundir.atomic_dir(path) as tmp:
         yield tmp
-        if path.exists():
-            # a folder cannot be renamed onto a non-empty one: move the old one aside first, drop it afterwards
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -9,23 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..flags import add_option_flags, options_from_args
+from ..options import UiOptions
+
 
 def add_command(subparsers) -> None:
     """Add the `ui` subcommand to the main CLI's subparsers."""
     p = subparsers.add_parser("ui", help="serve the local web app: new runs, progress, try it, export")
-    p.add_argument("--runs-dir", default="runs", help="folder of run folders (default: ./runs)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; anything but 127.0.0.1/localhost needs PEFTBOOTH_UI_TOKEN set")
-    p.add_argument("--port", type=int, default=7860, help="port (0: a free one)")
-    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
-                   help="a folder of photos the page may read besides the runs folder (repeatable)")
+    add_option_flags(p, UiOptions)
     p.set_defaults(func=cmd_ui)
 
 
 def cmd_ui(args) -> int:
     from .server import make_server
 
-    server = make_server(Path(args.runs_dir), args.host, args.port, [Path(d) for d in args.allow_dir])
+    o = options_from_args(UiOptions, args)
+    server = make_server(Path(o.runs_dir), o.host, o.port, [Path(d) for d in o.allow_dir])
     host, port = server.server_address[:2]
     app = server.RequestHandlerClass.app
     app.queue.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import UsageError
 from ..data import IMAGE_EXTENSIONS, list_images, load_image
+from ..rundir import write_text
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # one photo; phone photos are 2-12 MB
 MAX_PHOTOS = 50  # per run; DreamBooth wants 3-10
@@ -147,6 +148,4 @@ def write_caption(folder: Path, photo: str, text: str) -> Path:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)

@@ -27,15 +27,14 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from ..checkpoint import LOCK, list_checkpoints
+from ..rundir import ADAPTER_WEIGHTS, RunDir
 from ..validation import step_dir, validation_steps_on_disk
 from .files import UI_DIR, atomic_write
 
 JOB = "job.json"
 LOG = "train.log"
-FINISHED = Path("unet") / "adapter_model.safetensors"
+FINISHED = Path("unet") / ADAPTER_WEIGHTS  # the finished-run marker (RunDir.is_finished)
 INTERRUPTED = (130, 143)  # 128 + SIGINT / SIGTERM: a checkpoint was written, Resume continues
 
 
@@ -92,13 +91,13 @@ def state_of(run: Path) -> str:
         return "queued"
     if running_pid(run):
         return "stopping" if job.get("stop_requested") else "running"
-    if (run / FINISHED).is_file():
+    if RunDir(run).is_finished():
         return "finished"
     if list_checkpoints(run):
         return "stopped"
     if job.get("state") in ("started", "done"):
         return "failed"  # ended (or vanished) without a checkpoint or adapters
-    if job.get("state") == "cancelled" or (run / "config.yaml").is_file():
+    if job.get("state") == "cancelled" or RunDir(run).config_file.is_file():
         return "ready"
     return "draft"
 
@@ -180,17 +179,16 @@ def loss_curve(run: Path) -> list[list[float]]:
 
 
 def load_config(run: Path) -> dict:
-    try:
-        return yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
+    """The run's config.yaml; {} when it is missing or broken (the list must still show the run)."""
+    return RunDir(run).read_config()
 
 
 def summary(run: Path, queue: list[str]) -> dict:
     """One row of the runs list."""
     cfg = load_config(run)
     state = state_of(run)
-    started = (run / "config.yaml") if (run / "config.yaml").exists() else run
+    config_file = RunDir(run).config_file
+    started = config_file if config_file.exists() else run
     return {
         "name": run.name, "state": state,
         "model": (cfg.get("model") or {}).get("model"),
@@ -208,12 +206,7 @@ def progress(run: Path) -> dict:
     text = log_tail(run)
     bar = last_bar(text)
     checkpoints = [int(p.name.rsplit("-", 1)[-1]) for p in list_checkpoints(run)]
-    stats = {}
-    if (run / "train_stats.json").is_file():
-        try:
-            stats = json.loads((run / "train_stats.json").read_text())
-        except ValueError:
-            stats = {}
+    stats = RunDir(run).read_stats() or {}
     state = state_of(run)
     step = bar["step"] if bar and bar["phase"] == "train" else (checkpoints[-1] if checkpoints else 0)
     if state == "finished":
@@ -229,7 +222,7 @@ def progress(run: Path) -> dict:
         "it_s": bar["it_s"] if bar and bar["phase"] == "train" else stats.get("it_s"),
         "seconds_left": bar["seconds_left"] if bar and state in ("running", "stopping") else None,
         "loss": loss_curve(run), "validation": validation, "checkpoints": checkpoints,
-        "log": log_lines(text), "report": (run / "report.html").is_file(),
+        "log": log_lines(text), "report": RunDir(run).report_file.is_file(),
         "returncode": read_job(run).get("returncode"),
     }
 
@@ -316,7 +309,7 @@ class Queue:
 
     def _start(self, run: Path) -> None:
         job = read_job(run)
-        cmd = [sys.executable, "-m", "peftbooth", "train", "--config", str(run / "config.yaml")]
+        cmd = [sys.executable, "-m", "peftbooth", "train", "--config", str(RunDir(run).config_file)]
         if job.get("resume"):
             cmd += ["--resume", "latest"]
         log = open(run / UI_DIR / LOG, "ab")

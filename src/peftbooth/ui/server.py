@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..config import ADAPTER_TYPES, UsageError
+from ..rundir import RunDir
 from . import files, runs, schema, tryit
 
 STATIC = Path(__file__).parent / "static"
@@ -63,13 +64,14 @@ class App:
         out.update(runs.progress(run))
         folder = self.photo_dir(run)
         out["photo_dir"] = str(folder)
-        out["config"] = str(run / "config.yaml")
+        config_file = RunDir(run).config_file
+        out["config"] = str(config_file)
         out["photos"] = files.photos_of(folder)
         try:
-            out["settings"] = schema.values_of(run / "config.yaml") if (run / "config.yaml").is_file() else None
+            out["settings"] = schema.values_of(config_file) if config_file.is_file() else None
         except Exception:  # noqa: BLE001 - a hand-edited config.yaml (bad YAML, unknown key) must not hide progress
             out["settings"] = None
-        out["finished_runs"] = [p.name for p in self.queue.runs() if (p / runs.FINISHED).is_file()]
+        out["finished_runs"] = [p.name for p in self.queue.runs() if RunDir(p).is_finished()]
         return out
 
 
@@ -255,7 +257,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(self.app.detail(self.app.run(name)))
 
     def editable(self, run: Path) -> None:
-        if (run / "config.yaml").is_file():
+        if RunDir(run).config_file.is_file():
             raise UsageError(f"run {run.name}: already started; its photos and settings are fixed")
 
     def api_upload(self, query, name):
@@ -301,9 +303,9 @@ class Handler(BaseHTTPRequestHandler):
         if errors:  # a result, not a failure of the request: the page shows each beside its field
             return self.send_json({"ok": False, "errors": errors})
         if start:
-            files.atomic_write(run / "config.yaml", schema.config_yaml(cfg))
+            files.atomic_write(RunDir(run).config_file, schema.config_yaml(cfg))
             self.app.queue.enqueue(run, resume=False)
-        self.send_json({"ok": True, "command": f"peftbooth train --config {run / 'config.yaml'}"})
+        self.send_json({"ok": True, "command": f"peftbooth train --config {RunDir(run).config_file}"})
 
     def api_start(self, query, name):
         self.api_check(query, name, start=True)

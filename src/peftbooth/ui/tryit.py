@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..config import UsageError
 from .files import UI_DIR
-from .runs import FINISHED, load_config
+from ..rundir import RunDir
+from .runs import load_config
 
 SAMPLES = "samples"
 EXPORTS = "exports"
@@ -35,7 +36,7 @@ def number(body: dict, key: str, default, typ, flag: str):
 
 
 def finished(run: Path) -> Path:
-    if not (run / FINISHED).is_file():
+    if not RunDir(run).is_finished():
         raise UsageError(f"run {run.name}: not finished yet (no unet/ adapter)")
     return run
 

@@ -1,0 +1,199 @@
+"""Offline proxies computed at the end of training (no evaluator model): ``write_proxies(run)`` -> OUT/proxies.json.
+
+* instance loss: the denoising loss of the instance images under their prompts, before (adapters disabled, which
+  is the model before training: every adapter starts as a zero update) and after, on fixed noise and timesteps;
+* class drift: how far the adapted model's predictions for class images under the class prompt moved from the
+  base model's, on the same fixed noise and timesteps. Compare it between a run with and one without prior
+  preservation; its size on one random model says nothing by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..rundir import CLASS_IMAGES_DIR, PROXIES_FILE, write_json
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offline proxies (end of training)
+
+
+def fixed_timesteps(num_train_timesteps: int, k: int) -> list[int]:
+    """k timesteps at the centres of k equal bins of [0, T): every noise level gets the same weight."""
+    return [(2 * i + 1) * num_train_timesteps // (2 * k) for i in range(k)]
+
+
+def fixed_noise(k: int, shape: tuple, seed: int) -> torch.Tensor:
+    """(k, *shape) standard normal noise from a CPU generator: identical on every device and in every call."""
+    return torch.randn((k, *shape), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+@torch.no_grad()
+def predictions(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, timesteps: list[int],
+                noise: torch.Tensor, added: dict | None = None, chunk: int = 8
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, 4, h, w); `added`:
+    SDXL's added_cond_kwargs, each (N, ...)."""
+    from ..losses import diffusion_target
+
+    def rows(s):
+        return None if added is None else {k: v[s : s + chunk] for k, v in added.items()}
+
+    preds, targets = [], []
+    for k, t in enumerate(timesteps):
+        tt = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        eps = noise[k].to(latents.device, latents.dtype)
+        noisy = scheduler.add_noise(latents, eps, tt)
+        # in chunks: a folder of 20 photos at 768 px is one UNet batch too many on a small GPU
+        preds.append(torch.cat([unet(noisy[s : s + chunk], tt[s : s + chunk], context[s : s + chunk],
+                                     added_cond_kwargs=rows(s)).sample.float()
+                                for s in range(0, latents.shape[0], chunk)]))
+        targets.append(diffusion_target(scheduler, latents, eps, tt).float())
+    return preds, targets
+
+
+def mse_per_timestep(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [float(F.mse_loss(x, y)) for x, y in zip(a, b)]
+
+
+def mean_square(a: list[torch.Tensor]) -> float:
+    return float(torch.stack([x.pow(2).mean() for x in a]).mean())
+
+
+def _peft_handle(accelerator, module):
+    """The PeftModel under Accelerate's and torch.compile's wrappers (for disable_adapter)."""
+    module = accelerator.unwrap_model(module)
+    return getattr(module, "_orig_mod", module)
+
+
+@contextlib.contextmanager
+def adapters_disabled(*peft_models):
+    with contextlib.ExitStack() as stack:
+        for m in peft_models:
+            if m is not None and hasattr(m, "disable_adapter"):
+                stack.enter_context(m.disable_adapter())
+        yield
+
+
+def _latents(vae, images: list, resolution: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior means (not samples: the proxy must not depend on a random draw), scaled for the UNet, and
+    each center crop's SDXL time ids (N, 6)."""
+    from ..data import ORIGINAL_SIZE, micro_conditioning, resize_crop_coords, to_tensor
+
+    pixels, time_ids = [], []
+    for img in images:
+        crop, top_left = resize_crop_coords(img, resolution, True, False)
+        pixels.append(to_tensor(crop))
+        time_ids.append(micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, resolution))
+    pixels = torch.stack(pixels)
+    vae_dtype = next(vae.parameters()).dtype  # fp32 for SDXL's own VAE
+    means = [vae.encode(pixels[s : s + 8].to(device, vae_dtype)).latent_dist.mean for s in range(0, len(images), 8)]
+    return (torch.cat(means) * float(vae.config.scaling_factor)).to(dtype), torch.stack(time_ids).to(device)
+
+
+def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, pooled) of prompts through the text encoders as they are now (adapters included)."""
+    from ..data import tokenize
+    from ..models import encode_text
+
+    return encode_text(components.text_encoders, [tokenize(tok, prompts).to(device) for tok in components.tokenizers])
+
+
+def class_images_for(cfg, output_dir: Path, limit: int) -> list[Path]:
+    """Readable class images of the run (its --class-data-dir, else OUTPUT/class_images), first `limit`."""
+    from ..prior import valid_class_images
+
+    folder = Path(cfg.data.class_data_dir) if cfg.data.class_data_dir else Path(output_dir) / CLASS_IMAGES_DIR
+    if not folder.is_dir():
+        return []
+    return valid_class_images(folder)[0][:limit]  # a corrupt file left by a crash is skipped, as in training
+
+
+def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, seed: int | None = None) -> dict:
+    """Instance loss before/after and class drift of a trained run (train.Run), on fixed noise and timesteps.
+
+    "Before" is the model with its adapters disabled, which is the model before training: LoRA, LoHa and LoKr
+    all start as a zero update. Class drift needs a class prompt and class images (the run's class-image folder);
+    for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
+    """
+    from ..data import load_image
+    from ..models import added_conditioning, vae_in_own_dtype
+    from ..validation import eval_mode, on_device, untouched_rng
+
+    cfg, acc, c = run.cfg, run.accelerator, run.components
+    d, device = cfg.data, acc.device
+    seed = cfg.train.seed if seed is None else seed
+    timesteps = fixed_timesteps(c.noise_scheduler.config.num_train_timesteps, num_timesteps)
+    # the photos and per-image prompts as setup decoded them for training: not read a second time
+    instance_images, instance_prompts = run.dataset.instance_images, run.dataset.instance_prompts
+    class_paths = class_images_for(cfg, run.output_dir, max_class_images) if d.class_prompt else []
+    handles = [_peft_handle(acc, m) for m in run.trained().values()]
+
+    result = {"timesteps": timesteps, "noise_seed": seed, "with_prior_preservation": d.with_prior_preservation,
+              "latents": "VAE posterior mean", "class": None, "class_note": None}
+    with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, *run.text_encoders, c.vae), \
+            on_device(device, c.vae, *c.text_encoders), acc.autocast(), vae_in_own_dtype(c.vae):
+        groups = {"instance": (instance_images, instance_prompts)}
+        if class_paths:
+            groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))
+        runs = {}
+        for name, (images, prompts) in groups.items():
+            latents, time_ids = _latents(c.vae, images, d.resolution, device, run.weight_dtype)
+            noise = fixed_noise(len(timesteps), tuple(latents.shape), seed if name == "instance" else seed + 1)
+            # the prompts are encoded in each state: a trained text-encoder adapter is part of "after"
+            ctx, pooled = _context(c, prompts, device)
+            after = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise,  # (preds, targets)
+                                added_conditioning(pooled, time_ids))
+            with adapters_disabled(*handles):
+                ctx, pooled = _context(c, prompts, device)
+                before = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise,
+                                     added_conditioning(pooled, time_ids))
+            runs[name] = (before, after, len(images), prompts)
+
+    def losses(before, after):
+        b, a = mse_per_timestep(before[0], before[1]), mse_per_timestep(after[0], after[1])
+        return {"loss_before": sum(b) / len(b), "loss_after": sum(a) / len(a),
+                "per_timestep": {"before": b, "after": a}}
+
+    before, after, n, prompts = runs["instance"]
+    result["instance"] = {"images": n, "prompts": sorted(set(prompts)), **losses(before, after)}
+    if "class" in runs:
+        before, after, n, _ = runs["class"]
+        drift = mse_per_timestep(after[0], before[0])  # adapted vs base prediction, same inputs
+        result["class"] = {
+            "images": n, "prompt": d.class_prompt,
+            "drift": sum(drift) / len(drift),
+            # relative to the size of the base prediction: comparable across models and prediction types
+            "relative_drift": (sum(drift) / len(drift)) / max(mean_square(before[0]), 1e-12),
+            "drift_per_timestep": drift,
+            **losses(before, after),
+        }
+    elif not d.class_prompt:
+        result["class_note"] = "no --class-prompt: class drift not measured"
+    else:
+        result["class_note"] = ("no class images found (--class-data-dir or OUTPUT/class_images): "
+                                "class drift not measured")
+    return result
+
+
+def write_proxies(run, **kwargs) -> dict | None:
+    """compute_proxies, written to OUTPUT/proxies.json and summed up in one line. Main process only."""
+    if not run.accelerator.is_main_process:
+        return None
+    result = compute_proxies(run, **kwargs)
+    write_json(Path(run.output_dir) / PROXIES_FILE, result)
+    run.accelerator.print(proxies_summary(result))
+    return result
+
+
+def proxies_summary(p: dict) -> str:
+    i = p["instance"]
+    line = f"instance loss {i['loss_before']:.4f} -> {i['loss_after']:.4f}"
+    if p.get("class"):
+        line += f"; class drift {p['class']['relative_drift']:.4f} (relative)"
+    return line
+
