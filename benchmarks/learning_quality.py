@@ -4,7 +4,8 @@ preservation keep "a ball" meaning any ball?
 For LoRA, LoHa and LoKr, each with and without prior preservation and with and without the text-encoder adapter,
 train the world recipe (peftbooth/world/recipe.py) on the subject's photos and print one JSON row per run: the
 world metrics (docs/world.md) of the adapter and of the base model, steps and seconds. --prior-seeds repeats the
-LoRA runs with and without prior preservation over more seeds, for the spread of the paper's central claim.
+LoRA runs with and without prior preservation over more seeds, for the spread of the paper's central claim, and
+the recipe's LoHa and LoKr runs over the same seeds.
 
     .venv/bin/python benchmarks/learning_quality.py --output benchmarks/results/learning_quality.jsonl
 """
@@ -61,6 +62,8 @@ def main() -> int:
     grid = [(ad, prior, te, 0) for ad, prior, te in itertools.product(a.adapters.split(","), (True, False),
                                                                         (True, False))]
     grid += [("lora", prior, True, seed) for seed in range(1, a.prior_seeds) for prior in (True, False)]
+    # the recipe (prior preservation + text-encoder adapter) of the other adapters over the same seeds
+    grid += [(ad, True, True, seed) for seed in range(1, a.prior_seeds) for ad in a.adapters.split(",") if ad != "lora"]
     for k, (adapter, prior, te, seed) in enumerate(grid):
         cfg = world_config(work / "photos", work / f"run{k}", adapter, prior=prior, text_encoder=te, steps=a.steps,
                            seed=seed, class_data_dir=work / "class_images")
@@ -84,19 +87,30 @@ def main() -> int:
 
 
 def summarize(rows: list[dict]) -> str:
-    """One table row per configuration (seed 0), then the prior-preservation claim over every seed."""
+    """One table row per configuration (seed 0), then the recipe and the prior-preservation claim over seeds."""
     import statistics
+
+    def f(x: float) -> str:
+        return f"{x + 0.0:.2f}".replace("-0.00", "0.00")  # an entropy of -1e-17 is 0
 
     cols = ["subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity"]
     out = ["| adapter | prior | text encoder | " + " | ".join(cols) + " | train s |",
            "|---" * (len(cols) + 4) + "|"]
     base = rows[0]["base"]
-    out.append("| base model | - | - | " + " | ".join(f"{base[c]:.2f}" for c in cols) + " | - |")
+    out.append("| base model | - | - | " + " | ".join(f(base[c]) for c in cols) + " | - |")
     for r in rows:
         if r["seed"] == 0:
             out.append(f"| {r['adapter']} | {'yes' if r['prior_preservation'] else 'no'} | "
-                       f"{'yes' if r['text_encoder'] else 'no'} | " + " | ".join(f"{r[c]:.2f}" for c in cols)
+                       f"{'yes' if r['text_encoder'] else 'no'} | " + " | ".join(f(r[c]) for c in cols)
                        + f" | {r['train_seconds']:.0f} |")
+    out += ["", "| the recipe (prior + text encoder), seeds | adapter | " + " | ".join(cols[:3]) + " |", "|---" * 5 + "|"]
+    for adapter in dict.fromkeys(r["adapter"] for r in rows):
+        group = [r for r in rows if r["adapter"] == adapter and r["text_encoder"] and r["prior_preservation"]]
+        cells = []
+        for c in cols[:3]:
+            v = [r[c] for r in group]
+            cells.append(f"{f(statistics.mean(v))} ± {f(statistics.pstdev(v))} ({', '.join(f(x) for x in v)})")
+        out.append(f"| {len(group)} | {adapter} | " + " | ".join(cells) + " |")
     out += ["", "| LoRA + text encoder, seeds | prior | " + " | ".join(cols[:5]) + " |", "|---" * 7 + "|"]
     for prior in (True, False):
         group = [r for r in rows if r["adapter"] == "lora" and r["text_encoder"] and r["prior_preservation"] == prior]
@@ -105,7 +119,7 @@ def summarize(rows: list[dict]) -> str:
         cells = []
         for c in cols[:5]:
             v = [r[c] for r in group]
-            cells.append(f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})")
+            cells.append(f"{f(statistics.mean(v))} ± {f(statistics.pstdev(v))} ({', '.join(f(x) for x in v)})")
         out.append(f"| {len(group)} | {'yes' if prior else 'no'} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
