@@ -1,6 +1,7 @@
 """Data pairing, transforms, the loss maths and resumable class-image generation."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -172,8 +173,8 @@ def test_class_image_is_written_atomically(tmp_path, monkeypatch):
 
     img = Image.new("RGB", (8, 8), (1, 2, 3))
     calls = []
-    real_replace = prior.os.replace
-    monkeypatch.setattr(prior.os, "replace", lambda a, b: calls.append((a, b)) or real_replace(a, b))
+    real_replace = os.replace  # the one rename of rundir.atomic_file, which prior writes through
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append((a, b)) or real_replace(a, b))
     path = prior.write_image_atomic(tmp_path, img, 7)
     (src, dst), = calls
     assert src.name.startswith(".") and dst == path and path.exists() and not src.exists()

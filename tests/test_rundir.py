@@ -123,8 +123,8 @@ def test_write_json_keeps_the_file_valid_json(tmp_path):
     assert read_json(tmp_path / "bad.json") is None
 
 
-# files outside the run-folder refactor that still spell the list out, for the lead to switch to ADAPTER_PARTS
-PARTS_PENDING = {"train.py"}
+# files that still spell the list out instead of importing ADAPTER_PARTS (none)
+PARTS_PENDING: set[str] = set()
 
 
 def test_the_adapter_parts_are_listed_once():

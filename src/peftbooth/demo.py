@@ -74,7 +74,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, nu
     for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
         pipe.set_adapters(weights)
         results[name], _ = world_metrics(sample_fn, evaluator, real, settings)
-    from .evaluate import write_json
+    from .rundir import write_json
 
     write_json(out / "world_metrics.json", {"settings": vars(settings), "results": results})
     print("[demo] world metrics (held-out contexts; the evaluator stands in for DINO / CLIP):")

@@ -11,7 +11,6 @@ import contextlib
 import gc
 import hashlib
 import io
-import os
 import re
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import UsageError
 from .data import list_images, load_image
+from .rundir import atomic_file
 
 
 def valid_class_images(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -47,12 +47,8 @@ def write_image_atomic(folder: Path, image, index: int) -> Path:
     image.save(buf, format="PNG")
     data = buf.getvalue()
     final = folder / f"class-{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png"
-    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with atomic_file(final, durable=True) as tmp:  # a resumed run counts these files: flushed before the rename
+        tmp.write_bytes(data)
     return final
 
 

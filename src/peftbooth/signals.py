@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .rundir import ADAPTER_PARTS
+
 # With several processes, agreeing on a stop signal is a gather and a host sync; the loop asks only every this
 # many optimizer steps (or fewer: at logging steps, which sync anyway, and at checkpoints), not every step.
 SIGNAL_STEPS = 10
@@ -88,7 +90,7 @@ def all_true(accelerator, flag: torch.Tensor) -> bool:
     return bool(flag)
 
 
-def end_training(accelerator, holder, names: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")) -> None:
+def end_training(accelerator, holder, names: tuple[str, ...] = ADAPTER_PARTS) -> None:
     """Accelerate's end_training (trackers closed, process group destroyed), with the DDP wrappers dropped first.
 
     `holder` (train.Run) keeps the prepared models under the attribute `names`; each is replaced by the model it

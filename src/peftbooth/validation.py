@@ -11,7 +11,6 @@ TensorBoard, the grid is logged under the tag ``validation``.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 # The sampling helpers moved to sampling.py; evaluate, world and demo import them from here too.
+from .rundir import write_json
 from .sampling import (  # noqa: F401
     eval_mode, grid, image_seeds, in_memory_pipeline, on_device, sample, sampling_state,
     untouched_rng,
@@ -111,7 +111,7 @@ def run_validation(run, step: int, num_inference_steps: int | None = None,
                       num_inference_steps or DEFAULT_INFERENCE_STEPS,
                       DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
     paths = write_images(step_dir(run.output_dir, step), rows)
-    (Path(run.output_dir) / VALIDATION_DIR / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    write_json(Path(run.output_dir) / VALIDATION_DIR / "prompts.json", prompts)
     if t.report_to != "none":
         log_grid(acc, grid(rows), step)
     return paths

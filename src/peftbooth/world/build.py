@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import min_snr_weights, snr
+from ..rundir import atomic_dir, write_text
 from . import configs
 from .evaluator import HEADS, WorldEvaluator, judge, load_evaluator, save_evaluator
 from .scenes import (BACKGROUNDS, CLASSES, COLOURS, CONTEXTS, SUBJECT_COLOURS, draw, general_image, prompt,
@@ -299,17 +300,14 @@ def assemble_pipeline(tokenizer, text_encoder, unet, vae):
 def write_model(pipe, tok_dir: Path, out: Path) -> None:
     """The diffusers folder. The UNet and VAE are stored as fp16 (diffusers loads them back as fp32); the text
     encoder (0.6 MB) stays fp32, since transformers loads a checkpoint in its stored dtype."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.unet.half()
-    pipe.vae.half()
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    pipe.unet.float()
-    pipe.vae.float()
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        pipe.unet.half()
+        pipe.vae.half()
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        pipe.unet.float()
+        pipe.vae.float()
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
 
 
 def save_tensors(path: Path, tensors: dict) -> None:
@@ -443,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     record["invocation_seconds"] = round(time.perf_counter() - start, 1)
     record["configs"] = {"unet": configs.unet_config(), "vae": configs.vae_config(), "text": configs.text_config(),
                          "scheduler": configs.scheduler_config(), "vocabulary": vocabulary()}
-    (out / "build.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+    write_text(out / "build.json", json.dumps(record, indent=1, default=list) + "\n")
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     return 0
 

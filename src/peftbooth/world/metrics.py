@@ -129,7 +129,7 @@ def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, s
 
     from ..config import UsageError
     from ..data import list_images, load_image
-    from ..evaluate import write_json
+    from ..rundir import write_json, write_text
     from ..validation import grid
     from . import MODEL_DIR
 
@@ -151,5 +151,5 @@ def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, s
               "num_real_images": len(real), "prompts": list(next(iter(res["images"].values()))),
               "results": res["results"]}
     write_json(out / WORLD_METRICS_FILE, report)
-    (out / "world_metrics.md").write_text(format_world_table(res["results"]) + "\n")
+    write_text(out / "world_metrics.md", format_world_table(res["results"]) + "\n")
     return report
