@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, UsageError, to_dict
-from .rundir import CHECKPOINTS_DIR
+from .rundir import CHECKPOINTS_DIR, fsync_path
 
 CHECKPOINTS = CHECKPOINTS_DIR  # OUT/checkpoints/ (the run folder's layout is rundir's)
 NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -159,20 +159,8 @@ def set_rng_state(state: dict) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
@@ -206,7 +194,7 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_path(root)
         # nobody leaves before the checkpoint is in place: after a stop signal a process that exits early makes
         # torchrun send SIGTERM to the rest, the writer included
         acc.wait_for_everyone()
