@@ -93,9 +93,15 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
 
 def generate_protocol_images(pipe, prompts: list[str], num_images: int, seed: int, steps: int,
                              guidance_scale: float, resolution: int | None) -> list[list]:
-    """images[j]: `num_images` images of prompts[j], from seed `seed + j` (the same for adapter and base)."""
-    return [pipe.generate(p, num_images, seed=seed + j, steps=steps, guidance_scale=guidance_scale,
-                          height=resolution, width=resolution) for j, p in enumerate(prompts)]
+    """images[j][i]: prompts[j] from seed `seed + i`, through the sampler class images and validation use (one
+    CPU generator per image: the same starting noise for adapter and base, on any device)."""
+    import torch
+
+    from ..sampling import image_seeds, sample_images
+
+    with torch.inference_mode():
+        return [sample_images(pipe.pipe, p, image_seeds(seed, num_images), steps, guidance_scale, resolution)
+                for p in prompts]
 
 
 def contact_sheet(rows: list[list], thumb: int = 128):
