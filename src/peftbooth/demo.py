@@ -32,7 +32,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, nu
 
     from .inference import AdapterPipeline
     from .train import train
-    from .validation import grid, sample
+    from .sampling import grid, sample
     from .world import MODEL_DIR, WORLD_NAME
     from .world.evaluator import load_evaluator
     from .world.metrics import WorldEvalSettings, format_world_table, pipeline_sampler, world_metrics

@@ -17,12 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# The sampling helpers moved to sampling.py; evaluate, world and demo import them from here too.
 from .rundir import write_json
-from .sampling import (  # noqa: F401
-    eval_mode, grid, image_seeds, in_memory_pipeline, on_device, sample, sampling_state,
-    untouched_rng,
-)
+from .sampling import grid, image_seeds, in_memory_pipeline, sample, sampling_state
 
 VALIDATION_DIR = "validation"
 # Read at call time, so a test (or a caller without the arguments, like fit) can change them in one place.

@@ -122,7 +122,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     """
     from ..data import load_image
     from ..models import added_conditioning, vae_in_own_dtype
-    from ..validation import eval_mode, on_device, untouched_rng
+    from ..sampling import eval_mode, on_device, untouched_rng
 
     cfg, acc, c = run.cfg, run.accelerator, run.components
     d, device = cfg.data, acc.device

@@ -272,7 +272,7 @@ def quality_prompts(seed: int, n: int) -> list[tuple[str, str, str]]:
 
 
 def world_quality(pipe, net: WorldEvaluator, seed: int, n: int, steps: int = 25, guidance: float = 5.0) -> dict:
-    from ..validation import sample
+    from ..sampling import sample
 
     triples = quality_prompts(seed, n)
     images = [sample(pipe, [prompt(*tr)], [seed + i], configs.SIZE, steps, guidance)[0][0]
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"evaluator accuracy {record['evaluator_accuracy']}")
     stage("evaluator", made)
 
-    from ..validation import in_memory_pipeline
+    from ..sampling import in_memory_pipeline
     from ..models import Components
     from diffusers import DDPMScheduler
 
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     record["quality"] = quality
     log(f"world model quality {quality}")
     if a.grid:
-        from ..validation import grid
+        from ..sampling import grid
 
         rows = [r for r in (images[i * 15:(i + 1) * 15] for i in range(5)) if r]
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)

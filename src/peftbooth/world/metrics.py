@@ -68,7 +68,7 @@ def world_metrics(sample_fn, evaluator, real_images: list, s: WorldEvalSettings)
 
 def pipeline_sampler(pipe, steps: int, guidance_scale: float):
     """sample_fn over a StableDiffusionPipeline: one image per seed (CPU generators), at the world's size."""
-    from ..validation import sample
+    from ..sampling import sample
 
     def sample_fn(prompt: str, seeds: list[int]) -> list:
         return sample(pipe, [prompt], seeds, SIZE, steps, guidance_scale)[0]
@@ -130,7 +130,7 @@ def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, s
     from ..config import UsageError
     from ..data import list_images, load_image
     from ..rundir import write_json, write_text
-    from ..validation import grid
+    from ..sampling import grid
     from . import MODEL_DIR
 
     data_cfg = cfg.get("data") or {}
