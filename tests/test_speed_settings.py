@@ -363,7 +363,9 @@ def test_fp16_overflow_steps_are_neither_counted_nor_scheduled(fused, tiny_model
     stats = fit(run)
     assert stats["steps"] == 3
     assert updated.count(True) == 3 and updated[-1]  # three real updates, the last one ends the run
-    assert updated.count(False) >= 1 and not any(updated[:updated.count(False)])  # the overflowing steps came first
+    # the first step overflows at 2^30; a later one may too (how large an fp16 gradient gets depends on the CPU's
+    # kernels: on one Intel Xeon a step after the first real update overflowed again at 2^22)
+    assert not updated[0] and updated.count(False) >= 1
     assert scaler.get_scale() < 2.0**30
     assert run.lr_scheduler.last_epoch == 3  # scheduled once per real update
     assert run.lr_scheduler.get_last_lr()[0] == 0.0  # linear decay ends exactly at the last real update
