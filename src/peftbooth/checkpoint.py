@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import token_embedding
 from .config import TrainConfig, UsageError, to_dict
 from .rundir import CHECKPOINTS_DIR, fsync_path
 
@@ -181,6 +182,9 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
         if acc.is_main_process:
             for name, model in run.trained().items():
                 acc.unwrap_model(model).save_pretrained(tmp / name, save_embedding_layers=False)
+            if run.cfg.train.train_token_embedding:
+                token_embedding.save_file(tmp / token_embedding.FILE, [acc.unwrap_model(m) for m in run.text_encoders],
+                                          run.cfg.train.train_token_embedding)
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
             scaler = getattr(acc, "scaler", None)
             torch.save({"lr_scheduler": run.lr_scheduler.state_dict(),
@@ -222,6 +226,9 @@ def load_checkpoint(run, path: Path) -> TrainState:
         if result.unexpected_keys:
             raise UsageError(f"--resume {path}: {part} weights do not fit this model "
                              f"(e.g. {result.unexpected_keys[0]})")
+    if run.cfg.train.train_token_embedding:
+        _, rows = token_embedding.read_file(path / token_embedding.FILE)
+        token_embedding.load_state([acc.unwrap_model(m) for m in run.text_encoders], rows)
     # weights_only=True: these files are read without unpickling arbitrary objects
     run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
     extra = torch.load(path / "state.pt", weights_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -132,6 +133,11 @@ class TrainArgs:
     noise_offset: float = _f(0.0, "offset-noise strength (e.g. 0.05): lets the model learn very dark/bright images")
     mixed_precision: str = _f("no", "compute precision of the frozen weights", choices=MIXED_PRECISION)
     train_text_encoder: bool = _f(False, "also train an adapter on the CLIP text encoder")
+    train_token_embedding: Optional[str] = _f(None, "also train this identifier word's input embedding, e.g. sks "
+                                              "(pivotal tuning); one token, in --instance-prompt, with "
+                                              "--train-text-encoder")
+    token_embedding_learning_rate: Optional[float] = _f(None, "learning rate of the identifier's embedding "
+                                                        "(default: the text encoder's)")
     cache_latents: bool = _f(True, "VAE-encode each image (and its flip) once instead of every step; off with random crops")
     cache_text_states: bool = _f(True, "encode each prompt once when the text encoder is frozen")
     factored_lycoris: bool = _f(True, "LoHa/LoKr: apply each update through its factors instead of rebuilding the "
@@ -208,6 +214,8 @@ class TrainConfig:
         problems += number_problems(self)
         if d.with_prior_preservation and not d.class_prompt:
             problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
+        if t.train_token_embedding is not None:
+            problems += token_embedding_problems(t, d.instance_prompt)
         if t.compile_mode != "default" and not t.compile:
             problems.append(f"--compile-mode {t.compile_mode} needs --compile")
         for prefix, adapter, presets in [
@@ -229,14 +237,15 @@ RANGES = {
     "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), sample_batch_size=(1, 1024),
                  class_image_steps=(1, 1000), train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
     "train": dict(seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
-                  text_encoder_learning_rate=(0.0, 1.0), lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
+                  text_encoder_learning_rate=(0.0, 1.0),
+                  token_embedding_learning_rate=(0.0, 1.0), lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
                   adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
                   gradient_accumulation_steps=(1, 1024), max_grad_norm=(0.0, None), snr_gamma=(0.0, None),
                   noise_offset=(0.0, 1.0), logging_steps=(1, MAX_STEPS), checkpointing_steps=(0, MAX_STEPS),
                   checkpoints_total_limit=(0, None), validation_steps=(1, MAX_STEPS), num_validation_images=(1, 64)),
     "adapter": dict(rank=(1, 4096), alpha=(0.0, None), dropout=(0.0, 1.0), module_dropout=(0.0, 1.0)),
 }
-OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "adam_epsilon", "snr_gamma", "alpha"}
+OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "token_embedding_learning_rate", "adam_epsilon", "snr_gamma", "alpha"}
 OPEN_HIGH = {"adam_beta1", "adam_beta2", "dropout", "module_dropout"}  # [0, 1)
 MAX_RESOLUTION = 4096
 
@@ -253,6 +262,19 @@ def range_problem(flag: str, name: str, value, low, high) -> str | None:
         bound = high if isinstance(high, int) else f"{high:g}"
         return f"{flag} must be {'<' if name in OPEN_HIGH else '<='} {bound} (got {value})"
     return None
+
+
+def token_embedding_problems(t: TrainArgs, instance_prompt: str | None) -> list[str]:
+    """--train-token-embedding WORD: trained through the text encoder, and the word must be in the prompt."""
+    word, problems = t.train_token_embedding, []
+    if not word or not word.strip() or len(word.split()) != 1:
+        return [f"--train-token-embedding must be one word, the identifier of --instance-prompt (got {word!r})"]
+    if not t.train_text_encoder:
+        problems.append("--train-token-embedding needs --train-text-encoder (the embedding is trained through the "
+                        "text encoder, as its adapter is)")
+    if instance_prompt and re.search(rf"(?<!\w){re.escape(word)}(?!\w)", instance_prompt) is None:
+        problems.append(f"--train-token-embedding {word}: the word is not in --instance-prompt {instance_prompt!r}")
+    return problems
 
 
 def number_problems(cfg: "TrainConfig") -> list[str]:

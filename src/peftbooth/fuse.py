@@ -13,7 +13,8 @@ import torch
 
 from .config import UsageError
 from .formats.common import atomic_dir, check_output, read_run
-from .rundir import base_model_for
+from .rundir import RunDir, base_model_for
+from .token_embedding import IdentifierRows
 
 
 def set_strength(peft_model, scale: float) -> None:
@@ -64,6 +65,19 @@ def vae_of(run, vae: str | None) -> str | None:
     return vae or run.setting("model", "vae")
 
 
+def fuse_token_embeddings(pipe, run_dir: str | Path, scale: float) -> None:
+    """Write a run's trained identifier rows (--train-token-embedding) into the pipeline's embedding tables, at
+    `scale` between the pretrained row (0) and the trained one (1), as generation does."""
+    token_file = RunDir(run_dir).token_embeddings_file
+    if not token_file.is_file():
+        return
+    pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]  # (encoder, its tokenizer)
+    encoders = {k: (getattr(pipe, t), getattr(pipe, k)) for k, t in pairs if getattr(pipe, k, None) is not None}
+    rows = IdentifierRows(encoders)
+    rows.add("run", *rows.check(token_file, flag="RUN_DIR"))
+    rows.apply({"run": scale})
+
+
 def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, scale: float = 1.0,
              overwrite: bool = False, vae: str | None = None) -> Path:
     """Write base model + run adapters (at `scale`) as a full StableDiffusion(XL)Pipeline folder (safetensors).
@@ -84,6 +98,7 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     handles = fuse_adapters(pipe, run_dir, scale)
     for peft_model in handles.values():
         peft_model.unload()  # the layers are merged: dropping the wrappers keeps the fused weights
+    fuse_token_embeddings(pipe, run_dir, scale)
     with atomic_dir(output, overwrite, "--output-dir") as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").write_text(

@@ -18,12 +18,13 @@ import yaml
 
 from .config import TrainConfig, UsageError
 from .rundir import (
-    ADAPTER_PARTS, CHECKPOINTS_DIR, CLASS_IMAGES_DIR, CONFIG_FILE, MODEL_CARD, VALIDATION_DIR, RunDir,
+    ADAPTER_PARTS, CHECKPOINTS_DIR, CLASS_IMAGES_DIR, CONFIG_FILE, MODEL_CARD, TOKEN_EMBEDDINGS, VALIDATION_DIR, RunDir,
 )
 
 # What a shared run holds (relative glob patterns), and what it never holds even if a pattern would match.
 SAMPLE_PATTERNS = ("samples/*.png", f"{VALIDATION_DIR}/*/*.png")
-UPLOAD_PATTERNS = (MODEL_CARD, CONFIG_FILE, *(f"{part}/*" for part in ADAPTER_PARTS), *SAMPLE_PATTERNS)
+UPLOAD_PATTERNS = (MODEL_CARD, CONFIG_FILE, TOKEN_EMBEDDINGS, *(f"{part}/*" for part in ADAPTER_PARTS),
+                   *SAMPLE_PATTERNS)
 NEVER_UPLOAD = (CHECKPOINTS_DIR, CLASS_IMAGES_DIR, "logs")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights("user/name") looks for
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -41,9 +42,10 @@ def hub_id_or_none(model: str | None) -> str | None:
 
 def all_lora(run_dir: Path) -> bool:
     """Every adapter of the run is a LoRA (the diffusers format holds LoRA only), judged from adapter_config.json
-    (an unreadable one is no LoRA)."""
-    kinds = RunDir(run_dir).adapter_types()
-    return bool(kinds) and all(k == "LORA" for k in kinds)
+    (an unreadable one is no LoRA), and no identifier embedding was trained (the diffusers file cannot carry it)."""
+    run = RunDir(run_dir)
+    kinds = run.adapter_types()
+    return bool(kinds) and all(k == "LORA" for k in kinds) and not run.token_embeddings_file.is_file()
 
 
 def sample_images(run_dir: Path) -> list[str]:
@@ -77,6 +79,9 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
         f"- base model: `{cfg.model.model}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
         f"- UNet adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets `{u.target_modules}`",
     ]
+    if t.train_token_embedding:
+        lines.append(f"- the identifier `{t.train_token_embedding}`'s input embedding, trained: "
+                     f"`{TOKEN_EMBEDDINGS}` (peftbooth generate and fuse apply it)")
     if t.train_text_encoder:
         lines.append(f"- text-encoder adapter{'s (both SDXL text encoders)' if sdxl else ''}: {te.adapter}, "
                      f"rank {te.rank}, alpha {te.alpha}, targets `{te.target_modules}`")
@@ -94,7 +99,9 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
         # the folder's name, not its local path: the card is uploaded by `push`
         f'peftbooth generate --model {cfg.model.model} --adapter {run_dir.name} --prompt "{d.instance_prompt}"'
         + (f" --vae {cfg.model.vae}" if cfg.model.vae else ""),
-        f"peftbooth export {run_dir.name} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge",
+        (f"peftbooth fuse {run_dir.name} --output-dir {run_dir.name}-fused   # a diffusers model, embedding included"
+         if t.train_token_embedding else
+         f"peftbooth export {run_dir.name} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge"),
         "```",
         "",
         f"`unet/`, `text_encoder/`{' and `text_encoder_2/`' if sdxl else ''} are PEFT adapter folders: "

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from . import factored
+from .token_embedding import IdentifierRows
 from .config import UsageError
 from .rundir import ADAPTER_PARTS, PICKLE_SUFFIXES, RunDir, base_model_for  # noqa: F401 (old import paths)
 
@@ -55,6 +56,10 @@ class AdapterPipeline:
         self.pipe.set_progress_bar_config(disable=True)
         self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftMixedModel
         self.adapters: dict[str, set[str]] = {}  # adapter name -> parts it has
+        self.active: dict[str, float] = {}  # adapter name -> strength, as last set
+        tokenizers = {"text_encoder": self.pipe.tokenizer, "text_encoder_2": getattr(self.pipe, "tokenizer_2", None)}
+        # identifier embeddings trained with --train-token-embedding (token_embeddings.safetensors)
+        self.rows = IdentifierRows({k: (tokenizers[k], m) for k, m in self.model.items() if k != "unet"})
 
     @property
     def model(self) -> dict[str, torch.nn.Module]:
@@ -78,6 +83,8 @@ class AdapterPipeline:
         if extra:  # checked before anything is loaded: no half-loaded adapter
             raise UsageError(f"--adapter {path}: has {extra[0]}/, which this base model does not have "
                              "(an SDXL adapter on an SD 1.x/2.x model?)")
+        rows_file = RunDir(path).token_embeddings_file
+        rows = self.rows.check(rows_file) if rows_file.is_file() else None
         for part, folder in folders.items():
             adapter = read_adapter(folder, part)
             config, state = adapter.peft_config(), adapter.state_dict_for(self.model[part])
@@ -100,6 +107,8 @@ class AdapterPipeline:
             self._peft[part].to(self.device, dtype=self.pipe.unet.dtype)
             factored.install(self._peft[part])  # LoHa/LoKr through their factors where that is cheaper
         self.adapters[name] = set(folders)
+        if rows is not None:
+            self.rows.add(name, *rows)
         self.set_adapters({name: 1.0})
         return name
 
@@ -112,6 +121,8 @@ class AdapterPipeline:
         unknown = [n for n in weights if n not in self.adapters]
         if unknown:
             raise UsageError(f"--mix: unknown adapter {unknown[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        # first: it refuses two adapters that trained the same word before anything changes
+        self.rows.apply(weights)  # the active adapters' identifier embeddings, the pretrained rows elsewhere
         for part, peft_model in self._peft.items():
             active = [n for n in weights if part in self.adapters[n]]
             # an empty list leaves only the base weights active in this part
@@ -120,6 +131,7 @@ class AdapterPipeline:
                 if hasattr(module, "set_scale"):  # LoRA, LoHa and LoKr layers
                     for n in active:
                         module.set_scale(n, weights[n])
+        self.active = dict(weights)
 
     def disable_adapters(self) -> None:
         """Run the base model alone (adapters stay loaded)."""
@@ -136,6 +148,9 @@ class AdapterPipeline:
                 del self._peft[part]
             else:
                 peft_model.delete_adapter(name)
+        self.rows.remove(name)
+        self.active.pop(name, None)
+        self.rows.apply(self.active)
 
     @torch.inference_mode()
     def generate(self, prompt: str, num_images: int = 1, seed: int = 0, steps: int = 25,

@@ -7,6 +7,7 @@
     OUT/unet/                    PEFT adapter folders (adapter_config.json + adapter_model.safetensors), one per
     OUT/text_encoder/            adapted part (ADAPTER_PARTS); unet/ is written last, so it marks a finished run;
     OUT/text_encoder_2/          text_encoder_2/ is SDXL's second text encoder
+    OUT/token_embeddings.safetensors   the identifier's trained input embedding, with --train-token-embedding
     OUT/train_stats.json         fit()'s statistics, so the report can be rebuilt without the training process
     OUT/proxies.json             the offline proxies computed at the end of training
     OUT/report.html              the static report page
@@ -43,6 +44,7 @@ from .config import UsageError
 ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKEN_EMBEDDINGS = "token_embeddings.safetensors"  # token_embedding.py writes and reads it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # never loaded: unpickling can run arbitrary code
 
 CONFIG_FILE = "config.yaml"
@@ -201,6 +203,10 @@ class RunDir:
     def eval_dir(self) -> Path:
         return self.path / EVAL_DIR
 
+    @property
+    def token_embeddings_file(self) -> Path:
+        return self.path / TOKEN_EMBEDDINGS
+
     def adapter_dir(self, part: str) -> Path:
         if part not in ADAPTER_PARTS:
             raise ValueError(f"no adapter part {part!r}; parts: {', '.join(ADAPTER_PARTS)}")
@@ -253,6 +259,8 @@ class RunDir:
                 h.update(part.encode())
                 h.update(f.read_bytes())
                 found = True
+        if found and self.token_embeddings_file.is_file():
+            h.update(self.token_embeddings_file.read_bytes())
         return h.hexdigest()[:16] if found else None
 
     def adapter_sizes(self) -> dict[str, int]:
@@ -262,6 +270,8 @@ class RunDir:
             folder = self.path / part
             if folder.is_dir():
                 sizes[part] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        if self.token_embeddings_file.is_file():
+            sizes["token_embeddings"] = self.token_embeddings_file.stat().st_size
         return sizes
 
     # --- config.yaml

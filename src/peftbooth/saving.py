@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import token_embedding
 from .config import TrainConfig, to_dict
 from .hub import model_card, push
 from .report import write_report
@@ -57,14 +58,20 @@ def save(run, stats: dict) -> Path:
             # save_embedding_layers=False: no embeddings are trained, and 'auto' would look the base model up online
             for name, model in run.trained().items():
                 acc.unwrap_model(model).save_pretrained(staging / name, save_embedding_layers=False)
+            if run.cfg.train.train_token_embedding:
+                token_embedding.save_file(staging / token_embedding.FILE,
+                                          [acc.unwrap_model(m) for m in run.text_encoders],
+                                          run.cfg.train.train_token_embedding)
             (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(replayable(run.cfg)), sort_keys=False))
             (staging / "README.md").write_text(model_card(run.cfg, stats, out, sdxl=run.components.is_sdxl))
             # config.yaml and README.md first, unet/ (the finished-run marker) last
-            for name in ["config.yaml", "README.md", "text_encoder", "text_encoder_2", "unet"]:
+            for name in ["config.yaml", "README.md", "text_encoder", "text_encoder_2", token_embedding.FILE, "unet"]:
                 src, dst = staging / name, out / name
                 if not src.exists():
                     if dst.is_dir() and name.startswith("text_encoder"):
                         shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
+                    elif dst.is_file() and name == token_embedding.FILE:
+                        dst.unlink()  # ... or its identifier's embedding
                     continue
                 if dst.is_dir():
                     shutil.rmtree(dst)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import adapters as ad
 from . import factored
+from . import token_embedding as te_rows
 from .cache import LatentCache, TextCache
 from .checkpoint import (
     CHECKPOINTS, TrainState, acquire_lock, list_checkpoints, load_checkpoint, release_lock, save_checkpoint,
@@ -120,6 +121,9 @@ def setup(cfg: TrainConfig) -> Run:
     if t.train_text_encoder:
         for encoder in components.text_encoders:
             ad.check_targets(encoder, cfg.text_encoder_adapter.target_modules, ad.TEXT_ENCODER_PRESETS, "text-encoder-")
+    if t.train_token_embedding:
+        for tokenizer in components.tokenizers:
+            te_rows.identifier_id(tokenizer, t.train_token_embedding)
 
     # --- inputs are valid: from here on files are written
     out = Path(t.output_dir)
@@ -226,6 +230,9 @@ def attach_adapters(cfg: TrainConfig, components: Components) -> tuple[torch.nn.
         text_encoders = [ad.attach(m, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-",
                                    cfg.model.model, layers=used_text_layers(components, i))
                          for i, m in enumerate(text_encoders)]
+    if t.train_token_embedding:  # the identifier's own input vector, in every text encoder
+        for tokenizer, model in zip(components.tokenizers, text_encoders):
+            te_rows.attach(model, [te_rows.identifier_id(tokenizer, t.train_token_embedding)])
     if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
         for model in (unet, *text_encoders):
             factored.install(model)
@@ -261,9 +268,14 @@ def optimizer_and_schedule(t, unet: torch.nn.Module, text_encoders: list, device
     from diffusers.optimization import get_scheduler
 
     params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
+    rows = [r.weight for m in text_encoders if (r := te_rows.trained_rows(m)) is not None]
     if t.train_text_encoder:
-        params.append({"params": [p for m in text_encoders for p in m.parameters() if p.requires_grad],
+        params.append({"params": [p for m in text_encoders for p in m.parameters()
+                                  if p.requires_grad and not any(p is r for r in rows)],
                        "lr": t.text_encoder_learning_rate or t.learning_rate})
+    if rows:  # no weight decay: it would pull the identifier's vector towards zero, away from the other words'
+        params.append({"params": rows, "weight_decay": 0.0,
+                       "lr": t.token_embedding_learning_rate or t.text_encoder_learning_rate or t.learning_rate})
     optimizer = make_optimizer(params, t, device)
     return optimizer, get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
                                     num_training_steps=t.max_train_steps)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..config import UsageError
 from ..flags import add_option_flags, options_from_args
 from ..options import EXPORT_FORMATS, ExportOptions, FuseOptions, ImportOptions
+from ..rundir import RunDir
 from .common import (
     ADAPTER_WEIGHTS,
     PICKLE_SUFFIXES,
@@ -55,6 +56,10 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     run = read_run(run_dir)  # every adapter is read and checked before anything is written
     output = Path(output)
+    token_file = RunDir(run_dir).token_embeddings_file
+    if fmt != "peft" and token_file.is_file():
+        raise UsageError(f"RUN_DIR {run_dir}: trained its identifier's embedding ({token_file.name}), which the "
+                         f"{fmt} format does not carry; export --format peft, or fuse the run into the base model")
     if fmt == "peft":
         check_output(output, overwrite)
         with atomic_dir(output, overwrite) as tmp:
@@ -62,7 +67,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, overwrite: boo
                 # pickles beside the safetensors weights are left behind: nothing we write needs unpickling
                 shutil.copytree(run.path / part, tmp / part,
                                 ignore=lambda _, names: [n for n in names if Path(n).suffix in PICKLE_SUFFIXES])
-            for name in ("config.yaml", "README.md"):
+            for name in ("config.yaml", "README.md", token_file.name):
                 if (run.path / name).is_file():
                     shutil.copy2(run.path / name, tmp / name)
         return output
@@ -114,7 +119,7 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
 def cmd_export(args) -> int:
     o = options_from_args(ExportOptions, args)
     if o.format == "kohya":  # the one format whose contents depend on the base model (block names, version)
-        from ..rundir import RunDir, base_model_for
+        from ..rundir import base_model_for
 
         if RunDir(o.run_dir).recorded_base_model()[0]:
             base_model_for(None, [o.run_dir], "RUN_DIR")  # says which one
