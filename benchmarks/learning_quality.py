@@ -8,6 +8,8 @@ LoRA runs with and without prior preservation over more seeds, for the spread of
 the recipe's LoHa and LoKr runs over the same seeds.
 
     .venv/bin/python benchmarks/learning_quality.py --output benchmarks/results/learning_quality.jsonl
+
+Runs go --jobs at a time (default 2), one CPU thread each; the rows come out in the grid's order.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +34,8 @@ def main() -> int:
     p.add_argument("--adapters", default="lora,loha,lokr")
     p.add_argument("--prior-seeds", type=int, default=3, help="seeds of the LoRA with/without prior runs")
     p.add_argument("--num-images", type=int, default=8, help="images per evaluation prompt")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs at once, one CPU thread each (default: 2, or 1 on a one-core machine)")
     p.add_argument("--output", default=None, help="also append the JSON rows to this file")
     p.add_argument("--summarize", metavar="JSONL", help="print the Markdown tables of a results file and exit")
     a = p.parse_args()
@@ -37,26 +43,26 @@ def main() -> int:
         print(summarize([json.loads(line) for line in open(a.summarize) if line.strip()]))
         return 0
 
-    from diffusers import DPMSolverMultistepScheduler
+    import torch
 
-    from peftbooth.data import load_image
-    from peftbooth.inference import AdapterPipeline
-    from peftbooth.train import train
-    from peftbooth.world import MODEL_DIR, WORLD_NAME
-    from peftbooth.world.evaluator import load_evaluator
-    from peftbooth.world.metrics import WorldEvalSettings, pipeline_sampler, world_metrics
-    from peftbooth.world.recipe import RECIPE, world_config
-    from peftbooth.world.scenes import write_subject_photos
+    from peftbooth.models import load_components
+    from peftbooth.prior import class_images_from_components
+    from peftbooth.world import WORLD_NAME
+    from peftbooth.world.metrics import WorldEvalSettings, world_metrics
+    from peftbooth.world.recipe import RECIPE
+    from peftbooth.world.scenes import CLASS_PROMPT, write_subject_photos
 
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)  # each run on one core: on 2 cores two one-thread runs beat one two-thread run
     work = Path(tempfile.mkdtemp(prefix="peftbooth-lq-"))
-    photos = write_subject_photos(work / "photos")
-    real = [load_image(x) for x in photos]
+    write_subject_photos(work / "photos")
     settings = WorldEvalSettings(num_images=a.num_images)
-    pipe = AdapterPipeline(WORLD_NAME, device="cpu")
-    pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
-    evaluator = load_evaluator(MODEL_DIR)
-    sample_fn = pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale)
-    base, _ = world_metrics(sample_fn, evaluator, real, settings)
+    # the class images every run shares, made first (as the first seed-0 run would) so that no two runs race
+    class_images_from_components(load_components(WORLD_NAME), CLASS_PROMPT, work / "class_images",
+                                 RECIPE["num_class_images"], 4, RECIPE["class_image_steps"], 0, torch.device("cpu"),
+                                 show_progress=False)
+    init_worker(work, settings)  # this process measures the base model
+    base, _ = world_metrics(WORKER["sample_fn"], WORKER["evaluator"], WORKER["real"], settings)
     out = open(a.output, "a") if a.output else None
 
     grid = [(ad, prior, te, 0) for ad, prior, te in itertools.product(a.adapters.split(","), (True, False),
@@ -64,26 +70,61 @@ def main() -> int:
     grid += [("lora", prior, True, seed) for seed in range(1, a.prior_seeds) for prior in (True, False)]
     # the recipe (prior preservation + text-encoder adapter) of the other adapters over the same seeds
     grid += [(ad, True, True, seed) for seed in range(1, a.prior_seeds) for ad in a.adapters.split(",") if ad != "lora"]
-    for k, (adapter, prior, te, seed) in enumerate(grid):
-        cfg = world_config(work / "photos", work / f"run{k}", adapter, prior=prior, text_encoder=te, steps=a.steps,
-                           seed=seed, class_data_dir=work / "class_images")
-        t0 = time.perf_counter()
-        run = train(cfg)
-        seconds = time.perf_counter() - t0
-        name = f"run{k}"
-        pipe.load_adapter(run, name)
-        pipe.set_adapters({name: 1.0})
-        metrics, _ = world_metrics(sample_fn, evaluator, real, settings)
-        pipe.unload(name)
-        row = {"adapter": adapter, "prior_preservation": prior, "text_encoder": te, "seed": seed,
-               "steps": cfg.train.max_train_steps, "train_seconds": round(seconds, 1), **metrics,
-               "base": base, "recipe": RECIPE, "eval": vars(settings)}
-        line = json.dumps(row, default=list)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+    jobs = [(k, *run, a.steps) for k, run in enumerate(grid)]
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
+    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker, initargs=(work, settings)) as pool:
+        for metrics in pool.map(one_run, jobs):  # in grid order, whatever order they finish in
+            row = {**metrics, "base": base, "recipe": RECIPE, "eval": vars(settings), "jobs": a.jobs}
+            line = json.dumps(row, default=list)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+    print(f"{len(grid)} runs in {time.perf_counter() - t0:.0f} s with {a.jobs} at once", file=sys.stderr)
     return 0
+
+
+WORKER: dict = {}  # per process: the base pipeline, its sampler, the evaluator and the real photos
+
+
+def init_worker(work: Path, settings) -> None:
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from peftbooth.data import load_image
+    from peftbooth.inference import AdapterPipeline
+    from peftbooth.world import MODEL_DIR, WORLD_NAME
+    from peftbooth.world.evaluator import load_evaluator
+    from peftbooth.world.metrics import pipeline_sampler
+
+    torch.set_num_threads(1)
+    pipe = AdapterPipeline(WORLD_NAME, device="cpu")
+    pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
+    WORKER.update(work=work, settings=settings, pipe=pipe, evaluator=load_evaluator(MODEL_DIR),
+                  sample_fn=pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale),
+                  real=[load_image(x) for x in sorted((work / "photos").glob("*.png"))])
+
+
+def one_run(job: tuple) -> dict:
+    """Train one configuration of the grid and measure it: (k, adapter, prior, text encoder, seed, steps) -> row."""
+    from peftbooth.train import train
+    from peftbooth.world.metrics import world_metrics
+    from peftbooth.world.recipe import world_config
+
+    k, adapter, prior, te, seed, steps = job
+    w = WORKER
+    cfg = world_config(w["work"] / "photos", w["work"] / f"run{k}", adapter, prior=prior, text_encoder=te,
+                       steps=steps, seed=seed, class_data_dir=w["work"] / "class_images")
+    t0 = time.perf_counter()
+    run = train(cfg)
+    seconds = time.perf_counter() - t0
+    name = f"run{k}"
+    w["pipe"].load_adapter(run, name)
+    w["pipe"].set_adapters({name: 1.0})
+    metrics, _ = world_metrics(w["sample_fn"], w["evaluator"], w["real"], w["settings"])
+    w["pipe"].unload(name)
+    return {"adapter": adapter, "prior_preservation": prior, "text_encoder": te, "seed": seed,
+            "steps": cfg.train.max_train_steps, "train_seconds": round(seconds, 1), **metrics}
 
 
 def summarize(rows: list[dict]) -> str:
