@@ -119,6 +119,11 @@ BAD_INPUTS = {
         ["{tmp}/trunc/photo_0.png: not a readable image", "truncated"]),
     "prior-without-class-prompt": (
         None, ["--with-prior-preservation"], ["--with-prior-preservation needs --class-prompt"]),
+    "class-prompt-dropout-without-prior": (
+        None, ["--class-prompt-dropout", "0.5"], ["--class-prompt-dropout needs --with-prior-preservation"]),
+    "class-prompt-dropout-above-1": (
+        None, ["--with-prior-preservation", "--class-prompt", "a photo of a dog", "--class-prompt-dropout", "1.5"],
+        ["--class-prompt-dropout must be"]),
     "class-data-dir-is-a-file": (
         None, ["--with-prior-preservation", "--class-prompt", "a photo of a dog",
                "--class-data-dir", "{photos}/photo_0.png"],

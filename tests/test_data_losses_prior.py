@@ -43,6 +43,34 @@ def test_batch_pairs_each_half_with_its_own_prompt(tiny_model, tmp_path):
     torch.testing.assert_close(batch["pixel_values"][3], ds[1]["class_pixels"])
 
 
+def test_class_prompt_dropout_gives_some_class_rows_the_empty_prompt(tmp_path):
+    photos = draw_photos(tmp_path / "photos", n=2)
+    class_paths = list_images(draw_photos(tmp_path / "class", n=4, size=(40, 40)), "c")
+    images = [load_image(p) for p in list_images(photos, "p")]
+
+    def dataset(dropout):
+        return DreamBoothDataset(images, ["a photo of sks dog"] * 2, 32, random_flip=True, class_paths=class_paths,
+                                 class_prompt="a photo of a dog", seed=5, class_prompt_dropout=dropout)
+
+    plain, half, every = dataset(0.0), dataset(0.5), dataset(1.0)
+    prompts = []
+    for epoch in range(25):
+        for ds in (plain, half, every):
+            ds.set_epoch(epoch)
+        for i in range(4):
+            a, b, c = plain[i], half[i], every[i]
+            assert a["class_prompt"] == "a photo of a dog" and c["class_prompt"] == ""
+            assert torch.equal(b["class_pixels"], a["class_pixels"])
+            assert b["instance_prompt"] == a["instance_prompt"] and b["class_seed"] == a["class_seed"]
+            assert b["class_key"] == a["class_key"]  # the same flips and noise: only the prompt changes
+            prompts.append(b["class_prompt"])
+    assert set(prompts) == {"", "a photo of a dog"}
+    assert 0.35 < prompts.count("") / len(prompts) < 0.65  # 100 rows at 0.5
+    again = dataset(0.5)
+    again.set_epoch(24)
+    assert [again[i]["class_prompt"] for i in range(4)] == prompts[-4:]  # a function of (seed, epoch, index)
+
+
 def test_epoch_padding_gives_a_repeated_item_its_own_draws(tiny_model, photos, tmp_path):
     """3 photos in batches of 2: the epoch is padded to 4 rows by using one photo again. That row must get its own
     seed (latent sample, noise, timestep) and flip draw, not a copy of the photo's first row in the epoch."""
@@ -196,3 +224,18 @@ def test_class_images_command_fills_up_to_n(tiny_model, tmp_path, capsys):
     assert len(first) == 2 and first < set(folder.iterdir()) and len(list(folder.iterdir())) == 3
     assert "3 class images in" in capsys.readouterr().out
     assert main([*argv[:-4], "--num-class-images", "0"]) == 2
+
+
+def test_class_prompt_dropout_trains_through_the_text_cache(tiny_model, photos, tmp_path):
+    """With a frozen (cached) text encoder the empty prompt must be in the cache; dropping the class prompt
+    changes what the class rows teach, so the adapter differs from the run without it."""
+    from safetensors.torch import load_file
+
+    from peftbooth.train import train
+
+    settings = {"data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",
+                "data.num_class_images": 2, "data.class_data_dir": str(tmp_path / "class"), "train.max_train_steps": 3}
+    runs = {p: train(tiny_config(tiny_model, photos, tmp_path / f"run{p}", **settings,
+                                 **{"data.class_prompt_dropout": p})) for p in (0.0, 1.0)}
+    a, b = (load_file(runs[p] / "unet" / "adapter_model.safetensors") for p in (0.0, 1.0))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

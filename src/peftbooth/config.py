@@ -105,6 +105,9 @@ class DataArgs:
     class_data_dir: Optional[str] = _f(None, "folder of class images (missing ones are generated); default OUTPUT/class_images")
     num_class_images: int = _f(100, "number of class images for prior preservation")
     prior_loss_weight: float = _f(1.0, "weight of the class-prior loss")
+    class_prompt_dropout: float = _f(0.0, "share of class-image rows trained on the empty prompt instead of "
+                                     "--class-prompt: keeps the unguided prediction, classifier-free guidance's "
+                                     "reference, the base model's (e.g. 0.5; docs/training.md)")
     sample_batch_size: int = _f(4, "batch size when generating class images")
     class_image_steps: int = _f(25, "denoising steps per class image (DPM-Solver++)")
     train_batch_size: int = _f(1, "instance images per step (as many class images are added)")
@@ -214,6 +217,8 @@ class TrainConfig:
         problems += number_problems(self)
         if d.with_prior_preservation and not d.class_prompt:
             problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
+        if d.class_prompt_dropout and not d.with_prior_preservation:
+            problems.append("--class-prompt-dropout needs --with-prior-preservation (it drops the class images' prompt)")
         if t.train_token_embedding is not None:
             problems += token_embedding_problems(t, d.instance_prompt)
         if t.compile_mode != "default" and not t.compile:
@@ -234,7 +239,7 @@ class TrainConfig:
 # 1000000) from hanging a run for minutes before it fails. Every float must also be finite (argparse takes 'nan').
 MAX_STEPS = 10_000_000
 RANGES = {
-    "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), sample_batch_size=(1, 1024),
+    "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), class_prompt_dropout=(0.0, 1.0), sample_batch_size=(1, 1024),
                  class_image_steps=(1, 1000), train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
     "train": dict(seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
                   text_encoder_learning_rate=(0.0, 1.0),

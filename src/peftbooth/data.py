@@ -154,11 +154,13 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         load_pixels: bool = True,
         seed: int = 0,
+        class_prompt_dropout: float = 0.0,
     ):
         self.instance_images, self.instance_prompts = instance_images, instance_prompts
         self.class_paths, self.class_prompt = class_paths or [], class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.load_pixels, self.seed, self.epoch = load_pixels, seed, 0
+        self.class_prompt_dropout = class_prompt_dropout
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_paths))
@@ -197,6 +199,10 @@ class DreamBoothDataset(Dataset):
         if self.class_paths:
             key = ("class", i % len(self.class_paths), flips[1])
             item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(*parts, 1))
+            # --class-prompt-dropout: this row teaches the empty prompt instead, from a seed of its own, so the
+            # draws above (and every run without dropout) are unchanged
+            if self.class_prompt_dropout and mix_seed(*parts, 2) / 2**63 < self.class_prompt_dropout:
+                item["class_prompt"] = ""
             if self.load_pixels:
                 item["class_pixels"], item["class_time_ids"] = self.pixels(key, rng)
         return item

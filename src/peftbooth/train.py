@@ -249,13 +249,14 @@ def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, te
     if t.cache_latents and not d.center_crop:
         accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
     dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
-                                d.class_prompt, load_pixels=not cache_latents, seed=t.seed)
+                                d.class_prompt, load_pixels=not cache_latents, seed=t.seed,
+                                class_prompt_dropout=d.class_prompt_dropout if class_paths else 0.0)
     latent_cache = text_cache = None
     if cache_latents:
         latent_cache = LatentCache.build(dataset, components.vae, device, weight_dtype, d.sample_batch_size)
         offload(components.vae, device)
     if t.cache_text_states and not t.train_text_encoder:
-        all_prompts = prompts + ([d.class_prompt] if class_paths else [])
+        all_prompts = prompts + ([d.class_prompt] if class_paths else []) + ([""] if d.class_prompt_dropout else [])
         text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, device)
         for encoder in text_encoders:
             offload(encoder, device)
