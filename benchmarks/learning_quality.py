@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--adapters", default="lora,loha,lokr")
     p.add_argument("--prior-seeds", type=int, default=3, help="seeds of the LoRA with/without prior runs")
     p.add_argument("--num-images", type=int, default=8, help="images per evaluation prompt")
+    p.add_argument("--prior-loss-weight", type=float, default=None, help="instead of the recipe's")
+    p.add_argument("--class-prompt-dropout", type=float, default=None, help="instead of the recipe's (0)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at once, one CPU thread each (default: 2, or 1 on a one-core machine)")
     p.add_argument("--output", default=None, help="also append the JSON rows to this file")
@@ -70,11 +72,14 @@ def main() -> int:
     grid += [("lora", prior, True, seed) for seed in range(1, a.prior_seeds) for prior in (True, False)]
     # the recipe (prior preservation + text-encoder adapter) of the other adapters over the same seeds
     grid += [(ad, True, True, seed) for seed in range(1, a.prior_seeds) for ad in a.adapters.split(",") if ad != "lora"]
-    jobs = [(k, *run, a.steps) for k, run in enumerate(grid)]
+    changes = {k: v for k, v in [("prior_loss_weight", a.prior_loss_weight),
+                                 ("class_prompt_dropout", a.class_prompt_dropout)] if v is not None}
+    recipe = {**RECIPE, **changes}
+    jobs = [(k, *run, a.steps, changes) for k, run in enumerate(grid)]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker, initargs=(work, settings)) as pool:
         for metrics in pool.map(one_run, jobs):  # in grid order, whatever order they finish in
-            row = {**metrics, "base": base, "recipe": RECIPE, "eval": vars(settings), "jobs": a.jobs}
+            row = {**metrics, "base": base, "recipe": recipe, "eval": vars(settings), "jobs": a.jobs}
             line = json.dumps(row, default=list)
             print(line, flush=True)
             if out:
@@ -106,15 +111,19 @@ def init_worker(work: Path, settings) -> None:
 
 
 def one_run(job: tuple) -> dict:
-    """Train one configuration of the grid and measure it: (k, adapter, prior, text encoder, seed, steps) -> row."""
+    """Train one configuration of the grid and measure it: (k, adapter, prior, text encoder, seed, steps, changes
+    to the recipe's data settings) -> row."""
     from peftbooth.train import train
     from peftbooth.world.metrics import world_metrics
     from peftbooth.world.recipe import world_config
 
-    k, adapter, prior, te, seed, steps = job
+    k, adapter, prior, te, seed, steps, changes = job
     w = WORKER
     cfg = world_config(w["work"] / "photos", w["work"] / f"run{k}", adapter, prior=prior, text_encoder=te,
                        steps=steps, seed=seed, class_data_dir=w["work"] / "class_images")
+    if prior:
+        for name, value in changes.items():
+            setattr(cfg.data, name, value)
     t0 = time.perf_counter()
     run = train(cfg)
     seconds = time.perf_counter() - t0
