@@ -218,7 +218,8 @@ class TrainConfig:
         if d.with_prior_preservation and not d.class_prompt:
             problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
         if d.class_prompt_dropout and not d.with_prior_preservation:
-            problems.append("--class-prompt-dropout needs --with-prior-preservation (it drops the class images' prompt)")
+            problems.append("--class-prompt-dropout needs --with-prior-preservation "
+                            "(it drops the class images' prompt)")
         if t.train_token_embedding is not None:
             problems += token_embedding_problems(t, d.instance_prompt)
         if t.compile_mode != "default" and not t.compile:
@@ -239,18 +240,20 @@ class TrainConfig:
 # 1000000) from hanging a run for minutes before it fails. Every float must also be finite (argparse takes 'nan').
 MAX_STEPS = 10_000_000
 RANGES = {
-    "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), class_prompt_dropout=(0.0, 1.0), sample_batch_size=(1, 1024),
-                 class_image_steps=(1, 1000), train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
+    "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), class_prompt_dropout=(0.0, 1.0),
+                 sample_batch_size=(1, 1024), class_image_steps=(1, 1000), train_batch_size=(1, 1024),
+                 dataloader_num_workers=(0, 256)),
     "train": dict(seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
-                  text_encoder_learning_rate=(0.0, 1.0),
-                  token_embedding_learning_rate=(0.0, 1.0), lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
+                  text_encoder_learning_rate=(0.0, 1.0), token_embedding_learning_rate=(0.0, 1.0),
+                  lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
                   adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
                   gradient_accumulation_steps=(1, 1024), max_grad_norm=(0.0, None), snr_gamma=(0.0, None),
                   noise_offset=(0.0, 1.0), logging_steps=(1, MAX_STEPS), checkpointing_steps=(0, MAX_STEPS),
                   checkpoints_total_limit=(0, None), validation_steps=(1, MAX_STEPS), num_validation_images=(1, 64)),
     "adapter": dict(rank=(1, 4096), alpha=(0.0, None), dropout=(0.0, 1.0), module_dropout=(0.0, 1.0)),
 }
-OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "token_embedding_learning_rate", "adam_epsilon", "snr_gamma", "alpha"}
+OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "token_embedding_learning_rate", "adam_epsilon",
+            "snr_gamma", "alpha"}
 OPEN_HIGH = {"adam_beta1", "adam_beta2", "dropout", "module_dropout"}  # [0, 1)
 MAX_RESOLUTION = 4096
 

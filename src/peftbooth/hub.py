@@ -100,8 +100,8 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
         f'peftbooth generate --model {cfg.model.model} --adapter {run_dir.name} --prompt "{d.instance_prompt}"'
         + (f" --vae {cfg.model.vae}" if cfg.model.vae else ""),
         (f"peftbooth fuse {run_dir.name} --output-dir {run_dir.name}-fused   # a diffusers model, embedding included"
-         if t.train_token_embedding else
-         f"peftbooth export {run_dir.name} --format kohya --output {run_dir.name}.safetensors   # A1111 / ComfyUI / Forge"),
+         if t.train_token_embedding else f"peftbooth export {run_dir.name} --format kohya --output "
+         f"{run_dir.name}.safetensors   # A1111 / ComfyUI / Forge"),
         "```",
         "",
         f"`unet/`, `text_encoder/`{' and `text_encoder_2/`' if sdxl else ''} are PEFT adapter folders: "

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from . import factored
-from .token_embedding import IdentifierRows
 from .config import UsageError
 from .rundir import ADAPTER_PARTS, PICKLE_SUFFIXES, RunDir, base_model_for  # noqa: F401 (old import paths)
+from .token_embedding import IdentifierRows
 
 PARTS = ADAPTER_PARTS  # the old name
 
