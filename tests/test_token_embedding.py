@@ -94,7 +94,8 @@ def test_generation_swaps_the_row_in_and_out(tiny_model, token_run, tmp_path):
                                          r"identifiers differ$"):
         pipe.set_adapters({"a": 1.0, "b": 1.0})
     assert pipe.active == {"b": 1.0} and torch.allclose(table[z], trained)
-    pipe.unload("b")
+    pipe.unload("b")  # the active one: nothing is active after it, not 'a' switched on behind the caller's back
+    assert pipe.active == {} and torch.equal(table[z], pretrained)
     pipe.unload("a")
     assert torch.equal(table[z], pretrained)
 

@@ -150,7 +150,8 @@ class AdapterPipeline:
                 peft_model.delete_adapter(name)
         self.rows.remove(name)
         self.active.pop(name, None)
-        self.rows.apply(self.active)
+        # what stays active is what was, less this one (PEFT alone would switch another adapter on)
+        self.set_adapters(self.active)
 
     @torch.inference_mode()
     def generate(self, prompt: str, num_images: int = 1, seed: int = 0, steps: int = 25,
