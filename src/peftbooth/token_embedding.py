@@ -3,7 +3,8 @@ DreamBooth), saved as OUTPUT/token_embeddings.safetensors and put back into a te
 
 Why: with adapters alone the rare identifier ("sks") binds to the subject *together with* the photos' contexts
 (docs/world.md); a trained input vector for the word lets the pretrained text encoder compose the subject with any
-context, as it composes any other word.
+context, as it composes any other word. (Measured in the world it did not lift the runs that fail: docs/world.md,
+third sweep.)
 
 The frozen embedding table (V, D) is left alone: a forward hook on it swaps in the trained rows wherever the
 identifier's id occurs, so the optimizer holds (n, D) numbers instead of the whole table and nothing else can
@@ -19,6 +20,7 @@ import torch
 
 from .config import UsageError
 from .rundir import TOKEN_EMBEDDINGS as FILE
+
 # keys as the text encoders' folder names; the file's metadata names the token
 KEYS = ("text_encoder", "text_encoder_2")
 
@@ -37,14 +39,14 @@ class IdentifierEmbedding(torch.nn.Module):
 
     def __init__(self, embedding: torch.nn.Embedding, token_ids: list[int]):
         super().__init__()
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.token_ids = list(token_ids)  # plain ints: the hook compares without reading a device tensor back
         # fp32 master copy of the pretrained rows: the optimizer steps exact numbers under mixed precision
         self.weight = torch.nn.Parameter(embedding.weight.detach()[token_ids].clone().float())
 
     def splice(self, module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook: output (N, L, D) of embedding(input_ids (N, L)), the identifier's positions replaced."""
         input_ids = args[0]
-        for row, token_id in enumerate(self.token_ids.tolist()):
+        for row, token_id in enumerate(self.token_ids):
             here = (input_ids == token_id).unsqueeze(-1)  # (N, L, 1)
             output = torch.where(here, self.weight[row].to(output.dtype), output)
         return output
