@@ -71,9 +71,7 @@ def fuse_token_embeddings(pipe, run_dir: str | Path, scale: float) -> None:
     token_file = RunDir(run_dir).token_embeddings_file
     if not token_file.is_file():
         return
-    pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]  # (encoder, its tokenizer)
-    encoders = {k: (getattr(pipe, t), getattr(pipe, k)) for k, t in pairs if getattr(pipe, k, None) is not None}
-    rows = IdentifierRows(encoders)
+    rows = IdentifierRows.of_pipeline(pipe)
     rows.add("run", *rows.check(token_file, flag="RUN_DIR"))
     rows.apply({"run": scale})
 
@@ -95,10 +93,10 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     model, vae = base_model_for(model, [run_dir], "RUN_DIR"), vae_of(run, vae)
     check_vae_arg(vae)
     pipe = load_pipeline(model, vae=vae)
+    fuse_token_embeddings(pipe, run_dir, scale)  # checked (and written) before the merge, the heavier step
     handles = fuse_adapters(pipe, run_dir, scale)
     for peft_model in handles.values():
         peft_model.unload()  # the layers are merged: dropping the wrappers keeps the fused weights
-    fuse_token_embeddings(pipe, run_dir, scale)
     with atomic_dir(output, overwrite, "--output-dir") as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "README.md").write_text(

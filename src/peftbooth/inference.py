@@ -57,9 +57,8 @@ class AdapterPipeline:
         self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftMixedModel
         self.adapters: dict[str, set[str]] = {}  # adapter name -> parts it has
         self.active: dict[str, float] = {}  # adapter name -> strength, as last set
-        tokenizers = {"text_encoder": self.pipe.tokenizer, "text_encoder_2": getattr(self.pipe, "tokenizer_2", None)}
         # identifier embeddings trained with --train-token-embedding (token_embeddings.safetensors)
-        self.rows = IdentifierRows({k: (tokenizers[k], m) for k, m in self.model.items() if k != "unet"})
+        self.rows = IdentifierRows.of_pipeline(self.pipe)
 
     @property
     def model(self) -> dict[str, torch.nn.Module]:

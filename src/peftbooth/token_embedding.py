@@ -113,25 +113,34 @@ class IdentifierRows:
 
     def __init__(self, encoders: dict[str, tuple]):
         self.encoders = encoders
-        self.loaded: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # adapter name -> (word, rows by key)
+        # adapter name -> (word, {key: (token id, trained row (1, D))})
+        self.loaded: dict[str, tuple[str, dict[str, tuple[int, torch.Tensor]]]] = {}
         self.pretrained: dict[tuple[str, int], torch.Tensor] = {}  # (key, token id) -> the base model's row
 
-    def check(self, path: Path, flag: str = "--adapter") -> tuple[str, dict[str, torch.Tensor]]:
-        """Read and check a run's token-embedding file against these encoders, changing nothing."""
+    @classmethod
+    def of_pipeline(cls, pipe) -> "IdentifierRows":
+        """For a StableDiffusion(XL)Pipeline: each text encoder beside its own tokenizer."""
+        pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
+        return cls({k: (getattr(pipe, t), getattr(pipe, k)) for k, t in pairs if getattr(pipe, k, None) is not None})
+
+    def check(self, path: Path, flag: str = "--adapter") -> tuple[str, dict[str, tuple[int, torch.Tensor]]]:
+        """Read and check a run's token-embedding file against these encoders, changing nothing:
+        (word, {key: (token id, trained row)})."""
         word, weights = read_file(path)
-        for key, rows in weights.items():
+        rows = {}
+        for key, row in weights.items():
             if key not in self.encoders:
                 raise UsageError(f"{flag} {path}: has an embedding for {key}, which this base model does not have")
             tokenizer, encoder = self.encoders[key]
             table = encoder.get_input_embeddings().weight
-            if rows.ndim != 2 or rows.shape != (1, table.shape[1]):
-                raise UsageError(f"{flag} {path}: {key} embedding has shape {tuple(rows.shape)}, this model needs "
+            if row.ndim != 2 or row.shape != (1, table.shape[1]):
+                raise UsageError(f"{flag} {path}: {key} embedding has shape {tuple(row.shape)}, this model needs "
                                  f"(1, {table.shape[1]}) (trained on another base model?)")
-            identifier_id(tokenizer, word, flag=f"{flag} {path}: token")
-        return word, weights
+            rows[key] = (identifier_id(tokenizer, word, flag=f"{flag} {path}: token"), row[0])
+        return word, rows
 
-    def add(self, name: str, word: str, weights: dict[str, torch.Tensor]) -> None:
-        self.loaded[name] = (word, weights)
+    def add(self, name: str, word: str, rows: dict[str, tuple[int, torch.Tensor]]) -> None:
+        self.loaded[name] = (word, rows)
 
     def remove(self, name: str) -> None:
         self.loaded.pop(name, None)
@@ -148,11 +157,8 @@ class IdentifierRows:
                              "adapters whose identifiers differ")
         for (key, token_id), row in self.pretrained.items():
             self.encoders[key][1].get_input_embeddings().weight[token_id] = row
-        for name, (word, rows) in active.items():
-            for key, trained in rows.items():
-                tokenizer, encoder = self.encoders[key]
-                table = encoder.get_input_embeddings().weight
-                token_id = identifier_id(tokenizer, word)
+        for name, (_, rows) in active.items():
+            for key, (token_id, trained) in rows.items():
+                table = self.encoders[key][1].get_input_embeddings().weight
                 base = self.pretrained.setdefault((key, token_id), table[token_id].clone())
-                trained = trained[0].to(table.device, table.dtype)
-                table[token_id] = base + weights[name] * (trained - base)
+                table[token_id] = base + weights[name] * (trained.to(table.device, table.dtype) - base)
