@@ -74,6 +74,15 @@ def _text_as_png(tmp):
     (tmp / "mixed" / "broken.png").write_text("this is not a png\n")
 
 
+def _masked_photos(tmp, name, size=(48, 40), value=255):
+    """draw_photos' photos with a mask of `size` filled with `value` beside each."""
+    from PIL import Image
+
+    draw_photos(tmp / name, n=2)
+    for i in range(2):
+        Image.new("L", size, value).save(tmp / name / f"photo_{i}.mask.png")
+
+
 def _truncated_png(tmp):
     draw_photos(tmp / "trunc", n=2)
     data = (tmp / "trunc" / "photo_0.png").read_bytes()
@@ -117,6 +126,20 @@ BAD_INPUTS = {
     "corrupt-image-truncated-png": (
         lambda tmp, m, f: _truncated_png(tmp), ["--instance-data-dir", "{tmp}/trunc"],
         ["{tmp}/trunc/photo_0.png: not a readable image", "truncated"]),
+    "masked-loss-without-masks": (
+        None, ["--masked-loss"],
+        ["--masked-loss: photo_0.png has no mask; add photo_0.mask.png beside it (white where the subject is"]),
+    "masked-loss-mask-of-another-size": (
+        lambda tmp, m, f: _masked_photos(tmp, "sized", size=(40, 40)),
+        ["--masked-loss", "--instance-data-dir", "{tmp}/sized"],
+        ["{tmp}/sized/photo_0.mask.png: mask is 40x40 px but its photo is 48x40 px; make them the same size"]),
+    "masked-loss-black-mask": (
+        lambda tmp, m, f: _masked_photos(tmp, "black", value=0), ["--masked-loss", "--instance-data-dir", "{tmp}/black"],
+        ["{tmp}/black/photo_0.mask.png: mask is black everywhere, so nothing of the photo would be learned"]),
+    "unmasked-weight-without-masked-loss": (
+        None, ["--unmasked-weight", "0.1"], ["--unmasked-weight needs --masked-loss"]),
+    "unmasked-weight-above-1": (
+        None, ["--masked-loss", "--unmasked-weight", "2"], ["--unmasked-weight must be"]),
     "prior-without-class-prompt": (
         None, ["--with-prior-preservation"], ["--with-prior-preservation needs --class-prompt"]),
     "class-prompt-dropout-without-prior": (

@@ -108,6 +108,10 @@ class DataArgs:
     class_prompt_dropout: float = _f(0.0, "share of class-image rows trained on the empty prompt instead of "
                                      "--class-prompt: keeps the unguided prediction, classifier-free guidance's "
                                      "reference, the base model's (e.g. 0.5; docs/training.md)")
+    masked_loss: bool = _f(False, "learn only where each photo's mask (NAME.mask.png beside it, white = the "
+                           "subject) is: the photos' backgrounds are not learned (docs/training.md)")
+    unmasked_weight: float = _f(0.0, "with --masked-loss: the loss weight of the pixels outside the mask (0: none; "
+                                "e.g. 0.1 keeps a little of the backgrounds)")
     sample_batch_size: int = _f(4, "batch size when generating class images")
     class_image_steps: int = _f(25, "denoising steps per class image (DPM-Solver++)")
     train_batch_size: int = _f(1, "instance images per step (as many class images are added)")
@@ -220,6 +224,8 @@ class TrainConfig:
         if d.class_prompt_dropout and not d.with_prior_preservation:
             problems.append("--class-prompt-dropout needs --with-prior-preservation "
                             "(it drops the class images' prompt)")
+        if d.unmasked_weight and not d.masked_loss:
+            problems.append("--unmasked-weight needs --masked-loss (it weights the pixels outside the masks)")
         if t.train_token_embedding is not None:
             problems += token_embedding_problems(t, d.instance_prompt)
         if t.compile_mode != "default" and not t.compile:
@@ -241,8 +247,8 @@ class TrainConfig:
 MAX_STEPS = 10_000_000
 RANGES = {
     "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), class_prompt_dropout=(0.0, 1.0),
-                 sample_batch_size=(1, 1024), class_image_steps=(1, 1000), train_batch_size=(1, 1024),
-                 dataloader_num_workers=(0, 256)),
+                 unmasked_weight=(0.0, 1.0), sample_batch_size=(1, 1024), class_image_steps=(1, 1000),
+                 train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
     "train": dict(seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
                   text_encoder_learning_rate=(0.0, 1.0), token_embedding_learning_rate=(0.0, 1.0),
                   lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),

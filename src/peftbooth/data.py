@@ -14,14 +14,15 @@ from torch.utils.data import Dataset
 from .config import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the photo's loss mask for --masked-loss (white: subject)
 ORIGINAL_SIZE = "peftbooth_original_size"  # key in a loaded image's .info: (width, height) of the file itself
 
 
 def list_images(folder: str | Path, flag: str) -> list[Path]:
     """Image files of `folder`, sorted; other files are skipped with a warning that names them.
 
-    Hidden files (such as the temp files of an interrupted class-image write) and caption files (NAME.txt beside
-    NAME.jpg) are ignored silently.
+    Hidden files (such as the temp files of an interrupted class-image write), caption files (NAME.txt beside
+    NAME.jpg) and mask files (NAME.mask.png beside NAME.jpg) are ignored silently.
     """
     p = Path(folder)
     if not p.exists():
@@ -31,6 +32,8 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
     images, skipped = [], []
     for f in sorted(p.iterdir()):
         if f.name.startswith(".") or f.is_dir():
+            continue
+        if f.name.lower().endswith(MASK_SUFFIX) and _has_photo(f, len(MASK_SUFFIX)):
             continue
         if f.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(f)
@@ -43,6 +46,43 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
 
 def _all_case(exts):
     return [e for ext in exts for e in (ext, ext.upper())]
+
+
+def _has_photo(f: Path, suffix_len: int) -> bool:
+    """Whether a photo NAME.<image extension> lies beside `f` (NAME + a suffix of `suffix_len` characters)."""
+    stem = f.name[:-suffix_len]
+    return any((f.parent / (stem + e)).exists() for e in _all_case(IMAGE_EXTENSIONS))
+
+
+def mask_path(photo: Path) -> Path:
+    """Where the loss mask of `photo` lies: NAME.mask.png beside NAME.jpg."""
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def load_masks(photos: list[Path], images: list[Image.Image]) -> list[Image.Image]:
+    """The loss mask of each photo ('L', the size of the loaded photo): NAME.mask.png, white where the subject is.
+
+    Raises UsageError naming the file when a mask is missing, unreadable, of another size than its photo, or
+    black everywhere (nothing would be learned from that photo).
+    """
+    masks = []
+    for photo, img in zip(photos, images):
+        path = mask_path(photo)
+        if not path.is_file():
+            raise UsageError(f"--masked-loss: {photo.name} has no mask; add {path.name} beside it (white where the "
+                             "subject is, black elsewhere) or train without --masked-loss")
+        mask = load_image(path)
+        if mask.info[ORIGINAL_SIZE] != img.info[ORIGINAL_SIZE]:
+            w, h = mask.info[ORIGINAL_SIZE]
+            pw, ph = img.info[ORIGINAL_SIZE]
+            raise UsageError(f"{path}: mask is {w}x{h} px but its photo is {pw}x{ph} px; make them the same size")
+        mask = mask.convert("L")
+        if mask.getextrema()[1] == 0:
+            raise UsageError(f"{path}: mask is black everywhere, so nothing of the photo would be learned; paint "
+                             "the subject white")
+        # a JPEG photo may have been decoded smaller (draft mode): the mask follows it
+        masks.append(mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.BILINEAR))
+    return masks
 
 
 def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
@@ -101,20 +141,34 @@ def resize_crop_coords(img: Image.Image, resolution: int, center_crop: bool, fli
                        rng: torch.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """resize_and_crop, also returning the crop's (top, left) in the resized image as the model sees it: after a
     flip the crop's left edge is measured in the flipped image (SDXL's crop conditioning)."""
-    w, h = img.size
+    resized, (left, top) = crop_geometry(img.size, resolution, center_crop, rng)
+    img = apply_geometry(img, resized, (left, top), resolution, flip)
+    if flip:
+        left = resized[0] - resolution - left  # pixels cut from the left of the flipped image
+    return img, (top, left)
+
+
+def crop_geometry(size: tuple[int, int], resolution: int, center_crop: bool, rng: torch.Generator | None = None
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image of `size` (w, h): its resized size (short side = `resolution`) and the (left, top) of the
+    square crop, centred or drawn from `rng` (left first, then top)."""
+    w, h = size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        left = int(torch.randint(0, nw - resolution + 1, (1,), generator=rng))
-        top = int(torch.randint(0, nh - resolution + 1, (1,), generator=rng))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = nw - resolution - left  # pixels cut from the left of the flipped image
-    return img, (top, left)
+        return (nw, nh), ((nw - resolution) // 2, (nh - resolution) // 2)
+    left = int(torch.randint(0, nw - resolution + 1, (1,), generator=rng))
+    top = int(torch.randint(0, nh - resolution + 1, (1,), generator=rng))
+    return (nw, nh), (left, top)
+
+
+def apply_geometry(img: Image.Image, resized: tuple[int, int], left_top: tuple[int, int], resolution: int,
+                   flip: bool, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize to `resized`, crop the `resolution` square at `left_top`, optionally flip: what crop_geometry chose,
+    applied to a photo or (with another `resample`) to its mask."""
+    left, top = left_top
+    img = img.resize(resized, resample).crop((left, top, left + resolution, top + resolution))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 
 def micro_conditioning(original_size: tuple[int, int], top_left: tuple[int, int], resolution: int) -> torch.Tensor:
@@ -141,6 +195,7 @@ class DreamBoothDataset(Dataset):
     the repeat number for an item used again to pad the epoch: the same item is the same with or without caching,
     in a worker process or not, and after a resume, and a padding repeat is not a copy of its first use.
     Instance images are few (3-10) and held in memory; class images are read from disk when needed.
+    `instance_masks` (--masked-loss): one 'L' mask per instance image, cropped and flipped with it.
     """
 
     def __init__(
@@ -155,12 +210,14 @@ class DreamBoothDataset(Dataset):
         load_pixels: bool = True,
         seed: int = 0,
         class_prompt_dropout: float = 0.0,
+        instance_masks: list[Image.Image] | None = None,
     ):
         self.instance_images, self.instance_prompts = instance_images, instance_prompts
         self.class_paths, self.class_prompt = class_paths or [], class_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.load_pixels, self.seed, self.epoch = load_pixels, seed, 0
         self.class_prompt_dropout = class_prompt_dropout
+        self.instance_masks = instance_masks
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_paths))
@@ -171,10 +228,26 @@ class DreamBoothDataset(Dataset):
     def pixels(self, key: tuple, rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(3, H, W) in [-1, 1] and the (6,) SDXL time ids of a key ('instance' | 'class', index, flipped);
         `rng` draws random crops. Class images keep their own size and crop in their time ids."""
+        return self.sample(key, rng)[:2]
+
+    def sample(self, key: tuple, rng: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """pixels(key, rng) and the key's loss mask, (1, H, W) in [0, 1] cropped and flipped as the pixels were;
+        None for class images and without masks."""
         kind, index, flip = key
         img = self.instance_images[index] if kind == "instance" else load_image(self.class_paths[index], 2 * self.resolution)
         cropped, top_left = resize_crop_coords(img, self.resolution, self.center_crop, flip, rng)
-        return to_tensor(cropped), micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, self.resolution)
+        mask = None
+        if kind == "instance" and self.instance_masks:
+            # the crop the pixels got, without drawing again: top_left is in the flipped image when flipped
+            resized, _ = crop_geometry(img.size, self.resolution, True)
+            top, left = top_left
+            left = resized[0] - self.resolution - left if flip else left
+            m = apply_geometry(self.instance_masks[index], resized, (left, top), self.resolution, flip,
+                               Image.Resampling.BILINEAR)
+            mask = torch.from_numpy(np.array(m, dtype=np.float32, copy=True))[None] / 255.0
+        time_ids = micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, self.resolution)
+        return to_tensor(cropped), time_ids, mask
 
     def all_keys(self) -> list[tuple]:
         """Every distinct (image, flip) the dataset can produce; what a latent cache must hold."""
@@ -195,7 +268,9 @@ class DreamBoothDataset(Dataset):
         item = {"instance_key": key, "instance_prompt": self.instance_prompts[key[1]],
                 "instance_seed": mix_seed(*parts, 0)}
         if self.load_pixels:
-            item["instance_pixels"], item["instance_time_ids"] = self.pixels(key, rng)
+            item["instance_pixels"], item["instance_time_ids"], mask = self.sample(key, rng)
+            if mask is not None:
+                item["instance_mask"] = mask
         if self.class_paths:
             key = ("class", i % len(self.class_paths), flips[1])
             item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(*parts, 1))
@@ -255,7 +330,7 @@ def collate(examples: list[dict], tokenizers: list | None = None) -> dict:
 
     pixel_values (when loaded): (B, 3, H, W), or (2B, 3, H, W) with prior preservation; time_ids (with the pixels)
     (B or 2B, 6); keys, prompts and input_ids (one (B or 2B, 77) tensor per tokenizer, when tokenizers are given)
-    have the same leading size and order.
+    have the same leading size and order; loss_masks (with pixels and masks) (B, 1, H, W), instance rows only.
     """
     halves = ["instance"] + (["class"] if "class_key" in examples[0] else [])
     batch = {
@@ -267,6 +342,8 @@ def collate(examples: list[dict], tokenizers: list | None = None) -> dict:
     if "instance_pixels" in examples[0]:
         batch["pixel_values"] = torch.stack([e[f"{h}_pixels"] for h in halves for e in examples]).contiguous()
         batch["time_ids"] = torch.stack([e[f"{h}_time_ids"] for h in halves for e in examples])
+    if "instance_mask" in examples[0]:
+        batch["loss_masks"] = torch.stack([e["instance_mask"] for e in examples])
     if tokenizers:
         batch["input_ids"] = [tokenize(tok, batch["prompts"]) for tok in tokenizers]
     return batch

@@ -47,25 +47,43 @@ def offset_noise(noise: torch.Tensor, offset: torch.Tensor, strength: float) -> 
     return noise + strength * offset
 
 
-def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    if weights is None:
+def latent_loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmasked_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights of masked photos: (N, 1, H, W) masks in [0, 1] -> (N, 1, h, w).
+
+    Each latent pixel takes the share of its H/h x W/w patch that the mask covers (an area average, since one
+    latent pixel codes that patch), then the pixels outside count `unmasked_weight`:
+    w = unmasked_weight + (1 - unmasked_weight) * coverage.
+    """
+    coverage = F.adaptive_avg_pool2d(masks.float(), latent_size)
+    return unmasked_weight + (1.0 - unmasked_weight) * coverage
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+         pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    if weights is None and pixel_weights is None:
         return F.mse_loss(pred.float(), target.float())
-    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (N,)
-    return (per_row * weights).mean()
+    err = (pred.float() - target.float()).pow(2)  # (N, C, h, w)
+    if pixel_weights is None:
+        per_row = err.flatten(1).mean(1)  # (N,)
+    else:  # a weighted mean per row: the loss keeps its scale whatever share of the photo the mask covers
+        w = pixel_weights.expand_as(err)
+        per_row = (err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
+    return per_row.mean() if weights is None else (per_row * weights).mean()
 
 
 def dreambooth_loss(
     pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float,
-    instance_weights: torch.Tensor | None = None,
+    instance_weights: torch.Tensor | None = None, instance_pixel_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, instance_loss, prior_loss) for a batch whose first `num_instance` rows are instance images.
 
     pred, target: (B_inst + B_class, C, h, w); instance_weights: optional (B_inst,) per-row weights (Min-SNR) of
-    the instance rows. loss = weighted MSE(instance) + prior_loss_weight * MSE(class). The class (prior) rows are
+    the instance rows; instance_pixel_weights: optional (B_inst, 1, h, w) weights per latent pixel (--masked-loss,
+    from latent_loss_weights). loss = weighted MSE(instance) + prior_loss_weight * MSE(class). The class (prior) rows are
     never weighted, as in the diffusers DreamBooth scripts: --prior-loss-weight keeps its meaning with Min-SNR on.
     Computed in fp32 so a bf16/fp16 forward does not lose the small differences the MSE is made of.
     """
-    instance_loss = _mse(pred[:num_instance], target[:num_instance], instance_weights)
+    instance_loss = _mse(pred[:num_instance], target[:num_instance], instance_weights, instance_pixel_weights)
     if pred.shape[0] == num_instance:
         return instance_loss, instance_loss, None
     prior_loss = _mse(pred[num_instance:], target[num_instance:], None)

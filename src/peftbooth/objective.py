@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .losses import diffusion_target, dreambooth_loss, min_snr_weights, offset_noise, snr
+from .losses import diffusion_target, dreambooth_loss, latent_loss_weights, min_snr_weights, offset_noise, snr
 from .models import added_conditioning, encode_text
 
 
@@ -33,11 +33,13 @@ class ObjectiveSettings:
     snr_gamma: float | None = None  # Min-SNR-gamma weights on the instance rows; None: unweighted
     noise_offset: float = 0.0  # strength of the per-channel offset added to the noise; 0: none
     channels_last: bool = False  # hand the UNet NHWC strides (same values) when its weights are channels-last
+    unmasked_weight: float = 0.0  # --masked-loss: the loss weight of instance pixels outside the photo's mask
 
     @classmethod
     def from_config(cls, cfg) -> "ObjectiveSettings":
         t = cfg.train
-        return cls(cfg.data.prior_loss_weight, t.snr_gamma, t.noise_offset or 0.0, t.channels_last)
+        return cls(cfg.data.prior_loss_weight, t.snr_gamma, t.noise_offset or 0.0, t.channels_last,
+                   cfg.data.unmasked_weight)
 
 
 def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
@@ -68,11 +70,12 @@ def draw(mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator
 
 def training_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, context: torch.Tensor,
                   added: dict | None, generators: list[torch.Generator], num_instance: int, latent_scale: float,
-                  settings: ObjectiveSettings) -> LossParts:
+                  settings: ObjectiveSettings, loss_masks: torch.Tensor | None = None) -> LossParts:
     """The loss of one encoded micro-batch whose first `num_instance` rows are instance images.
 
     unet(noisy (N, 4, h, w), timesteps (N,), context (N, 77, D), added_cond_kwargs=added).sample -> (N, 4, h, w);
-    mean, std: the VAE posterior (N, 4, h, w), unscaled; added: SDXL's pooled embedding and time ids, else None.
+    mean, std: the VAE posterior (N, 4, h, w), unscaled; added: SDXL's pooled embedding and time ids, else None;
+    loss_masks (--masked-loss): the instance rows' (num_instance, 1, H, W) pixel masks.
     """
     s = settings
     latents, noise, timesteps = draw(mean, std, generators, noise_scheduler.config.num_train_timesteps,
@@ -87,7 +90,10 @@ def training_loss(unet, noise_scheduler, mean: torch.Tensor, std: torch.Tensor, 
         instance_t = timesteps[:num_instance]
         weights = min_snr_weights(snr(noise_scheduler, instance_t), s.snr_gamma,
                                   noise_scheduler.config.prediction_type)
-    return LossParts(*dreambooth_loss(pred, target, num_instance, s.prior_loss_weight, weights))
+    pixel_weights = None
+    if loss_masks is not None:  # (num_instance, 1, h, w): the background counts s.unmasked_weight
+        pixel_weights = latent_loss_weights(loss_masks.to(pred.device), tuple(pred.shape[-2:]), s.unmasked_weight)
+    return LossParts(*dreambooth_loss(pred, target, num_instance, s.prior_loss_weight, weights, pixel_weights))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +110,14 @@ def batch_posterior(batch: dict, vae, latent_cache, device: torch.device, dtype:
     with torch.no_grad():
         posterior = vae.encode(pixel_values).latent_dist
     return posterior.mean.to(dtype), posterior.std.to(dtype)
+
+
+def batch_loss_masks(batch: dict, latent_cache) -> torch.Tensor | None:
+    """(B_inst, 1, H, W) pixel masks of the batch's instance rows (--masked-loss), from the latent cache or the
+    batch; None without masks."""
+    if latent_cache is not None:
+        return latent_cache.loss_masks(batch["keys"][: batch["num_instance"]])
+    return batch.get("loss_masks")
 
 
 def batch_conditioning(batch: dict, text_encoders: list, text_cache, latent_cache, device: torch.device,

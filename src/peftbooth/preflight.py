@@ -12,15 +12,16 @@ import torch
 
 from .checkpoint import check_compatible, data_fingerprint, list_checkpoints, resolve_resume
 from .config import TrainConfig, UsageError
-from .data import list_images, load_captions, load_image
+from .data import list_images, load_captions, load_image, load_masks, mask_path
 from .hub import check_repo_id, hub_token
 from .models import check_vae_arg
 
 RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
-    """Validate config, output folder, photos and resume; return (images, prompts, fingerprint, checkpoint).
+def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None, list | None]:
+    """Validate config, output folder, photos and resume; return (images, prompts, fingerprint, checkpoint,
+    masks): masks are the photos' loss masks with --masked-loss, else None.
 
     Writes nothing.
     """
@@ -44,7 +45,9 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
     for p, img in zip(paths, images):
         if min(img.size) < 8:
             raise UsageError(f"{p}: image is only {img.size[0]}x{img.size[1]} px; use photos of at least 8 px a side")
-    fingerprint = data_fingerprint(paths)
+    masks = load_masks(paths, images) if d.masked_loss else None
+    # a resume must see the same masks too: they change what is learned as much as the photos do
+    fingerprint = data_fingerprint(paths + [mask_path(p) for p in paths] if masks else paths)
     checkpoint = None
     if cfg.train.resume:
         checkpoint = resolve_resume(cfg.train.resume, out)
@@ -68,7 +71,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None]:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UsageError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-    return images, load_captions(paths, d.instance_prompt), fingerprint, checkpoint
+    return images, load_captions(paths, d.instance_prompt), fingerprint, checkpoint, masks
 
 
 def cpu_processes_from_launcher() -> None:

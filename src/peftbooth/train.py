@@ -30,7 +30,7 @@ from .data import DreamBoothDataset, EpochSampler, collate
 from .evaluate import write_proxies
 from .models import Components, load_components
 from .objective import (
-    LossParts, ObjectiveSettings, batch_conditioning, batch_posterior, row_generators, training_loss,
+    LossParts, ObjectiveSettings, batch_conditioning, batch_loss_masks, batch_posterior, row_generators, training_loss,
 )
 # Names other modules, benchmarks and tests import from here (peftbooth.train) keep working: check_inputs (CLI,
 # UI), TrainingInterrupted (CLI), the speed helpers (benchmarks); tests patch some of them on this module.
@@ -113,7 +113,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     cfg = cfg.resolved()
     cpu_processes_from_launcher()
-    images, prompts, fingerprint, checkpoint = check_inputs(cfg)
+    images, prompts, fingerprint, checkpoint, masks = check_inputs(cfg)
     t = cfg.train
     components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant, cfg.model.vae)
     # Check adapter targets against the loaded modules before anything is written.
@@ -142,14 +142,14 @@ def setup(cfg: TrainConfig) -> Run:
     if checkpoint is None and accelerator.is_main_process and (out / CHECKPOINTS).exists():
         shutil.rmtree(out / CHECKPOINTS)  # --overwrite: the old run's checkpoints must not be resumed by mistake
     try:
-        return build_run(cfg, accelerator, components, images, prompts, fingerprint, checkpoint, lock)
+        return build_run(cfg, accelerator, components, images, prompts, fingerprint, checkpoint, lock, masks)
     except BaseException:
         release_lock(lock)  # a failed setup must not leave the folder looking busy
         raise
 
 
 def build_run(cfg: TrainConfig, accelerator, components: Components, images: list, prompts: list[str],
-              fingerprint: str, checkpoint: Path | None, lock: Path | None) -> Run:
+              fingerprint: str, checkpoint: Path | None, lock: Path | None, masks: list | None = None) -> Run:
     """The rest of setup, once the output folder is ours: class images, adapters, dtypes, caches, optimizer."""
     from accelerate.utils import set_seed
 
@@ -165,7 +165,7 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     for model in text_encoders:
         to_compute_dtype(model, device, weight_dtype)
     dataset, latent_cache, text_cache = dataset_and_caches(cfg, accelerator, components, text_encoders, images,
-                                                           prompts, class_paths, weight_dtype)
+                                                           prompts, class_paths, weight_dtype, masks)
     # The UNet goes to the device only now: the VAE encoding the photos at full resolution is the largest
     # activation before training, and the UNet's weights (1.7 GB in bf16 for SD 1.5) need not sit beside it.
     to_compute_dtype(unet, device, weight_dtype)
@@ -240,8 +240,8 @@ def attach_adapters(cfg: TrainConfig, components: Components) -> tuple[torch.nn.
 
 
 def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, text_encoders: list, images: list,
-                       prompts: list[str], class_paths: list[Path] | None, weight_dtype: torch.dtype
-                       ) -> tuple[DreamBoothDataset, LatentCache | None, TextCache | None]:
+                       prompts: list[str], class_paths: list[Path] | None, weight_dtype: torch.dtype,
+                       masks: list | None = None) -> tuple[DreamBoothDataset, LatentCache | None, TextCache | None]:
     """The dataset, and the caches: the frozen VAE and text encoder give the same answer for the same input, so
     they are asked once and then moved off the GPU."""
     t, d, device = cfg.train, cfg.data, accelerator.device
@@ -250,7 +250,8 @@ def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, te
         accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
     dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
                                 d.class_prompt, load_pixels=not cache_latents, seed=t.seed,
-                                class_prompt_dropout=d.class_prompt_dropout if class_paths else 0.0)
+                                class_prompt_dropout=d.class_prompt_dropout if class_paths else 0.0,
+                                instance_masks=masks)
     latent_cache = text_cache = None
     if cache_latents:
         latent_cache = LatentCache.build(dataset, components.vae, device, weight_dtype, d.sample_batch_size)
@@ -307,7 +308,7 @@ def training_step(run: Run, batch: dict) -> LossParts:
                                         run.cfg.train.train_text_encoder, c.is_sdxl)
     generators = row_generators(batch["seeds"], device)
     return training_loss(run.unet, c.noise_scheduler, mean, std, context, added, generators, batch["num_instance"],
-                         c.latent_scale, ObjectiveSettings.from_config(run.cfg))
+                         c.latent_scale, ObjectiveSettings.from_config(run.cfg), batch_loss_masks(batch, run.latent_cache))
 
 
 @dataclass
