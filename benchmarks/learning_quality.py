@@ -96,7 +96,7 @@ def init_worker(work: Path, settings) -> None:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from peftbooth.data import load_image
+    from peftbooth.data import list_images, load_image
     from peftbooth.inference import AdapterPipeline
     from peftbooth.world import MODEL_DIR, WORLD_NAME
     from peftbooth.world.evaluator import load_evaluator
@@ -107,7 +107,7 @@ def init_worker(work: Path, settings) -> None:
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     WORKER.update(work=work, settings=settings, pipe=pipe, evaluator=load_evaluator(MODEL_DIR),
                   sample_fn=pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale),
-                  real=[load_image(x) for x in sorted((work / "photos").glob("*.png"))])
+                  real=[load_image(x) for x in list_images(work / "photos", "photos")])  # not their masks
 
 
 def one_run(job: tuple) -> dict:

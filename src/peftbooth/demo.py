@@ -80,7 +80,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, nu
     print("[demo] world metrics (held-out contexts; the evaluator stands in for DINO / CLIP):")
     print(format_world_table(results))
     print(f"[demo] done in {time.perf_counter() - start:.0f} s. Everything is in {out}/:")
-    print("  photos/         the subject's photos and their captions")
+    print("  photos/         the subject's photos, their captions and masks")
     print(f"  class_images/   {CLASS_PROMPT!r} images drawn by the base model (prior preservation)")
     for adapter, path in runs.items():
         print(f"  {Path(path).name + '/':<15} {adapter}: unet/, text_encoder/, report.html, config.yaml, README.md")

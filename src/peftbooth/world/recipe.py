@@ -12,8 +12,11 @@ from .scenes import CLASS_PROMPT, INSTANCE_PROMPT, SIZE
 # LoHa and LoKr take larger learning rates than LoRA: their updates are products of factors that start small
 # (docs/world.md has the sweep). The text-encoder adapter uses the same rate as the UNet's.
 LEARNING_RATES = {"lora": 2e-3, "loha": 5e-3, "lokr": 1e-2}
+UNMASKED = 0.1
+# --masked-loss (the photos' masks, written beside them) and --noise-offset: docs/world.md, the sixth sweep
 RECIPE = dict(rank=8, target_modules="all", learning_rate=LEARNING_RATES, max_train_steps=500, num_class_images=50,
-              class_image_steps=20, prior_loss_weight=0.25)
+              class_image_steps=20, prior_loss_weight=0.25, masked_loss=True, unmasked_weight=UNMASKED,
+              noise_offset=0.3)
 
 
 def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lora", prior: bool = True,
@@ -29,6 +32,8 @@ def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lor
     cfg.data.instance_data_dir = str(photos)
     cfg.data.instance_prompt = INSTANCE_PROMPT  # each photo's NAME.txt caption adds its context
     cfg.data.resolution = SIZE
+    cfg.data.masked_loss = RECIPE["masked_loss"]  # the photos' NAME.mask.png (write_subject_photos)
+    cfg.data.unmasked_weight = RECIPE["unmasked_weight"]
     cfg.data.with_prior_preservation = prior
     if prior:
         cfg.data.class_prompt = CLASS_PROMPT
@@ -42,6 +47,7 @@ def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lor
     cfg.train.seed = seed
     cfg.train.max_train_steps = steps or RECIPE["max_train_steps"]
     cfg.train.learning_rate = LEARNING_RATES[adapter]
+    cfg.train.noise_offset = RECIPE["noise_offset"]
     cfg.train.train_text_encoder = text_encoder
     cfg.train.logging_steps = 50
     cfg.train.report_to = "none"

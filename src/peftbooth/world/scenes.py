@@ -188,14 +188,23 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
     return x.transpose(0, 3, 1, 2)
 
 
+def subject_mask(scene: Scene, scale: int = 4) -> Image.Image:
+    """Where the scene's object is, 'L' at SIZE x SIZE (255 inside, anti-aliased edge): the photo's loss mask."""
+    m = np.asarray(_shape_mask(scene.cls, scene.cx, scene.cy, scene.size, scale), float)
+    return Image.fromarray(np.round(m.reshape(SIZE, scale, SIZE, scale).mean(axis=(1, 3))).astype(np.uint8), "L")
+
+
 def write_subject_photos(folder: str | Path, seed: int = 0, contexts=SUBJECT_PHOTO_CONTEXTS,
-                         captions: bool = True) -> list[Path]:
+                         captions: bool = True, masks: bool = True) -> list[Path]:
     """The DreamBooth instance set: one PNG per context, named after it (sks_ball_0_grass.png).
 
     With `captions` (the recipe), a NAME.txt beside each photo names its context: "a photo of a sks ball on the
     grass". Trained on the bare instance prompt instead, a LoRA with prior preservation drew the subject on the
     photos' grass whatever context was asked (prompt fidelity 0.0 on the held-out contexts; docs/world.md).
+    With `masks`, NAME.mask.png beside each photo marks the subject, for --masked-loss (the recipe).
     """
+    from ..data import mask_path  # the trainer's naming (data imports torch; this module need not)
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -204,6 +213,8 @@ def write_subject_photos(folder: str | Path, seed: int = 0, contexts=SUBJECT_PHO
         scene = random_scene(rng, subject=True, context=context)
         path = folder / f"sks_ball_{i}_{context.split()[-1]}.png"
         draw(scene).save(path)
+        if masks:
+            subject_mask(scene).save(mask_path(path))
         if captions:
             path.with_suffix(".txt").write_text(subject_prompt(context) + "\n")
         paths.append(path)
