@@ -134,7 +134,8 @@ BAD_INPUTS = {
         ["--masked-loss", "--instance-data-dir", "{tmp}/sized"],
         ["{tmp}/sized/photo_0.mask.png: mask is 40x40 px but its photo is 48x40 px; make them the same size"]),
     "masked-loss-black-mask": (
-        lambda tmp, m, f: _masked_photos(tmp, "black", value=0), ["--masked-loss", "--instance-data-dir", "{tmp}/black"],
+        lambda tmp, m, f: _masked_photos(tmp, "black", value=0),
+        ["--masked-loss", "--instance-data-dir", "{tmp}/black"],
         ["{tmp}/black/photo_0.mask.png: mask is black everywhere, so nothing of the photo would be learned"]),
     "unmasked-weight-without-masked-loss": (
         None, ["--unmasked-weight", "0.1"], ["--unmasked-weight needs --masked-loss"]),

@@ -19,7 +19,7 @@ from peftbooth.world.scenes import (BACKGROUNDS, CLASS_PROMPT, CLASSES, COLOURS,
                                     subject_prompt, vocabulary, write_subject_photos)
 
 TEST_STEPS = 500  # the recipe's
-# measured over seeds 0-2 of the recipe at TEST_STEPS (BENCHMARKS.md, "Learning quality")
+# measured over seeds of the recipe at TEST_STEPS (BENCHMARKS.md, "Learning quality")
 LEARNED = 0.5  # the recipe's LoRA reached 1.00, 1.00, 0.94, 0.81, 0.62 over seeds 0-4 (before masks: 0.75, 0.62, 0.38);
 # the base model 0.00; one run's value can swing by 0.6 within 50 steps (docs/world.md, fifth sweep)
 DRIFT_MARGIN = 0.5  # class drift without prior preservation minus with it (measured: see BENCHMARKS.md)
@@ -57,7 +57,7 @@ def test_scenes_captions_and_subject_photos(tmp_path):
         mask = np.asarray(Image.open(p.with_name(p.stem + ".mask.png")), int)
         off_background = np.abs(photo - photo[0, 0]).max(-1) > 60  # (the gradient varies far less than that)
         assert mask.shape == photo.shape[:2] and (mask[off_background] > 0).mean() > 0.95
-        assert (mask == 255).sum() > 50 and (mask[~off_background] < 255).mean() > 0.95
+        assert (mask == 255).sum() > 50 and (mask[~off_background] < 128).mean() > 0.95
     # the subject: magenta above its centre, cyan below
     s = random_scene(random.Random(1), subject=True, context="at night")
     px = np.asarray(draw(s), int)

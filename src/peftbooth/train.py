@@ -308,7 +308,8 @@ def training_step(run: Run, batch: dict) -> LossParts:
                                         run.cfg.train.train_text_encoder, c.is_sdxl)
     generators = row_generators(batch["seeds"], device)
     return training_loss(run.unet, c.noise_scheduler, mean, std, context, added, generators, batch["num_instance"],
-                         c.latent_scale, ObjectiveSettings.from_config(run.cfg), batch_loss_masks(batch, run.latent_cache))
+                         c.latent_scale, ObjectiveSettings.from_config(run.cfg),
+                         batch_loss_masks(batch, run.latent_cache))
 
 
 @dataclass
