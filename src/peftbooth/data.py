@@ -37,7 +37,7 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
             continue
         if f.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(f)
-        elif not (f.suffix.lower() == ".txt" and any(f.with_suffix(e).exists() for e in _all_case(IMAGE_EXTENSIONS))):
+        elif not (f.suffix.lower() == ".txt" and _has_photo(f, len(".txt"))):
             skipped.append(f.name)
     if skipped:
         warnings.warn(f"{flag} {folder}: skipping non-image files: {', '.join(skipped)}", stacklevel=2)
@@ -141,11 +141,16 @@ def resize_crop_coords(img: Image.Image, resolution: int, center_crop: bool, fli
                        rng: torch.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """resize_and_crop, also returning the crop's (top, left) in the resized image as the model sees it: after a
     flip the crop's left edge is measured in the flipped image (SDXL's crop conditioning)."""
-    resized, (left, top) = crop_geometry(img.size, resolution, center_crop, rng)
-    img = apply_geometry(img, resized, (left, top), resolution, flip)
-    if flip:
-        left = resized[0] - resolution - left  # pixels cut from the left of the flipped image
-    return img, (top, left)
+    resized, left_top = crop_geometry(img.size, resolution, center_crop, rng)
+    return apply_geometry(img, resized, left_top, resolution, flip), crop_top_left(resized, left_top, resolution, flip)
+
+
+def crop_top_left(resized: tuple[int, int], left_top: tuple[int, int], resolution: int, flip: bool
+                  ) -> tuple[int, int]:
+    """The crop's (top, left) as the model sees it: after a flip its left edge is measured in the flipped image
+    (the pixels cut from the left of it)."""
+    left, top = left_top
+    return top, (resized[0] - resolution - left if flip else left)
 
 
 def crop_geometry(size: tuple[int, int], resolution: int, center_crop: bool, rng: torch.Generator | None = None
@@ -236,16 +241,14 @@ class DreamBoothDataset(Dataset):
         None for class images and without masks."""
         kind, index, flip = key
         img = self.instance_images[index] if kind == "instance" else load_image(self.class_paths[index], 2 * self.resolution)
-        cropped, top_left = resize_crop_coords(img, self.resolution, self.center_crop, flip, rng)
+        resized, left_top = crop_geometry(img.size, self.resolution, self.center_crop, rng)  # one draw
+        cropped = apply_geometry(img, resized, left_top, self.resolution, flip)
         mask = None
-        if kind == "instance" and self.instance_masks:
-            # the crop the pixels got, without drawing again: top_left is in the flipped image when flipped
-            resized, _ = crop_geometry(img.size, self.resolution, True)
-            top, left = top_left
-            left = resized[0] - self.resolution - left if flip else left
-            m = apply_geometry(self.instance_masks[index], resized, (left, top), self.resolution, flip,
+        if kind == "instance" and self.instance_masks:  # the same crop and flip as the pixels
+            m = apply_geometry(self.instance_masks[index], resized, left_top, self.resolution, flip,
                                Image.Resampling.BILINEAR)
             mask = torch.from_numpy(np.array(m, dtype=np.float32, copy=True))[None] / 255.0
+        top_left = crop_top_left(resized, left_top, self.resolution, flip)
         time_ids = micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, self.resolution)
         return to_tensor(cropped), time_ids, mask
 
