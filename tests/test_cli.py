@@ -141,6 +141,10 @@ BAD_INPUTS = {
         None, ["--unmasked-weight", "0.1"], ["--unmasked-weight needs --masked-loss"]),
     "unmasked-weight-above-1": (
         None, ["--masked-loss", "--unmasked-weight", "2"], ["--unmasked-weight must be"]),
+    "ema-decay-of-1": (
+        None, ["--ema-decay", "1"], ["--ema-decay must be < 1 (got 1.0)"]),
+    "ema-decay-negative": (
+        None, ["--ema-decay", "-0.5"], ["--ema-decay must be >= 0 (got -0.5)"]),
     "prior-without-class-prompt": (
         None, ["--with-prior-preservation"], ["--with-prior-preservation needs --class-prompt"]),
     "class-prompt-dropout-without-prior": (

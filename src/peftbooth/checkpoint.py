@@ -1,7 +1,7 @@
 """Checkpoints that survive crashes, exact resume, and the output-folder lock.
 
 A checkpoint is a folder `OUTPUT/checkpoints/checkpoint-NNNNNN/` holding everything that determines the rest
-of the run: adapter weights (safetensors), optimizer, lr scheduler and grad-scaler state, every RNG state, the
+of the run: adapter weights (safetensors) and their moving average with --ema-decay, optimizer, lr scheduler and grad-scaler state, every RNG state, the
 position in the data, and the config it was made with. It is written into a hidden temp folder, fsynced and
 renamed, so a `checkpoint-N` folder is always complete; older ones are pruned only after a new one is complete.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import ema as ema_file
 from . import token_embedding
 from .config import TrainConfig, UsageError, to_dict
 from .rundir import CHECKPOINTS_DIR, fsync_path
@@ -185,6 +186,8 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
             if run.cfg.train.train_token_embedding:
                 token_embedding.save_file(tmp / token_embedding.FILE, [acc.unwrap_model(m) for m in run.text_encoders],
                                           run.cfg.train.train_token_embedding)
+            if run.ema is not None:
+                run.ema.save(tmp / ema_file.FILE)
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
             scaler = getattr(acc, "scaler", None)
             torch.save({"lr_scheduler": run.lr_scheduler.state_dict(),
@@ -229,6 +232,13 @@ def load_checkpoint(run, path: Path) -> TrainState:
     if run.cfg.train.train_token_embedding:
         _, rows = token_embedding.read_file(path / token_embedding.FILE)
         token_embedding.load_state([acc.unwrap_model(m) for m in run.text_encoders], rows)
+    if run.ema is not None:
+        if (path / ema_file.FILE).is_file():
+            run.ema.load(path / ema_file.FILE)
+        else:  # only reachable with --resume-force: the checkpoint's run had no --ema-decay
+            warnings.warn(f"--resume {path}: the checkpoint has no {ema_file.FILE}; the moving average starts "
+                          "from its weights", stacklevel=2)
+            run.ema = ema_file.AdapterEMA(run.ema.params, run.ema.decay)
     # weights_only=True: these files are read without unpickling arbitrary objects
     run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
     extra = torch.load(path / "state.pt", weights_only=True)

@@ -138,6 +138,8 @@ class TrainArgs:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting with this gamma (5.0 is common); off when unset")
     noise_offset: float = _f(0.0, "offset-noise strength (e.g. 0.05): lets the model learn very dark/bright images")
+    ema_decay: float = _f(0.0, "save (and validate) a moving average of the adapter weights over about the last "
+                          "1/(1-D) steps instead of the last step's, e.g. 0.99; 0: off")
     mixed_precision: str = _f("no", "compute precision of the frozen weights", choices=MIXED_PRECISION)
     train_text_encoder: bool = _f(False, "also train an adapter on the CLIP text encoder")
     train_token_embedding: Optional[str] = _f(None, "also train this identifier word's input embedding, e.g. sks "
@@ -254,13 +256,13 @@ RANGES = {
                   lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
                   adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
                   gradient_accumulation_steps=(1, 1024), max_grad_norm=(0.0, None), snr_gamma=(0.0, None),
-                  noise_offset=(0.0, 1.0), logging_steps=(1, MAX_STEPS), checkpointing_steps=(0, MAX_STEPS),
+                  noise_offset=(0.0, 1.0), ema_decay=(0.0, 1.0), logging_steps=(1, MAX_STEPS), checkpointing_steps=(0, MAX_STEPS),
                   checkpoints_total_limit=(0, None), validation_steps=(1, MAX_STEPS), num_validation_images=(1, 64)),
     "adapter": dict(rank=(1, 4096), alpha=(0.0, None), dropout=(0.0, 1.0), module_dropout=(0.0, 1.0)),
 }
 OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "token_embedding_learning_rate", "adam_epsilon",
             "snr_gamma", "alpha"}
-OPEN_HIGH = {"adam_beta1", "adam_beta2", "dropout", "module_dropout"}  # [0, 1)
+OPEN_HIGH = {"adam_beta1", "adam_beta2", "dropout", "module_dropout", "ema_decay"}  # [0, 1)
 MAX_RESOLUTION = 4096
 
 

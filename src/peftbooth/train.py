@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochSampler, collate
+from .ema import AdapterEMA, adapter_ema
 from .evaluate import write_proxies
 from .models import Components, load_components
 from .objective import (
@@ -41,7 +43,7 @@ from .speed import (  # noqa: F401
     make_optimizer, maybe_compile, offload, to_compute_dtype, upcast_vae, weight_dtype_for,
 )
 from .tracking import LossWindow, ScalerSkips
-from .validation import maybe_validate
+from .validation import run_validation, should_validate
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Run:
     latent_cache: LatentCache | None = None  # VAE posteriors per (image, flip), when cached
     text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (PeftModel when trained)
+    ema: AdapterEMA | None = None  # --ema-decay: the moving average of the adapter weights
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -192,6 +195,7 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, weight_dtype,
               Path(t.output_dir), sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
               text_encoders[1] if len(text_encoders) > 1 else None)
+    run.ema = adapter_ema(run.trained(), t.ema_decay, accelerator.unwrap_model)
     for name, model in run.trained().items():
         trainable, total = ad.count_parameters(model)
         accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -356,6 +360,8 @@ def fit(run: Run) -> dict:
                 continue  # within an accumulation group, or a step that updated nothing
             run.lr_scheduler.step()
             state.step += 1
+            if run.ema is not None:
+                run.ema.update()
             loop.progress.update(1)
             checkpoint_due = bool(t.checkpointing_steps) and state.step % t.checkpointing_steps == 0
             stop = signals.agreed(acc, state.step, checkpoint_due)  # all processes stop after the same step
@@ -368,6 +374,8 @@ def fit(run: Run) -> dict:
                     raise TrainingInterrupted(stop, path)
             validate(run, loop)
     loop.progress.close()
+    if run.ema is not None:
+        run.ema.copy_to_params()  # what is saved and measured from here on is the average
     seconds = time.perf_counter() - start - loop.validation_seconds
     return {"steps": state.step, "final_loss": loop.last_loss, "seconds": seconds,
             "it_s": (state.step - start_step) / max(seconds, 1e-9), "loss_history": loop.history,
@@ -445,10 +453,14 @@ def log_losses(run: Run, loop: Loop) -> None:
 
 
 def validate(run: Run, loop: Loop) -> None:
-    """Validation images at this step when it is a validation step, timed apart from training."""
+    """Validation images at this step when it is a validation step, timed apart from training; with --ema-decay
+    they show the average, which is what the run will save."""
+    if not should_validate(run.cfg, run.state.step):
+        return
     tick = time.perf_counter()
-    if maybe_validate(run, run.state.step) or run.state.step == 0:
-        loop.validation_seconds += time.perf_counter() - tick
+    with run.ema.swapped_in() if run.ema is not None else nullcontext():
+        run_validation(run, run.state.step)
+    loop.validation_seconds += time.perf_counter() - tick
 
 
 def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int, output_dir: Path | None = None) -> None:

@@ -111,10 +111,3 @@ def run_validation(run, step: int, num_inference_steps: int | None = None,
     if t.report_to != "none":
         log_grid(acc, grid(rows), step)
     return paths
-
-
-def maybe_validate(run, step: int, **kwargs) -> list[Path]:
-    """run_validation at the configured steps (0, every --validation-steps, the last); [] otherwise."""
-    if not should_validate(run.cfg, step):
-        return []
-    return run_validation(run, step, **kwargs)
