@@ -183,3 +183,11 @@ def test_validation_samples_the_average_and_training_goes_on_from_the_trained_we
     plain = fit_tiny(tiny_model, photos, tmp_path / "plain")
     for k, p in run.ema.params.items():
         assert torch.equal(p, averages[-1][k]) and torch.equal(p, plain.ema.params[k]), k
+
+
+def test_the_report_says_the_saved_weights_are_the_average():
+    from peftbooth.report import summary_section
+
+    with_ema = summary_section({"train": {"ema_decay": 0.99}}, {}, {})
+    assert "the moving average of the adapter weights (--ema-decay 0.99), not the last step&#x27;s" in with_ema
+    assert "moving average" not in summary_section({"train": {"ema_decay": 0.0}}, {}, {})

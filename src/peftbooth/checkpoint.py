@@ -1,9 +1,10 @@
 """Checkpoints that survive crashes, exact resume, and the output-folder lock.
 
 A checkpoint is a folder `OUTPUT/checkpoints/checkpoint-NNNNNN/` holding everything that determines the rest
-of the run: adapter weights (safetensors) and their moving average with --ema-decay, optimizer, lr scheduler and grad-scaler state, every RNG state, the
-position in the data, and the config it was made with. It is written into a hidden temp folder, fsynced and
-renamed, so a `checkpoint-N` folder is always complete; older ones are pruned only after a new one is complete.
+of the run: adapter weights (safetensors) and, with --ema-decay, their moving average; optimizer, lr scheduler
+and grad-scaler state, every RNG state, the position in the data, and the config it was made with. It is
+written into a hidden temp folder, fsynced and renamed, so a `checkpoint-N` folder is always complete; older ones
+are pruned only after a new one is complete.
 """
 
 from __future__ import annotations

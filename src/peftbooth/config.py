@@ -256,7 +256,8 @@ RANGES = {
                   lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
                   adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
                   gradient_accumulation_steps=(1, 1024), max_grad_norm=(0.0, None), snr_gamma=(0.0, None),
-                  noise_offset=(0.0, 1.0), ema_decay=(0.0, 1.0), logging_steps=(1, MAX_STEPS), checkpointing_steps=(0, MAX_STEPS),
+                  noise_offset=(0.0, 1.0), ema_decay=(0.0, 1.0), logging_steps=(1, MAX_STEPS),
+                  checkpointing_steps=(0, MAX_STEPS),
                   checkpoints_total_limit=(0, None), validation_steps=(1, MAX_STEPS), num_validation_images=(1, 64)),
     "adapter": dict(rank=(1, 4096), alpha=(0.0, None), dropout=(0.0, 1.0), module_dropout=(0.0, 1.0)),
 }

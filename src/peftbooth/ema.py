@@ -1,10 +1,11 @@
 """An exponential moving average of the adapter weights (--ema-decay D).
 
 After every optimizer step the average moves towards the weights: avg <- d * avg + (1 - d) * w, so it spans about
-the last 1 / (1 - D) steps (100 for D = 0.99). The run saves, validates and measures the average instead of the
-last step's weights. Why: DreamBooth adapters train at large constant rates on batches of one photo, and what the
-adapter draws then flickers from step to step (docs/world.md, fifth sweep: one run's subject fidelity moved by
-0.6 within 50 steps); the average keeps what the steps agree on. It costs one fp32 copy of the adapter weights
+the last 1 / (1 - D) steps (100 for D = 0.99) once its warm-up (`ema_decay`) has reached D. The run saves,
+validates and measures the average instead of the last step's weights. Why: DreamBooth adapters train at large
+constant rates on batches of one photo, and what the adapter draws then flickers from step to step
+(docs/world.md, fifth sweep: one run's subject fidelity moved by 0.6 within 50 steps); the average keeps what the
+steps agree on. It costs one fp32 copy of the adapter weights
 (a few MB) and one fused multiply-add over them per step.
 
 The average is part of a checkpoint (ema.safetensors, with its update count), so a resumed run ends with the same

@@ -189,6 +189,9 @@ def summary_section(cfg: dict, stats: dict, sizes: dict[str, int]) -> str:
     if d.get("with_prior_preservation"):
         rows.append(["prior preservation", esc(f"{d.get('class_prompt')!r}, {d.get('num_class_images')} class "
                                                f"images, weight {d.get('prior_loss_weight')}")])
+    if t.get("ema_decay"):
+        rows.append(["saved weights", esc(f"the moving average of the adapter weights (--ema-decay "
+                                          f"{t.get('ema_decay')}), not the last step's")])
     size = ", ".join(f"{p}/ {human_bytes(n)}" for p, n in sizes.items())
     if len(sizes) > 1:
         size += f" (total {human_bytes(sum(sizes.values()))})"

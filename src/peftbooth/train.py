@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path

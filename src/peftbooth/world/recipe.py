@@ -12,11 +12,16 @@ from .scenes import CLASS_PROMPT, INSTANCE_PROMPT, SIZE
 # LoHa and LoKr take larger learning rates than LoRA: their updates are products of factors that start small
 # (docs/world.md has the sweep). The text-encoder adapter uses the same rate as the UNet's.
 LEARNING_RATES = {"lora": 2e-3, "loha": 5e-3, "lokr": 1e-2}
+# LoHa at half LoRA's rank: the same number of weights (a rank-r LoHa holds two rank-r pairs of factors) and an
+# update of rank up to r^2 = 16; at rank 8 it learned the subject less reliably (docs/world.md, seventh sweep).
+RANKS = {"lora": 8, "loha": 4, "lokr": 8}
 # The loss masked to the subject by the photos' masks (the background at weight 0.1) and offset noise: together
 # they lifted subject fidelity in the held-out contexts from 0.55 to 0.84 on average (docs/world.md, sixth sweep).
-RECIPE = dict(rank=8, target_modules="all", learning_rate=LEARNING_RATES, max_train_steps=500, num_class_images=50,
+# The saved adapter is the moving average of its weights (ema_decay): one step's weights flicker with the last
+# photos drawn (docs/world.md, seventh sweep).
+RECIPE = dict(rank=RANKS, target_modules="all", learning_rate=LEARNING_RATES, max_train_steps=500, num_class_images=50,
               class_image_steps=20, prior_loss_weight=0.25, masked_loss=True, unmasked_weight=0.1,
-              noise_offset=0.3)
+              noise_offset=0.3, ema_decay=0.99)
 
 
 def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lora", prior: bool = True,
@@ -27,7 +32,7 @@ def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lor
     cfg = TrainConfig()
     cfg.model.model = WORLD_NAME
     cfg.unet_adapter.adapter = adapter
-    cfg.unet_adapter.rank = RECIPE["rank"]
+    cfg.unet_adapter.rank = RANKS[adapter]  # the text-encoder adapter inherits it
     cfg.unet_adapter.target_modules = RECIPE["target_modules"]
     cfg.data.instance_data_dir = str(photos)
     cfg.data.instance_prompt = INSTANCE_PROMPT  # each photo's NAME.txt caption adds its context
@@ -48,6 +53,7 @@ def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lor
     cfg.train.max_train_steps = steps or RECIPE["max_train_steps"]
     cfg.train.learning_rate = LEARNING_RATES[adapter]
     cfg.train.noise_offset = RECIPE["noise_offset"]
+    cfg.train.ema_decay = RECIPE["ema_decay"]
     cfg.train.train_text_encoder = text_encoder
     cfg.train.logging_steps = 50
     cfg.train.report_to = "none"
