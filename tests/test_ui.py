@@ -224,7 +224,58 @@ def test_captions_are_saved_beside_the_photos(serve):
     assert (runs / name / "photos" / "a.txt").read_text() == "sks dog, on grass\n"
     status, r, _ = call(f"{base}/api/runs/{name}/caption", "PUT", {"photo": "../../config.png", "caption": "x"})
     assert status == 400 and "no such photo" in r["error"]
-    assert call(f"{base}/api/runs/{name}")[1]["photos"] == [{"name": "a.png", "caption": "sks dog, on grass"}]
+    assert call(f"{base}/api/runs/{name}")[1]["photos"] == [{"name": "a.png", "caption": "sks dog, on grass",
+                                                             "mask": False}]
+
+
+def mask_png(size=(40, 32), white=(10, 8, 30, 24)) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("L", size, 0)
+    if white:
+        img.paste(255, white)
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_masks_go_beside_their_photo_and_the_masked_loss_check_sees_them(serve, monkeypatch):
+    monkeypatch.setattr(files, "MAX_PHOTOS", 2)
+    base, runs = serve()
+    name = new_run(base)
+    photos = runs / name / "photos"
+
+    def up(filename, body):
+        return call(f"{base}/api/runs/{name}/photos?filename={filename}", "POST", raw=body)
+
+    status, r, _ = up("a.mask.png", mask_png())
+    assert status == 400 and r["error"] == ("mask 'a.mask.png': there is no photo a.* for it; upload the photo "
+                                            "first (or rename the file if it is a photo)")
+    assert not photos.exists() or list(photos.iterdir()) == []
+    assert up("a.png", png_bytes())[0] == 200 and up("b.png", png_bytes())[0] == 200
+    values = {"model.model": "tiny", "data.instance_prompt": "a photo of sks dog", "data.resolution": "32",
+              "data.masked_loss": True}
+    status, r, _ = call(f"{base}/api/runs/{name}/check", "POST", {"values": values})
+    assert r["errors"] == {"data.masked_loss": ["--masked-loss: a.png has no mask; add a.mask.png beside it (white "
+                                                "where the subject is, black elsewhere) or train without "
+                                                "--masked-loss"]}
+    for filename, body, message in [
+        ("a.mask.png", mask_png((64, 64)), "mask 'a.mask.png': mask is 64x64 px but its photo is 40x32 px"),
+        ("a.mask.png", mask_png(white=None), "mask 'a.mask.png': mask is black everywhere"),
+        ("a.mask.png", b"not a png", "photo 'a.mask.png': not a readable image"),
+    ]:
+        status, r, _ = up(filename, body)
+        assert status == 400 and r["error"].startswith(message), r
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "b.png"]  # nothing left behind
+    # a mask is not a photo: the limit of 2 photos does not stop it, and a second one replaces the first
+    assert up("a.mask.png", mask_png())[0] == 200
+    newer = mask_png(white=(0, 0, 20, 20))  # another case of the suffix: still a.png's mask
+    assert up("a.MASK.png", newer)[1] == {"name": "a.mask.png"}
+    assert (photos / "a.mask.png").read_bytes() == newer
+    assert sorted(p.name for p in photos.iterdir()) == ["a.mask.png", "a.png", "b.png"]
+    assert [(p["name"], p["mask"]) for p in call(f"{base}/api/runs/{name}")[1]["photos"]] == [("a.png", True),
+                                                                                             ("b.png", False)]
+    assert up("b.mask.png", mask_png())[0] == 200
+    status, r, _ = call(f"{base}/api/runs/{name}/check", "POST", {"values": values})
+    assert r["ok"] is True, r
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from PIL import Image
 from conftest import draw_photos
 
 from peftbooth.ui.runs import alive
@@ -76,6 +77,9 @@ def test_ui_end_to_end_in_chromium(tmp_path):
     runs, shots = tmp_path / "runs", tmp_path / "screenshots"
     shots.mkdir()
     photos = draw_photos(tmp_path / "upload", n=3)
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (4, 4, 30, 30))
+    mask.save(photos / "photo_0.mask.png")  # sorts before photo_0.png: the page must send the photo first
     run = runs / "sks-dog"
     ui, url = start_ui(runs)
     ui2 = None
@@ -96,7 +100,9 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             expect(page.locator("body[data-ready='1']")).to_be_attached()
             page.fill("#run-name", "sks-dog")
             page.set_input_files("#photo-input", sorted(str(f) for f in photos.glob("*.png")))
-            expect(page.locator("#photos .photo")).to_have_count(3)
+            expect(page.locator("#photos .photo")).to_have_count(3)  # the mask is not a photo
+            expect(page.locator("#photos .photo span").first).to_have_text("photo_0.png (mask)")
+            assert (run / "photos" / "photo_0.mask.png").is_file()
             caption = page.locator("#photos textarea.caption").first
             caption.fill("a photo of sks dog on grass")
             caption.dispatch_event("change")

@@ -48,15 +48,30 @@ def _all_case(exts):
     return [e for ext in exts for e in (ext, ext.upper())]
 
 
-def _has_photo(f: Path, suffix_len: int) -> bool:
-    """Whether a photo NAME.<image extension> lies beside `f` (NAME + a suffix of `suffix_len` characters)."""
+def photo_beside(f: Path, suffix_len: int) -> Path | None:
+    """The photo NAME.<image extension> beside `f` (NAME + a suffix of `suffix_len` characters), or None."""
     stem = f.name[:-suffix_len]
-    return any((f.parent / (stem + e)).exists() for e in _all_case(IMAGE_EXTENSIONS))
+    return next((f.parent / (stem + e) for e in _all_case(IMAGE_EXTENSIONS) if (f.parent / (stem + e)).exists()),
+                None)
+
+
+def _has_photo(f: Path, suffix_len: int) -> bool:
+    return photo_beside(f, suffix_len) is not None
 
 
 def mask_path(photo: Path) -> Path:
     """Where the loss mask of `photo` lies: NAME.mask.png beside NAME.jpg."""
     return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def mask_problem(mask: Image.Image, photo: Image.Image) -> str | None:
+    """What is wrong with `mask` (from load_image) as the loss mask of `photo`, or None."""
+    if mask.info[ORIGINAL_SIZE] != photo.info[ORIGINAL_SIZE]:
+        (w, h), (pw, ph) = mask.info[ORIGINAL_SIZE], photo.info[ORIGINAL_SIZE]
+        return f"mask is {w}x{h} px but its photo is {pw}x{ph} px; make them the same size"
+    if mask.convert("L").getextrema()[1] == 0:
+        return "mask is black everywhere, so nothing of the photo would be learned; paint the subject white"
+    return None
 
 
 def load_masks(photos: list[Path], images: list[Image.Image]) -> list[Image.Image]:
@@ -72,14 +87,9 @@ def load_masks(photos: list[Path], images: list[Image.Image]) -> list[Image.Imag
             raise UsageError(f"--masked-loss: {photo.name} has no mask; add {path.name} beside it (white where the "
                              "subject is, black elsewhere) or train without --masked-loss")
         mask = load_image(path)
-        if mask.info[ORIGINAL_SIZE] != img.info[ORIGINAL_SIZE]:
-            w, h = mask.info[ORIGINAL_SIZE]
-            pw, ph = img.info[ORIGINAL_SIZE]
-            raise UsageError(f"{path}: mask is {w}x{h} px but its photo is {pw}x{ph} px; make them the same size")
+        if problem := mask_problem(mask, img):
+            raise UsageError(f"{path}: {problem}")
         mask = mask.convert("L")
-        if mask.getextrema()[1] == 0:
-            raise UsageError(f"{path}: mask is black everywhere, so nothing of the photo would be learned; paint "
-                             "the subject white")
         # a JPEG photo may have been decoded smaller (draft mode): the mask follows it
         masks.append(mask if mask.size == img.size else mask.resize(img.size, Image.Resampling.BILINEAR))
     return masks

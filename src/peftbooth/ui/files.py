@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 
 from ..config import UsageError
-from ..data import IMAGE_EXTENSIONS, list_images, load_image
+from ..data import IMAGE_EXTENSIONS, MASK_SUFFIX, list_images, load_image, mask_path, mask_problem, photo_beside
 from ..rundir import write_text
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # one photo; phone photos are 2-12 MB
@@ -87,7 +87,10 @@ def unique(folder: Path, name: str) -> Path:
 def store_upload(folder: Path, filename: str, data: bytes) -> Path:
     """Save one uploaded photo into `folder` under a sanitised, unused name, after the project's own loader has
     decoded it. Refused (nothing left behind): a name without an image extension, too many photos, too many
-    bytes, or bytes that do not decode as an image."""
+    bytes, or bytes that do not decode as an image.
+
+    NAME.mask.png is the loss mask of the photo NAME.* (--masked-loss): its photo must be there already, the mask
+    must have the photo's size and not be black everywhere, and it replaces an earlier mask of that photo."""
     name = safe_name(filename, "photo")
     if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
         raise UsageError(f"photo {filename!r}: only {', '.join(IMAGE_EXTENSIONS)} images are accepted")
@@ -95,17 +98,24 @@ def store_upload(folder: Path, filename: str, data: bytes) -> Path:
         raise UsageError(f"photo {filename!r}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB "
                          "limit per photo")
     folder.mkdir(parents=True, exist_ok=True)
-    if len(list_images(folder, "photos")) >= MAX_PHOTOS:
+    is_mask = name.lower().endswith(MASK_SUFFIX)
+    photo = photo_beside(folder / name, len(MASK_SUFFIX)) if is_mask else None
+    if is_mask and photo is None:
+        raise UsageError(f"mask {filename!r}: there is no photo {name[:-len(MASK_SUFFIX)]}.* for it; upload the "
+                         "photo first (or rename the file if it is a photo)")
+    if not is_mask and len(list_images(folder, "photos")) >= MAX_PHOTOS:
         raise UsageError(f"photo {filename!r}: this run already has {MAX_PHOTOS} photos, the most it may have")
     # a hidden name while it is checked: list_images (and so training) never sees a file that is not an image
     tmp = folder / f".upload-{secrets.token_hex(8)}{Path(name).suffix.lower()}"
     try:
         tmp.write_bytes(data)
         try:
-            load_image(tmp)
+            image = load_image(tmp)
         except UsageError:
             raise UsageError(f"photo {filename!r}: not a readable image") from None
-        target = unique(folder, name)
+        if photo is not None and (problem := mask_problem(image, load_image(photo))):
+            raise UsageError(f"mask {filename!r}: {problem}")
+        target = mask_path(photo) if photo is not None else unique(folder, name)
         os.replace(tmp, target)
         return target
     finally:
@@ -113,7 +123,8 @@ def store_upload(folder: Path, filename: str, data: bytes) -> Path:
 
 
 def photos_of(folder: Path) -> list[dict]:
-    """[{name, caption}] for the images of a folder; the caption is NAME.txt's text, '' when there is none."""
+    """[{name, caption, mask}] for the photos of a folder; the caption is NAME.txt's text, '' when there is none;
+    mask: whether NAME.mask.png lies beside it (--masked-loss)."""
     if not folder.is_dir():
         return []
     import warnings
@@ -128,7 +139,7 @@ def photos_of(folder: Path) -> list[dict]:
             caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
         except (OSError, UnicodeDecodeError):
             caption = ""
-        out.append({"name": p.name, "caption": caption})
+        out.append({"name": p.name, "caption": caption, "mask": mask_path(p).is_file()})
     return out
 
 

@@ -155,7 +155,10 @@ async function ensureDraft() {
 async function upload(fileList) {
   const name = await ensureDraft();
   const problems = [];
-  for (const file of fileList) {
+  // photos before masks: NAME.mask.png is refused until its photo NAME.* is there
+  const isMask = (f) => f.name.toLowerCase().endsWith(".mask.png");
+  const ordered = [...fileList].sort((a, b) => isMask(a) - isMask(b));
+  for (const file of ordered) {
     try {
       await api("POST", `/api/runs/${name}/photos?filename=${encodeURIComponent(file.name)}`, undefined, file);
     } catch (e) { problems.push(e.message); }
@@ -175,7 +178,7 @@ async function showPhotos() {
     caption.addEventListener("change", () => api("PUT", `/api/runs/${draft}/caption`, { photo: p.name, caption: caption.value })
       .catch((e) => { $("#photo-errors").textContent = e.message; }));
     box.append(el("div", { class: "photo" },
-      el("img", { src: `/runs/${draft}/photo/${encodeURIComponent(p.name)}`, alt: p.name }), el("span", { text: p.name }), caption));
+      el("img", { src: `/runs/${draft}/photo/${encodeURIComponent(p.name)}`, alt: p.name }), el("span", { text: p.name + (p.mask ? " (mask)" : "") }), caption));
   }
   stepsHint();
 }
