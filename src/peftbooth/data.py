@@ -33,11 +33,11 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
     for f in sorted(p.iterdir()):
         if f.name.startswith(".") or f.is_dir():
             continue
-        if f.name.lower().endswith(MASK_SUFFIX) and _has_photo(f, len(MASK_SUFFIX)):
+        if f.name.lower().endswith(MASK_SUFFIX) and photo_beside(f, len(MASK_SUFFIX)) is not None:
             continue
         if f.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(f)
-        elif not (f.suffix.lower() == ".txt" and _has_photo(f, len(".txt"))):
+        elif not (f.suffix.lower() == ".txt" and photo_beside(f, len(".txt")) is not None):
             skipped.append(f.name)
     if skipped:
         warnings.warn(f"{flag} {folder}: skipping non-image files: {', '.join(skipped)}", stacklevel=2)
@@ -53,10 +53,6 @@ def photo_beside(f: Path, suffix_len: int) -> Path | None:
     stem = f.name[:-suffix_len]
     return next((f.parent / (stem + e) for e in _all_case(IMAGE_EXTENSIONS) if (f.parent / (stem + e)).exists()),
                 None)
-
-
-def _has_photo(f: Path, suffix_len: int) -> bool:
-    return photo_beside(f, suffix_len) is not None
 
 
 def mask_path(photo: Path) -> Path:

@@ -39,32 +39,32 @@ class AdapterEMA:
         self.decay = decay
         self.updates = 0
         self.average = {k: p.detach().clone() for k, p in params.items()}
+        # the same tensors as flat lists in one order, for the fused (one launch per list) updates below
+        self._live = [p.detach() for p in params.values()]
+        self._avg = [self.average[k] for k in params]
 
     @torch.no_grad()
     def update(self) -> None:
-        """Move the average one step towards the current weights (after an optimizer step that updated them)."""
-        weight = 1.0 - ema_decay(self.decay, self.updates)
-        for k, p in self.params.items():
-            self.average[k].lerp_(p.detach(), weight)
+        """Move the average one step towards the current weights (after an optimizer step that updated them); on
+        the hot path, so one fused lerp over all tensors rather than one per tensor."""
+        torch._foreach_lerp_(self._avg, self._live, 1.0 - ema_decay(self.decay, self.updates))
         self.updates += 1
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
         """Put the average into the live weights: at the end of training, before the adapters are saved."""
-        for k, p in self.params.items():
-            p.copy_(self.average[k])
+        torch._foreach_copy_(self._live, self._avg)
 
     @contextmanager
     def swapped_in(self):
         """The average in the live weights for the duration (validation samples), the trained ones back after."""
-        kept = {k: p.detach().clone() for k, p in self.params.items()}
+        kept = [p.clone() for p in self._live]
         self.copy_to_params()
         try:
             yield
         finally:
             with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(kept[k])
+                torch._foreach_copy_(self._live, kept)
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
