@@ -115,7 +115,8 @@ def test_settings_problems_land_beside_their_fields_and_nothing_is_written(serve
     assert r["errors"]["data.class_prompt"][0].startswith("--with-prior-preservation needs --class-prompt")
     assert r["errors"]["text_encoder_adapter.rank"][0].startswith("--text-encoder-rank")
     assert sorted(p.name for p in (runs / name).iterdir()) == ["photos", "ui"]
-    assert list((runs / name / "ui").iterdir()) == []  # no config.yaml, no job
+    assert [p.name for p in (runs / name / "ui").iterdir()] == ["form.json"]  # no config, no job; "Edit" reads this
+    assert json.loads((runs / name / "ui" / "form.json").read_text()) == values
 
 
 def test_train_input_checks_run_before_start(serve, tmp_path):
@@ -178,7 +179,8 @@ def test_upload_stores_decoded_images_under_sanitised_names(serve):
 
 
 @pytest.mark.parametrize("filename, body, status, message", [
-    ("notes.txt", b"hello", 400, "only .jpg, .jpeg, .png, .webp images are accepted"),
+    ("notes.doc", b"hello", 400, "only .jpg, .jpeg, .png, .webp images (and NAME.txt captions) are accepted"),
+    ("notes.txt", b"hello", 400, "caption 'notes.txt': there is no photo notes.* for it; upload the photo first"),
     ("fake.png", b"GIF89a not really an image", 400, "'fake.png': not a readable image"),
     ("fake.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 64, 400, "'fake.jpg': not a readable image"),
     ("huge.png", 2 << 20, 413, "upload of 2.0 MB is over the 1 MB limit"),  # read and dropped
@@ -362,7 +364,7 @@ def test_page_loads_nothing_from_elsewhere(serve):
     assert "default-src 'self'" in hdrs["Content-Security-Policy"]
     text = page.decode()
     static = Path(schema.__file__).parent / "static"
-    for name in ["index.html", "app.js", "app.css"]:
+    for name in ["index.html", "app.js", "run.js", "app.css"]:
         body = (static / name).read_text()
         assert "http://" not in body.replace("http://www.w3.org/2000/svg", "") and "https://" not in body, name
         assert "@import" not in body and "fonts.g" not in body

@@ -7,7 +7,7 @@ generate an image, download a kohya export. The page must log no console errors 
 but 127.0.0.1.
 
 Where the browser is missing the test skips, except under CI (CI=true), where it fails: CI installs it.
-Set PEFTBOOTH_UPDATE_SCREENSHOT=1 to refresh docs/ui-screenshot.png from this test.
+PEFTBOOTH_UPDATE_SCREENSHOT=1 refreshes docs/ui-screenshot.png in tests/test_ui_world.py (the new-run form).
 """
 
 import json
@@ -193,6 +193,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             expect(page.locator("#samples img.sample")).to_have_count(1, timeout=SLOW)
             page.wait_for_function("() => document.querySelector('#samples img.sample').naturalWidth > 0")
             assert len(list((run / "ui" / "samples").glob("*.png"))) == 1
+            expect(page.locator("#samples .sample-label")).to_contain_text("“a photo of sks dog” · strength 1")
 
             # --- export for kohya / A1111 / ComfyUI and download it
             page.select_option("#export-format", "kohya")
@@ -209,8 +210,6 @@ def test_ui_end_to_end_in_chromium(tmp_path):
                 assert f.metadata()["ss_network_module"] == "networks.lora"
             assert keys and all(k.startswith("lora_unet_") for k in keys)
             page.screenshot(path=str(shots / "3-finished.png"), full_page=True)
-            if os.environ.get("PEFTBOOTH_UPDATE_SCREENSHOT"):
-                shutil.copy(shots / "3-finished.png", DOCS_SHOT)
 
             page.click("#nav-runs")
             expect(page.locator("tr[data-run='sks-dog'] .state")).to_have_text("finished")

@@ -16,7 +16,13 @@ from ..data import IMAGE_EXTENSIONS, MASK_SUFFIX, list_images, load_image, mask_
 from ..rundir import write_text
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # one photo; phone photos are 2-12 MB
-MAX_PHOTOS = 50  # per run; DreamBooth wants 3-10
+MAX_PHOTOS = 50  # per run
+# Training works from one photo (the CLI takes one too), so that is the floor; DreamBooth's paper and every guide
+# use 3-10, so fewer than BEST_PHOTOS[0] is a note on the page, not a refusal. One wording, used everywhere:
+MIN_PHOTOS = 1
+BEST_PHOTOS = (3, 10)
+PHOTO_RULE = f"at least {MIN_PHOTOS} photo of the subject; {BEST_PHOTOS[0]}–{BEST_PHOTOS[1]} work best"
+CAPTION_SUFFIX = ".txt"
 MAX_CAPTION_CHARS = 2000
 PHOTOS = "photos"  # uploads go to RUN/photos/, captions beside them as NAME.txt
 UI_DIR = "ui"  # RUN/ui/: the UI's own files (job state, training log, samples, exports)
@@ -92,8 +98,11 @@ def store_upload(folder: Path, filename: str, data: bytes) -> Path:
     NAME.mask.png is the loss mask of the photo NAME.* (--masked-loss): its photo must be there already, the mask
     must have the photo's size and not be black everywhere, and it replaces an earlier mask of that photo."""
     name = safe_name(filename, "photo")
+    if Path(name).suffix.lower() == CAPTION_SUFFIX:
+        return store_caption(folder, filename, name, data)
     if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-        raise UsageError(f"photo {filename!r}: only {', '.join(IMAGE_EXTENSIONS)} images are accepted")
+        raise UsageError(f"photo {filename!r}: only {', '.join(IMAGE_EXTENSIONS)} images (and NAME.txt captions) "
+                         "are accepted")
     if len(data) > MAX_UPLOAD_BYTES:
         raise UsageError(f"photo {filename!r}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB "
                          "limit per photo")
@@ -120,6 +129,40 @@ def store_upload(folder: Path, filename: str, data: bytes) -> Path:
         return target
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def store_caption(folder: Path, filename: str, name: str, data: bytes) -> Path:
+    """An uploaded NAME.txt is the caption of the photo NAME.* already uploaded (as a typed caption would be)."""
+    photo = photo_beside(folder / name, len(CAPTION_SUFFIX)) if folder.is_dir() else None
+    if photo is None:
+        raise UsageError(f"caption {filename!r}: there is no photo {name[:-len(CAPTION_SUFFIX)]}.* for it; upload "
+                         "the photo first")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"caption {filename!r}: not UTF-8 text") from None
+    return write_caption(folder, photo.name, text)
+
+
+def photos_problem(folder: Path) -> str | None:
+    """What the page says instead of '--instance-data-dir ...: no such folder' when there are no photos yet."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        count = len(list_images(folder, "photos")) if folder.is_dir() else 0
+    if count < MIN_PHOTOS:
+        return f"photos: none yet; add {PHOTO_RULE} (drop them above, choose files, or use a folder)"
+    return None
+
+
+def photos_note(folder: Path) -> str | None:
+    """A word, not a refusal, when there are fewer photos than work best."""
+    count = len(photos_of(folder))
+    if MIN_PHOTOS <= count < BEST_PHOTOS[0]:
+        best = f"{BEST_PHOTOS[0]}–{BEST_PHOTOS[1]}"
+        return f"{count} photo{'s' if count > 1 else ''}: training works, but {best} work best"
+    return None
 
 
 def photos_of(folder: Path) -> list[dict]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +29,9 @@ import time
 from pathlib import Path
 
 from ..checkpoint import LOCK, list_checkpoints
+from ..config import UsageError
 from ..rundir import ADAPTER_WEIGHTS, RunDir
-from ..validation import step_dir, validation_steps_on_disk
+from ..validation import read_warning, step_dir, validation_steps_on_disk
 from .files import UI_DIR, atomic_write
 
 JOB = "job.json"
@@ -188,15 +190,30 @@ def summary(run: Path, queue: list[str]) -> dict:
     cfg = load_config(run)
     state = state_of(run)
     config_file = RunDir(run).config_file
-    started = config_file if config_file.exists() else run
+    started = (config_file if config_file.exists() else run).stat().st_mtime
     return {
         "name": run.name, "state": state,
         "model": (cfg.get("model") or {}).get("model"),
         "adapter": (cfg.get("unet_adapter") or {}).get("adapter"),
         "steps": (cfg.get("train") or {}).get("max_train_steps"),
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started.stat().st_mtime)),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)), "time": started,
         "queue_position": queue.index(run.name) + 1 if run.name in queue else None,
     }
+
+
+def validation_prompts(run: Path) -> list[str]:
+    """The prompts of the validation rows: training writes them to validation/prompts.json (prompt{j}_... is
+    prompt j); the run's config as a fallback for a run from before that file."""
+    try:
+        prompts = json.loads((run / "validation" / "prompts.json").read_text())
+    except (OSError, ValueError):
+        prompts = (load_config(run).get("train") or {}).get("validation_prompt") or []
+    return [str(p) for p in prompts] if isinstance(prompts, list) else []
+
+
+def prompt_of(image: str, prompts: list[str]) -> str:
+    m = re.match(r"prompt(\d+)_", image)
+    return prompts[int(m.group(1))] if m and int(m.group(1)) < len(prompts) else ""
 
 
 def progress(run: Path) -> dict:
@@ -208,22 +225,33 @@ def progress(run: Path) -> dict:
     checkpoints = [int(p.name.rsplit("-", 1)[-1]) for p in list_checkpoints(run)]
     stats = RunDir(run).read_stats() or {}
     state = state_of(run)
-    step = bar["step"] if bar and bar["phase"] == "train" else (checkpoints[-1] if checkpoints else 0)
+    live = state in ("running", "stopping")
+    training = bool(bar and bar["phase"] == "train")
+    step = bar["step"] if training else (checkpoints[-1] if checkpoints else 0)
     if state == "finished":
         step = stats.get("steps", total)
+    prompts = validation_prompts(run)
     validation = []
     for s in validation_steps_on_disk(run):
         images = sorted(p.name for p in step_dir(run, s).glob("prompt*.png"))
-        validation.append({"step": s, "images": [f"validation/step_{s}/{n}" for n in images]})
+        validation.append({"step": s, "images": [f"validation/step_{s}/{n}" for n in images],
+                           "prompts": [prompt_of(n, prompts) for n in images]})
+    job = read_job(run)
     return {
         "state": state, "step": step, "total": total,
-        "phase": bar["phase"] if bar and state in ("running", "stopping") else None,
+        # before the first train bar a live run is loading, or making class images: no step rate or time left
+        # belongs to it then ("0:00 left" beside "step 0" was the class images' own bar)
+        "phase": (bar["phase"] if bar else "starting") if live else None,
         "phase_step": bar["step"] if bar else None, "phase_total": bar["total"] if bar else None,
-        "it_s": bar["it_s"] if bar and bar["phase"] == "train" else stats.get("it_s"),
-        "seconds_left": bar["seconds_left"] if bar and state in ("running", "stopping") else None,
+        # a stopped or failed run has no rate any more; a finished one shows its average (train_stats.json)
+        "it_s": (bar["it_s"] if training else None) if live else stats.get("it_s") if state == "finished" else None,
+        "seconds_left": bar["seconds_left"] if live and training else None,
+        # Stop pressed before step 1: the signal waits for the first step (see Queue.stop)
+        "stop_waits": bool(state == "stopping" and job.get("stop_pending")),
         "loss": loss_curve(run), "validation": validation, "checkpoints": checkpoints,
+        "validation_warning": read_warning(run),  # samples that stopped changing: the report says it too
         "log": log_lines(text), "report": RunDir(run).report_file.is_file(),
-        "returncode": read_job(run).get("returncode"),
+        "returncode": job.get("returncode"),
     }
 
 
@@ -261,6 +289,17 @@ class Queue:
         with self.lock:
             write_job(run, {"state": "queued", "resume": resume, "queued_at": time.time()})
         # started by the queue's thread within `interval` seconds, never from a request's own thread
+
+    def delete(self, run: Path) -> None:
+        """Remove a run folder that nothing trains or waits to train: moved to a hidden name first (one atomic
+        rename, so the list never shows half a folder), then removed."""
+        with self.lock:  # the queue's thread takes the same lock before it starts a run
+            state = state_of(run)
+            if state in ("running", "stopping", "queued"):
+                raise UsageError(f"run {run.name}: {state}; stop it before deleting it")
+            hidden = run.with_name(f".deleted-{run.name}-{time.time_ns()}")
+            os.replace(run, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
     def stop(self, run: Path) -> str:
         """Queued: leave the queue. Training: SIGINT, so it finishes the step, writes a checkpoint, exits 130.

@@ -12,17 +12,20 @@ import json
 import mimetypes
 import os
 import re
+import shutil
 import sys
 import traceback
+import zipfile
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..config import ADAPTER_TYPES, UsageError
+from ..config import UsageError
 from ..rundir import RunDir
 from . import files, runs, schema, tryit
+from .api import FORM, Api
 
 STATIC = Path(__file__).parent / "static"
 MAX_JSON_BYTES = 1 << 20
@@ -72,6 +75,10 @@ class App:
         except Exception:  # noqa: BLE001 - a hand-edited config.yaml (bad YAML, unknown key) must not hide progress
             out["settings"] = None
         out["finished_runs"] = [p.name for p in self.queue.runs() if RunDir(p).is_finished()]
+        # a draft has no config.yaml yet: no command to give, and its last checked form comes back for "Edit"
+        out["command"] = f"peftbooth train --config {config_file}" if config_file.is_file() else None
+        out["form"] = read_json(run / files.UI_DIR / FORM) if out["state"] == "draft" else None
+        out["fused"] = (run / files.UI_DIR / tryit.FUSED).is_dir()
         return out
 
 
@@ -86,7 +93,7 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(Api, BaseHTTPRequestHandler):
     server_version = "peftbooth-ui"
     app: App  # set on the subclass made by `make_server`
 
@@ -122,14 +129,8 @@ class Handler(BaseHTTPRequestHandler):
     # --- responses
     def send_body(self, body: bytes, ctype: str, status=HTTPStatus.OK, headers: dict | None = None):
         self.send_response(status)
-        self.send_header("Content-Type", ctype)
+        self.send_common(ctype, dict(headers or {}))
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("Content-Security-Policy", (headers or {}).pop("csp", CSP))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -137,12 +138,27 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, data, status=HTTPStatus.OK):
         self.send_body(json.dumps(data).encode(), "application/json", status)
 
-    def send_file(self, path: Path, download: bool = False, csp: str = CSP):
+    def send_file(self, path: Path, download: bool = False, csp: str = CSP, filename: str | None = None):
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         headers = {"csp": csp}
         if download or not ctype.startswith(("image/", "text/html", "text/css", "text/javascript", "application/json")):
-            headers["Content-Disposition"] = f'attachment; filename="{path.name}"'
-        self.send_body(path.read_bytes(), ctype, headers=headers)
+            headers["Content-Disposition"] = f'attachment; filename="{filename or path.name}"'
+        self.send_response(HTTPStatus.OK)
+        self.send_common(ctype, headers)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.end_headers()
+        if self.command != "HEAD":
+            with open(path, "rb") as f:  # streamed: an export or a fused model can be gigabytes
+                shutil.copyfileobj(f, self.wfile, 1 << 20)
+
+    def send_common(self, ctype: str, headers: dict) -> None:
+        self.send_header("Content-Type", ctype)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", headers.pop("csp", CSP))
+        for k, v in headers.items():
+            self.send_header(k, v)
 
     def body(self, limit: int = MAX_JSON_BYTES) -> bytes:
         try:
@@ -182,6 +198,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self.dispatch("PUT")
 
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
     def dispatch(self, method: str):
         if not self.allowed():
             return
@@ -195,6 +214,8 @@ class Handler(BaseHTTPRequestHandler):
             raise NotFound(f"{method} {path}: no such page")
         except NotFound as e:
             self.send_json({"error": str(e)}, HTTPStatus.NOT_FOUND)
+        except tryit.Exists as e:  # the page asks whether to replace it
+            self.send_json({"error": str(e), "exists": True}, HTTPStatus.CONFLICT)
         except TooLarge as e:
             self.send_json({"error": str(e)}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         except UsageError as e:
@@ -222,7 +243,24 @@ class Handler(BaseHTTPRequestHandler):
         except UsageError as e:
             raise NotFound(str(e)) from None
         csp = REPORT_CSP if path.suffix == ".html" else CSP
-        self.send_file(path, download="download" in query, csp=csp)
+        as_name = (query.get("as") or [""])[0]
+        self.send_file(path, download="download" in query, csp=csp,
+                       filename=files.safe_name(as_name, "file name") if as_name else None)
+
+    def fused_zip(self, query, name):
+        """RUN/ui/fused/ as one zip, written straight into the response (no second copy on disk). Stored, not
+        compressed: safetensors do not shrink. HTTP/1.0: the end of the connection ends the file."""
+        folder = self.app.run(name) / files.UI_DIR / tryit.FUSED
+        if not folder.is_dir():
+            raise NotFound(f"run {name}: not fused yet")
+        self.send_response(HTTPStatus.OK)
+        self.send_common("application/zip", {"Content-Disposition": f'attachment; filename="{name}-fused.zip"'})
+        self.end_headers()
+        self.close_connection = True
+        with zipfile.ZipFile(self.wfile, "w", zipfile.ZIP_STORED) as z:
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    z.write(f, f"{name}-fused/{f.relative_to(folder).as_posix()}")
 
     def photo(self, query, name, photo):
         run = self.app.run(name)
@@ -235,108 +273,6 @@ class Handler(BaseHTTPRequestHandler):
             raise NotFound(photo)
         self.send_file(path)
 
-    # --- API
-    def api_schema(self, query):
-        self.send_json({"fields": schema.form_fields(), "presets": schema.PRESETS, "low_memory": schema.LOW_MEMORY,
-                        "models": list(schema.MODEL_CHOICES), "adapters": list(ADAPTER_TYPES),
-                        "limits": {"photo_bytes": files.MAX_UPLOAD_BYTES, "photos": files.MAX_PHOTOS}})
-
-    def api_runs(self, query):
-        queue = self.app.queue.queued()
-        self.send_json({"runs": [runs.summary(p, queue) for p in self.app.queue.runs()], "queue": queue})
-
-    def api_new_run(self, query):
-        body = self.json_body()
-        base = files.run_name(str(body.get("name") or "run"))
-        self.app.runs_dir.mkdir(parents=True, exist_ok=True)
-        run = files.unique(self.app.runs_dir, base)
-        (run / files.UI_DIR).mkdir(parents=True)
-        self.send_json({"name": run.name})
-
-    def api_run(self, query, name):
-        self.send_json(self.app.detail(self.app.run(name)))
-
-    def editable(self, run: Path) -> None:
-        if RunDir(run).config_file.is_file():
-            raise UsageError(f"run {run.name}: already started; its photos and settings are fixed")
-
-    def api_upload(self, query, name):
-        run = self.app.run(name)
-        self.editable(run)
-        filename = (query.get("filename") or [""])[0]
-        data = self.body(limit=files.MAX_UPLOAD_BYTES)
-        draft = read_json(run / files.UI_DIR / "draft.json")
-        if draft.get("instance_data_dir"):
-            raise UsageError("this run uses a folder of photos; clear the folder to upload instead")
-        path = files.store_upload(run / files.PHOTOS, filename, data)
-        self.send_json({"name": path.name})
-
-    def api_folder(self, query, name):
-        run = self.app.run(name)
-        self.editable(run)
-        typed = str(self.json_body().get("path") or "").strip()
-        draft_file = run / files.UI_DIR / "draft.json"
-        if not typed:
-            draft_file.unlink(missing_ok=True)
-            return self.send_json({"photo_dir": str(run / files.PHOTOS)})
-        folder = files.confined(typed, self.app.roots, "folder")
-        if not folder.is_dir():
-            raise UsageError(f"folder {typed}: no such folder")
-        files.atomic_write(draft_file, json.dumps({"instance_data_dir": str(folder)}))
-        self.send_json({"photo_dir": str(folder), "photos": files.photos_of(folder)})
-
-    def api_caption(self, query, name):
-        run = self.app.run(name)
-        self.editable(run)
-        body = self.json_body()
-        folder = self.app.photo_dir(run)
-        files.confined(str(folder), self.app.roots, "folder")  # the allowed folders may have changed since
-        files.write_caption(folder, str(body.get("photo") or ""), str(body.get("caption") or ""))
-        self.send_json({"ok": True})
-
-    def api_check(self, query, name, start: bool = False):
-        """Check the settings as `peftbooth train` would; with start, write config.yaml and queue the run."""
-        run = self.app.run(name)
-        self.editable(run)
-        folder = self.app.photo_dir(run)
-        cfg, errors = schema.check_run(self.json_body().get("values") or {}, str(folder), str(run))
-        if errors:  # a result, not a failure of the request: the page shows each beside its field
-            return self.send_json({"ok": False, "errors": errors})
-        if start:
-            files.atomic_write(RunDir(run).config_file, schema.config_yaml(cfg))
-            self.app.queue.enqueue(run, resume=False)
-        self.send_json({"ok": True, "command": f"peftbooth train --config {RunDir(run).config_file}"})
-
-    def api_start(self, query, name):
-        self.api_check(query, name, start=True)
-
-    def api_stop(self, query, name):
-        self.send_json({"result": self.app.queue.stop(self.app.run(name))})
-
-    def api_resume(self, query, name):
-        run = self.app.run(name)
-        state = runs.state_of(run)
-        if state not in ("stopped", "failed") or not runs.list_checkpoints(run):
-            raise UsageError(f"run {name}: nothing to resume (it is {state}, with no checkpoint)")
-        self.app.queue.enqueue(run, resume=True)
-        self.send_json({"result": "queued"})
-
-    def api_generate(self, query, name):
-        run = self.app.run(name)
-        paths = self.app.studio.generate(self.app.runs_dir, run, self.json_body())
-        self.send_json({"images": [f"/runs/{name}/file/{p}" for p in paths]})
-
-    def api_export(self, query, name):
-        run = self.app.run(name)
-        path = tryit.export(run, str(self.json_body().get("format") or ""))
-        rel = path.relative_to(run).as_posix()
-        self.send_json({"path": str(path), "download": f"/runs/{name}/file/{rel}?download=1"})
-
-    def api_fuse(self, query, name):
-        run = self.app.run(name)
-        scale = tryit.number(self.json_body(), "scale", 1.0, float, "scale")
-        self.send_json({"path": str(tryit.fuse(run, scale))})
-
 
 class TooLarge(Exception):
     pass
@@ -348,17 +284,24 @@ ROUTES = [(m, re.compile(p), f) for m, p, f in [
     ("GET", r"/static/([A-Za-z0-9_.-]+)", Handler.static),
     ("GET", rf"/runs/{NAME}/file/(.+)", Handler.run_file),
     ("GET", rf"/runs/{NAME}/photo/([^/]+)", Handler.photo),
+    ("GET", rf"/runs/{NAME}/fused\.zip", Handler.fused_zip),
     ("GET", r"/api/schema", Handler.api_schema),
     ("GET", r"/api/runs", Handler.api_runs),
     ("POST", r"/api/runs", Handler.api_new_run),
+    ("POST", r"/api/defaults", Handler.api_defaults),
+    ("POST", r"/api/new/check", Handler.api_check_new),
+    ("POST", r"/api/new/start", Handler.api_start_new),
     ("GET", rf"/api/runs/{NAME}", Handler.api_run),
+    ("DELETE", rf"/api/runs/{NAME}", Handler.api_delete),
     ("POST", rf"/api/runs/{NAME}/photos", Handler.api_upload),
     ("POST", rf"/api/runs/{NAME}/folder", Handler.api_folder),
     ("PUT", rf"/api/runs/{NAME}/caption", Handler.api_caption),
     ("POST", rf"/api/runs/{NAME}/check", Handler.api_check),
     ("POST", rf"/api/runs/{NAME}/start", Handler.api_start),
+    ("POST", rf"/api/runs/{NAME}/queue", Handler.api_queue),
     ("POST", rf"/api/runs/{NAME}/stop", Handler.api_stop),
     ("POST", rf"/api/runs/{NAME}/resume", Handler.api_resume),
+    ("GET", rf"/api/runs/{NAME}/samples", Handler.api_samples),
     ("POST", rf"/api/runs/{NAME}/generate", Handler.api_generate),
     ("POST", rf"/api/runs/{NAME}/export", Handler.api_export),
     ("POST", rf"/api/runs/{NAME}/fuse", Handler.api_fuse),

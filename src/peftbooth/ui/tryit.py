@@ -6,6 +6,7 @@ adapters are loaded onto it the first time they are asked for, then switched or 
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..config import UsageError
 from .files import UI_DIR
-from ..rundir import RunDir
+from ..rundir import RunDir, atomic_file, read_json, write_json
 from .runs import load_config
 
 SAMPLES = "samples"
@@ -61,8 +62,14 @@ class Studio:
             self.base = base
         return self.pipe, base
 
-    def generate(self, runs_dir: Path, run: Path, body: dict) -> list[str]:
-        """Images for the run (at `strength`), optionally mixed with a second run; -> paths inside the run."""
+    def forget(self, name: str) -> None:
+        """A deleted run's adapters must not stay loaded under a name a new run may take: reload next time."""
+        with self.lock:
+            if name in self.loaded:
+                self.pipe, self.loaded, self.base = None, set(), None
+
+    def generate(self, runs_dir: Path, run: Path, body: dict) -> list[dict]:
+        """Images for the run (at `strength`), optionally mixed with a second run; -> their history entries."""
         prompt = str(body.get("prompt") or "").strip()
         if not prompt:
             raise UsageError("prompt: give a prompt, e.g. the instance prompt")
@@ -92,15 +99,41 @@ class Studio:
             pipe.set_adapters(weights)
             images = pipe.generate(prompt, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance,
                                    negative_prompt=str(body.get("negative_prompt") or "") or None)
-        out = run / UI_DIR / SAMPLES
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths = []
-        for i, img in enumerate(images):
-            path = out / f"{stamp}-seed{seed}-{i:02d}.png"
-            img.save(path)
-            paths.append(str(path.relative_to(run)))
-        return paths
+        return save_samples(run, images, {
+            "prompt": prompt, "negative_prompt": str(body.get("negative_prompt") or ""), "seed": seed,
+            "steps": steps, "guidance_scale": guidance, "strength": strength,
+            "mix_run": other.name if other else None, "mix_weight": weights.get(other.name) if other else None})
+
+
+def save_samples(run: Path, images: list, settings: dict) -> list[dict]:
+    """RUN/ui/samples/STAMP-RANDOM-II.png, each with its settings in STAMP-RANDOM-II.json beside it: the run's
+    sample history. The random part keeps two generations in the same second from overwriting each other (by
+    the second alone, 3 generations in 2 s gave 6 images but 4 files). The image is written before its JSON, and
+    the history lists JSON files, so it never names a missing image."""
+    out = run / UI_DIR / SAMPLES
+    out.mkdir(parents=True, exist_ok=True)
+    stamp, batch, created = time.strftime("%Y%m%d-%H%M%S"), secrets.token_hex(4), time.time()
+    entries = []
+    for i, img in enumerate(images):
+        path = out / f"{stamp}-{batch}-{i:02d}.png"
+        with atomic_file(path) as tmp:
+            img.save(tmp, format="PNG")
+        entry = {**settings, "index": i, "count": len(images), "created": created,
+                 "image": path.relative_to(run).as_posix()}
+        write_json(path.with_suffix(".json"), entry)
+        entries.append(entry)
+    return entries
+
+
+def sample_history(run: Path) -> list[dict]:
+    """Every generated image of the run with its settings, newest first."""
+    folder = run / UI_DIR / SAMPLES
+    entries = []
+    for f in folder.glob("*.json") if folder.is_dir() else []:
+        entry = read_json(f)
+        if entry and (run / str(entry.get("image", ""))).is_file():
+            entries.append(entry)
+    return sorted(entries, key=lambda e: (-float(e.get("created") or 0), e.get("image", "")))
 
 
 def export(run: Path, fmt: str) -> Path:
@@ -117,8 +150,19 @@ def export(run: Path, fmt: str) -> Path:
     return path
 
 
-def fuse(run: Path, scale: float) -> Path:
-    """RUN/ui/fused/: a full diffusers pipeline with the adapters merged in."""
+FUSED = "fused"
+
+
+def fuse(run: Path, scale: float, overwrite: bool = False) -> Path:
+    """RUN/ui/fused/: a full diffusers pipeline with the adapters merged in; an earlier one is only replaced
+    when asked (the page asks first)."""
     from ..fuse import fuse_run
 
-    return fuse_run(None, finished(run), run / UI_DIR / "fused", scale=scale, overwrite=True)
+    target = run / UI_DIR / FUSED
+    if target.exists() and not overwrite:
+        raise Exists(f"fuse: {target} exists already (fused earlier); replace it, or download it as it is")
+    return fuse_run(None, finished(run), target, scale=scale, overwrite=True)
+
+
+class Exists(UsageError):
+    pass

@@ -1,11 +1,11 @@
 // peftbooth ui: one page over the JSON API. Everything shown is read back from the run folders, so a reload
 // (or a restarted server) shows the same thing. Text from the server is only ever set as textContent.
+// This file: helpers, the connection state, the new-run form; run.js: the runs, one run, polling, views.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
 let SCHEMA = null;
 let draft = null; // name of the run folder being prepared under "New run"
-let timer = null;
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -18,14 +18,32 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 
+// The server can go away under an open page (a restart, a crash): every call that cannot reach it marks the
+// page offline (a banner, every control disabled) instead of leaving it frozen on what it last showed; the
+// poll loop (run.js) keeps trying with backoff, and the first answer refreshes everything.
+let offline = false;
+const unreachable = () => Object.assign(new Error("the server is unreachable; reconnecting…"), { offline: true });
+
 async function api(method, url, body, raw) {
   const opts = { method, headers: {} };
   if (raw !== undefined) { opts.body = raw; opts.headers["Content-Type"] = "application/octet-stream"; }
   else if (body !== undefined) { opts.body = JSON.stringify(body); opts.headers["Content-Type"] = "application/json"; }
-  const r = await fetch(url, opts);
-  const data = await r.json();
-  if (!r.ok) throw new Error(data.error || r.statusText);
+  let r, data;
+  try { r = await fetch(url, opts); } catch (e) { setOffline(true); throw unreachable(); }
+  // not JSON: not this server answering (a proxy's error page, a server half up); try again like a refusal
+  try { data = await r.json(); } catch (e) { setOffline(true); throw unreachable(); }
+  setOffline(false);
+  if (!r.ok) throw Object.assign(new Error(data.error || r.statusText), { status: r.status, data });
   return data;
+}
+
+function setOffline(on) {
+  if (on === offline) return;
+  offline = on;
+  document.body.dataset.offline = on ? "1" : "";
+  $("#conn").hidden = !on;
+  $("#app").disabled = on; // a disabled fieldset: every button and input of the page at once, restored as it was
+  if (!on) reconnected(); // run.js: refresh everything (state, queue position, step, it/s, samples)
 }
 
 const fieldId = (key) => "f-" + key.replace(/\./g, "-");
@@ -54,10 +72,11 @@ function fieldInput(f) {
 function fieldRow(f) {
   const input = fieldInput(f);
   const row = el("div", { class: "field" + (f.type === "bool" && !f.optional ? " bool" : ""), "data-key": f.key },
-    el("label", { for: fieldId(f.key), text: f.flag }), input,
+    el("label", { for: fieldId(f.key) }, f.label + " ", el("code", { class: "flag", text: f.flag })), input,
     el("small", { class: "help", text: f.help }), el("div", { class: "error", "data-error-for": f.key }));
   input.addEventListener("input", () => { // an edited field's old problem goes; the next check says if it stays
     row.classList.remove("has-error"); row.querySelector("[data-error-for]").textContent = "";
+    edited.add(f.key); // the user's value: the model's defaults never replace it
   });
   if (f.key === "model.model") {
     const dl = el("datalist", { id: "model-choices" });
@@ -78,7 +97,11 @@ function buildForm() {
     }
     sections[f.section].append(fieldRow(f));
   }
-  for (const name of Object.keys(SCHEMA.presets)) $("#preset").append(el("option", { value: name, text: name }));
+  $("#preset").replaceChildren(); // each preset is named for what it does; none: the base model's defaults
+  for (const [name, label] of Object.entries(SCHEMA.preset_labels)) $("#preset").append(el("option", { value: name, text: label }));
+  // the defaults follow the model (and the adapter type, prior preservation and masks): asked again on change
+  for (const k of ["model.model", "unet_adapter.adapter", "data.with_prior_preservation"])
+    $("#" + fieldId(k)).addEventListener("change", refreshDefaults);
   $("#preset").addEventListener("change", applyPreset);
   $("#low-memory").addEventListener("change", applyPreset);
   // a validation prompt that follows the instance prompt until edited: samples from step 0 on, by default
@@ -98,14 +121,34 @@ function setValue(key, value) {
   else input.value = value === null || value === undefined ? "" : String(value);
 }
 
+// Which fields the user set: typed into (edited) or chosen by the preset and the low-memory switch. The server
+// fills the others with the base model's defaults (peftbooth.model_defaults), as `peftbooth train` fills what no
+// flag gives; the page shows those values in the inputs, so what is shown is what trains.
+const edited = new Set();
+let fromModel = new Set(); // fields the model's defaults set last time
+const presetValues = () => ({ ...(SCHEMA.presets[$("#preset").value] || {}), ...($("#low-memory").checked ? SCHEMA.low_memory : {}) });
+const givenKeys = () => [...new Set([...edited, ...Object.keys(presetValues())])];
+const fieldDefault = (k) => (SCHEMA.fields.find((f) => f.key === k) || {}).default;
+
 function applyPreset() {
-  const name = $("#preset").value;
-  const defaults = Object.fromEntries(SCHEMA.fields.map((f) => [f.key, f.default]));
   const touched = new Set([...Object.values(SCHEMA.presets).flatMap(Object.keys), ...Object.keys(SCHEMA.low_memory)]);
-  for (const k of touched) setValue(k, defaults[k]);
-  const values = { ...(SCHEMA.presets[name] || {}), ...($("#low-memory").checked ? SCHEMA.low_memory : {}) };
-  for (const [k, v] of Object.entries(values)) setValue(k, v);
+  for (const k of touched) if (!edited.has(k)) setValue(k, fieldDefault(k));
+  const values = presetValues();
+  for (const [k, v] of Object.entries(values)) if (!edited.has(k)) setValue(k, v);
   $("#preset-help").textContent = Object.entries(values).map(([k, v]) => `${k.split(".")[1]}=${v}`).join(", ");
+  stepsHint();
+  refreshDefaults();
+}
+
+async function refreshDefaults() {
+  let r;
+  try { r = await api("POST", "/api/defaults", { name: draft || "", values: formValues(), given: givenKeys() }); }
+  catch (e) { return; } // unreachable or unparsable: the next check says why
+  const given = new Set(givenKeys());
+  for (const k of fromModel) if (!given.has(k) && !(k in r.values)) setValue(k, fieldDefault(k)); // another model
+  for (const [k, v] of Object.entries(r.values)) if (!given.has(k)) setValue(k, v);
+  fromModel = new Set(Object.keys(r.values));
+  $("#model-defaults").textContent = r.line;
   stepsHint();
 }
 
@@ -145,19 +188,41 @@ function showErrors(errors) {
 }
 let photoErrors = [];
 
+function nameError(text) { $("#run-name-error").textContent = text; }
+
 async function ensureDraft() {
-  if (!draft) draft = (await api("POST", "/api/runs", { name: $("#run-name").value || "run" })).name;
+  if (!draft) {
+    try { draft = (await api("POST", "/api/runs", { name: $("#run-name").value || "run" })).name; }
+    catch (e) { if (e.status === 400) nameError(e.message); throw e; } // a taken name: said, never renamed
+  }
   $("#run-name").value = draft;
   $("#run-name").disabled = true;
   return draft;
 }
 
+function openDraft(name, form) { // "Edit" on a draft's page: its photos and its last checked settings
+  draft = name; $("#run-name").value = name; $("#run-name").disabled = true; nameError("");
+  for (const [k, v] of Object.entries(form || {})) {
+    setValue(k, v);
+    // a value other than the dataclass's was set by the user (or the model's defaults, which it then keeps)
+    if (JSON.stringify(v) !== JSON.stringify(fieldDefault(k)) && !(Array.isArray(v) && !v.length)) edited.add(k);
+  }
+  location.hash = "#new";
+  showPhotos();
+}
+
+function forgetDraft(name) {
+  if (draft !== name) return;
+  draft = null; $("#run-name").disabled = false; $("#photos").replaceChildren();
+}
+
 async function upload(fileList) {
-  const name = await ensureDraft();
+  let name;
+  try { name = await ensureDraft(); } catch (e) { return; }
   const problems = [];
-  // photos before masks: NAME.mask.png is refused until its photo NAME.* is there
-  const isMask = (f) => f.name.toLowerCase().endsWith(".mask.png");
-  const ordered = [...fileList].sort((a, b) => isMask(a) - isMask(b));
+  // photos first: NAME.mask.png and NAME.txt are refused until their photo NAME.* is there
+  const after = (f) => /\.(mask\.png|txt)$/i.test(f.name);
+  const ordered = [...fileList].sort((a, b) => after(a) - after(b));
   for (const file of ordered) {
     try {
       await api("POST", `/api/runs/${name}/photos?filename=${encodeURIComponent(file.name)}`, undefined, file);
@@ -181,192 +246,40 @@ async function showPhotos() {
       el("img", { src: `/runs/${draft}/photo/${encodeURIComponent(p.name)}`, alt: p.name }), el("span", { text: p.name + (p.mask ? " (mask)" : "") }), caption));
   }
   stepsHint();
+  refreshDefaults(); // photos that all have masks turn on the world's masked loss
 }
 
 async function check(start) {
-  const name = await ensureDraft();
+  // no draft yet (no photo given): checked under the typed name, and nothing is created on the server
+  const url = draft ? `/api/runs/${draft}/${start ? "start" : "check"}` : `/api/new/${start ? "start" : "check"}`;
   $("#check-result").textContent = start ? "checking…" : "";
-  const r = await api("POST", `/api/runs/${name}/${start ? "start" : "check"}`, { values: formValues() });
+  let r;
+  try { r = await api("POST", url, { name: $("#run-name").value || "run", values: formValues(), given: givenKeys() }); }
+  catch (e) { if (e.status === 400 && !draft) nameError(e.message); throw e; }
   showErrors(r.errors);
-  $("#check-result").textContent = r.ok ? (start ? "started" : "all settings are valid") : "see the problems above";
-  if (r.ok && start) { draft = null; location.hash = `#run/${name}`; }
+  $("#check-result").textContent = r.ok ? (start ? "started" : "all settings are valid") + (r.note ? `; note: ${r.note}` : "")
+    : "see the problems above";
+  if (r.ok && start) { draft = null; $("#run-name").disabled = false; location.hash = `#run/${r.name}`; }
 }
 
 function initNew() {
+  $("#photo-rule").textContent = SCHEMA.limits.photo_rule;
   const drop = $("#drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files); });
-  $("#photo-input").addEventListener("change", (e) => upload(e.target.files));
+  // emptied after each choice, so choosing the same file again (after a refused name) still uploads it
+  $("#photo-input").addEventListener("change", (e) => { const chosen = [...e.target.files]; e.target.value = ""; upload(chosen); });
+  $("#run-name").addEventListener("input", () => nameError(""));
+  $("#photo-folder").addEventListener("input", () => { $("#photo-errors").textContent = ""; }); // about the old text
   $("#use-folder").addEventListener("click", async () => {
-    const name = await ensureDraft();
     try {
+      const name = await ensureDraft();
       await api("POST", `/api/runs/${name}/folder`, { path: $("#photo-folder").value });
       $("#photo-errors").textContent = "";
-    } catch (e) { $("#photo-errors").textContent = e.message; }
+    } catch (e) { if (!$("#run-name-error").textContent) $("#photo-errors").textContent = e.message; }
     await showPhotos();
   });
   $("#check").addEventListener("click", () => check(false).catch((e) => { $("#general-errors").textContent = e.message; }));
   $("#start").addEventListener("click", () => check(true).catch((e) => { $("#general-errors").textContent = e.message; }));
 }
-
-// ------------------------------------------------------------------------------------------------------------
-// runs list
-
-async function showRuns() {
-  const { runs } = await api("GET", "/api/runs");
-  const body = $("#runs-table tbody");
-  body.replaceChildren();
-  for (const r of runs) {
-    body.append(el("tr", { "data-run": r.name },
-      el("td", {}, el("a", { href: `#run/${r.name}`, text: r.name })), el("td", { text: r.model || "" }),
-      el("td", { text: r.adapter || "" }), el("td", { text: r.steps ?? "" }),
-      el("td", {}, el("span", { class: `state ${r.state}`, text: r.state + (r.queue_position ? ` #${r.queue_position}` : "") })),
-      el("td", { text: r.date })));
-  }
-  $("#runs-empty").hidden = runs.length > 0;
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// one run: progress, validation, stop / resume, try it, export, fuse
-
-const clock = (s) => { s = Math.round(s); const m = Math.floor(s / 60); return `${m}:${String(s % 60).padStart(2, "0")}`; };
-
-function drawLoss(points) {
-  const svg = $("#loss-chart"), NS = "http://www.w3.org/2000/svg";
-  svg.replaceChildren();
-  if (!points.length) return;
-  const W = 400, H = 160, P = 28;
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-6);
-  const px = (x) => P + (x - x0) / (x1 - x0) * (W - 2 * P), py = (y) => H - P - (y - y0) / (y1 - y0) * (H - 2 * P);
-  const line = document.createElementNS(NS, "polyline");
-  line.setAttribute("points", points.map((p) => `${px(p[0]).toFixed(1)},${py(p[1]).toFixed(1)}`).join(" "));
-  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#2a6df4"); line.setAttribute("stroke-width", "1.5");
-  svg.append(line);
-  for (const [x, y, t] of [[P, 12, y1.toFixed(3)], [P, H - P + 4, y0.toFixed(3)], [P, H - 6, `step ${x0}`], [W - P - 40, H - 6, `step ${x1}`]]) {
-    const text = document.createElementNS(NS, "text");
-    text.setAttribute("x", x); text.setAttribute("y", y); text.setAttribute("font-size", "10"); text.textContent = t;
-    svg.append(text);
-  }
-  svg.dataset.points = String(points.length);
-}
-
-let current = null; // the run shown
-
-async function showRun(name) {
-  const r = await api("GET", `/api/runs/${name}`);
-  if (current !== name) return; // the user went elsewhere meanwhile
-  $("#run-title").textContent = name;
-  const state = $("#run-state");
-  state.textContent = r.state; state.className = `state ${r.state}`; state.dataset.state = r.state;
-  const total = r.total || 1;
-  $("#run-progress").max = total; $("#run-progress").value = r.step || 0;
-  $("#run-step").textContent = `step ${r.step || 0} / ${r.total ?? "?"}`;
-  $("#run-step").dataset.step = r.step || 0;
-  $("#run-rate").textContent = r.it_s ? `${r.it_s.toFixed(2)} it/s` : "";
-  $("#run-eta").textContent = r.seconds_left != null ? `${clock(r.seconds_left)} left` : "";
-  $("#run-phase").textContent = r.phase && r.phase !== "train" ? `${r.phase} ${r.phase_step}/${r.phase_total}` : "";
-  $("#queue-pos").textContent = r.queue_position ? `queued, #${r.queue_position}` : "";
-  $("#stop").disabled = !["running", "queued"].includes(r.state);
-  $("#resume").disabled = !(["stopped", "failed"].includes(r.state) && r.checkpoints.length);
-  $("#stop").dataset.checkpoints = r.checkpoints.join(",");
-  $("#run-command").textContent = `peftbooth train --config ${r.config}` + (r.checkpoints.length && r.state !== "finished" ? " --resume latest" : "");
-  const report = $("#report-link");
-  report.hidden = !r.report; report.href = `/runs/${name}/file/report.html`;
-  drawLoss(r.loss);
-  const shown = $("#validation");
-  const key = JSON.stringify(r.validation);
-  if (shown.dataset.key !== key) {
-    shown.dataset.key = key;
-    shown.replaceChildren(...r.validation.slice().reverse().map((v) => el("figure", { "data-step": v.step },
-      el("figcaption", { text: `step ${v.step}` }),
-      ...v.images.map((src) => el("img", { class: "validation-image", src: `/runs/${name}/file/${src}`, alt: `step ${v.step}` })))));
-  }
-  const photos = $("#run-photos");
-  if (photos.dataset.run !== name) {
-    photos.dataset.run = name;
-    photos.replaceChildren(...r.photos.map((p) => el("div", { class: "photo" },
-      el("img", { src: `/runs/${name}/photo/${encodeURIComponent(p.name)}`, alt: p.name, title: p.caption || p.name }))));
-  }
-  $("#run-log").textContent = r.log.join("\n");
-  const panel = $("#finished-panel");
-  const wasHidden = panel.hidden;
-  panel.hidden = r.state !== "finished";
-  if (!panel.hidden && wasHidden) {
-    $("#try-prompt").value = (r.settings && r.settings["data.instance_prompt"]) || "";
-    const mix = $("#try-mix-run");
-    mix.replaceChildren(el("option", { value: "", text: "(none)" }), ...r.finished_runs.filter((n) => n !== name).map((n) => el("option", { value: n, text: n })));
-  }
-  clearTimeout(timer);
-  timer = setTimeout(() => showRun(name).catch(() => {}), ["running", "stopping", "queued"].includes(r.state) ? 1000 : 4000);
-}
-
-function initRun() {
-  const act = (what) => async () => {
-    try { $("#run-message").textContent = ""; await api("POST", `/api/runs/${current}/${what}`, {}); }
-    catch (e) { $("#run-message").textContent = e.message; }
-    await showRun(current);
-  };
-  $("#stop").addEventListener("click", act("stop"));
-  $("#resume").addEventListener("click", act("resume"));
-  $("#generate").addEventListener("click", async () => {
-    const status = $("#generate-status");
-    status.textContent = "generating…"; $("#generate").disabled = true;
-    try {
-      const body = { prompt: $("#try-prompt").value, seed: $("#try-seed").value, steps: $("#try-steps").value,
-        guidance_scale: $("#try-guidance").value, num_images: $("#try-num").value, strength: $("#try-strength").value,
-        mix_run: $("#try-mix-run").value, mix_weight: $("#try-mix-weight").value };
-      const r = await api("POST", `/api/runs/${current}/generate`, body);
-      $("#samples").prepend(...r.images.map((src) => el("img", { class: "sample", src, alt: body.prompt })));
-      status.textContent = `${r.images.length} image(s)`;
-    } catch (e) { status.textContent = e.message; }
-    $("#generate").disabled = false;
-  });
-  $("#export").addEventListener("click", async () => {
-    const status = $("#export-status"), link = $("#export-link");
-    status.textContent = "exporting…"; link.hidden = true;
-    try {
-      const r = await api("POST", `/api/runs/${current}/export`, { format: $("#export-format").value });
-      link.href = r.download; link.setAttribute("download", ""); link.textContent = `download ${r.path.split("/").pop()}`;
-      link.hidden = false; status.textContent = "";
-    } catch (e) { status.textContent = e.message; }
-  });
-  $("#fuse").addEventListener("click", async () => {
-    $("#fuse-status").textContent = "fusing…";
-    try { $("#fuse-status").textContent = `written to ${(await api("POST", `/api/runs/${current}/fuse`, { scale: $("#fuse-scale").value })).path}`; }
-    catch (e) { $("#fuse-status").textContent = e.message; }
-  });
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// views by URL hash: #new, #runs, #run/NAME
-
-function route() {
-  clearTimeout(timer);
-  const hash = location.hash || "#new";
-  for (const v of ["new", "runs", "run"]) $(`#view-${v}`).hidden = true;
-  if (hash.startsWith("#run/")) {
-    current = decodeURIComponent(hash.slice(5));
-    $("#finished-panel").hidden = true; $("#samples").replaceChildren(); $("#export-link").hidden = true;
-    $("#validation").dataset.key = ""; $("#run-photos").dataset.run = "";
-    $("#view-run").hidden = false;
-    showRun(current).catch((e) => { $("#run-message").textContent = e.message; });
-  } else if (hash === "#runs") {
-    current = null; $("#view-runs").hidden = false; showRuns();
-  } else {
-    current = null; $("#view-new").hidden = false;
-  }
-}
-
-async function init() {
-  SCHEMA = await api("GET", "/api/schema");
-  buildForm();
-  initNew();
-  initRun();
-  window.addEventListener("hashchange", route);
-  route();
-  document.body.dataset.ready = "1";
-}
-
-init();
