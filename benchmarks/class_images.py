@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--sample-batch-size", type=int, default=4)
     p.add_argument("--class-image-steps", type=int, default=25)
+    p.add_argument("--plain-steps", type=int, default=50, help="the plain pipeline's steps (its default: 50)")
     args = p.parse_args()
 
     import torch
@@ -45,7 +46,7 @@ def main() -> None:
     pipe(prompt, num_inference_steps=2)  # warm-up
     start = time.perf_counter()
     for i in range(args.num_images):
-        pipe(prompt, generator=torch.Generator(device).manual_seed(i))
+        pipe(prompt, num_inference_steps=args.plain_steps, generator=torch.Generator(device).manual_seed(i))
     if device == "cuda":
         torch.cuda.synchronize()
     rows["plain"] = args.num_images / (time.perf_counter() - start)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check of the "fast and lean" targets: one device call of at most ~9.5 minutes (a session has
+# The prepared GPU check of the "fast and lean" targets: one device call of at most ~9 minutes (a session has
 # 15 minutes of device time, machine start included, so one full call is the plan, not two). The steps run in
 # order of importance, each under its own time limit, and a step that no longer fits before the deadline is
 # skipped and says so; every finished worker's row is written at once, so a late timeout loses nothing earlier.
 # NOT YET RUN ON A GPU: no session so far was lent one. `DRY=1 PY=.venv/bin/python` runs the same steps on the
-# tiny model and the CPU with 2 steps, to catch plumbing mistakes here before device time is spent on them.
+# tiny model and the CPU with 2 steps, to catch plumbing mistakes here before device time is spent on them;
+# `QUICK=1` besides (what CI runs, tests/test_benchmarks.py) narrows each step to one adapter and skips the
+# compile steps (inductor on 2 CPU cores takes minutes; "cuda graphs" is the same as "compile" off a GPU).
 #
 # Preparation, once, on the development machine (the GPU machine has torch, transformers, peft, accelerate but
 # no diffusers, and no internet):
@@ -24,10 +26,15 @@ if [ "${DRY:-0}" = 1 ]; then  # 2 CPU cores compile and start processes far slow
 else
   model=sd15 device=cuda steps=20 warmup=3 images=16 slow=1
 fi
-deadline=$((560 * slow))  # seconds after the start; the device call's own limit is 600
+adapters=lora,loha,lokr lycoris=loha,lokr layers=5 class_steps=(--class-image-steps 25 --plain-steps 50)
+[ "${QUICK:-0}" = 1 ] && adapters=lora lycoris=lokr layers=1 images=1 class_steps=(--class-image-steps 2 --plain-steps 2)
+deadline=$((530 * slow))  # seconds after the start: under 9 minutes; the device call's own limit is 600
 step() {  # step NAME LIMIT COMMAND...: run COMMAND under min(LIMIT, time left), or skip it when under 30 s are left
   local name=$1 limit=$(($2 * slow)); shift 2
   local left=$((deadline - SECONDS))
+  if [ "${QUICK:-0}" = 1 ] && [[ "$name" == compile || "$name" == "cuda graphs" ]]; then
+    echo "SKIPPED $name: QUICK=1" | tee -a "$OUT/steps.txt" >&2; return
+  fi
   if [ "$left" -lt $((30 * slow)) ]; then echo "SKIPPED $name: ${left} s left" | tee -a "$OUT/steps.txt" >&2; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
@@ -55,20 +62,25 @@ EOF
 PB_MODEL="$model" step "env and model" 150 "$py" /tmp/pb_env.py | tee "$OUT/env.txt"
 bench=("$py" benchmarks/train_throughput.py --model "$model" --steps "$steps" --warmup "$warmup" --repeats 1)
 # 1. the throughput targets: LoRA / LoHa / LoKr against floor and plain, bf16, 512 px, defaults
-step "throughput" 270 "${bench[@]}" --modes floor,plain,peftbooth --worker-timeout $((60 * slow)) \
-  --out "$OUT/train.jsonl"
+step "throughput" 240 "${bench[@]}" --adapters "$adapters" --modes floor,plain,peftbooth \
+  --worker-timeout $((60 * slow)) --out "$OUT/train.jsonl"
 # 2. the memory target: LoRA with gradient checkpointing
 step "gradient checkpointing" 60 "${bench[@]}" --adapters lora --modes peftbooth --gradient-checkpointing \
   --out "$OUT/train_gc.jsonl"
+# 2b. train's memory check (peftbooth.memory): its estimate beside the free memory and the measured peaks, per
+# phase, for the defaults (bf16) and the low-memory preset: LoRA r16 + text encoder + prior preservation
+step "memory check" 90 "$py" benchmarks/memory_check.py --model "$model" --steps "$steps" \
+  --out "$OUT/memory_check.jsonl"
 # 3. compiled LoRA, without and with CUDA graphs (the SD 1.5 UNet's first compile takes minutes)
 step "compile" 150 "${bench[@]}" --adapters lora --modes peftbooth-compile --out "$OUT/train_compile.jsonl"
 step "cuda graphs" 150 "${bench[@]}" --adapters lora --modes peftbooth-compile --compile-mode reduce-overhead \
   --out "$OUT/train_cudagraphs.jsonl"
 # 4. smaller questions, if time is left
 step "channels-last" 60 "${bench[@]}" --adapters lora --modes peftbooth-channels-last --out "$OUT/train_cl.jsonl"
-step "class images" 60 "$py" benchmarks/class_images.py --model "$model" --num-images "$images" \
+step "class images" 60 "$py" benchmarks/class_images.py --model "$model" --num-images "$images" "${class_steps[@]}" \
   > "$OUT/class_images.jsonl"
-step "lycoris layers" 40 "$py" benchmarks/lycoris_layers.py --device "$device" > "$OUT/layers.jsonl"
+step "lycoris layers" 40 "$py" benchmarks/lycoris_layers.py --device "$device" --layers "$layers" \
+  > "$OUT/layers.jsonl"
 # PEFT's LoHa/LoKr forward (full delta weight, fp32 outputs after CUDA autocast's fp32 norms) against ours
-step "lycoris peft forward" 90 "${bench[@]}" --adapters loha,lokr --modes peftbooth-peft-forward \
+step "lycoris peft forward" 90 "${bench[@]}" --adapters "$lycoris" --modes peftbooth-peft-forward \
   --out "$OUT/train_peft_forward.jsonl"

@@ -39,6 +39,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at once, one CPU thread each (default: 2, or 1 on a one-core machine)")
     p.add_argument("--output", default=None, help="also append the JSON rows to this file")
+    p.add_argument("--smoke", action="store_true", help="only the first run of the grid (the first adapter with "
+                   "prior preservation and the text encoder, seed 0), 2 class images, one job: CI's smallest mode")
     p.add_argument("--summarize", metavar="JSONL", help="print the Markdown tables of a results file and exit")
     a = p.parse_args()
     if a.summarize:
@@ -47,7 +49,8 @@ def main() -> int:
 
     import torch
 
-    from peftbooth.models import load_components
+    from peftbooth.models import load_components, vae_force_upcast
+    from peftbooth.precision import for_training
     from peftbooth.prior import class_images_from_components
     from peftbooth.world import WORLD_NAME
     from peftbooth.world.metrics import WorldEvalSettings, world_metrics
@@ -60,9 +63,11 @@ def main() -> int:
     write_subject_photos(work / "photos")
     settings = WorldEvalSettings(num_images=a.num_images)
     # the class images every run shares, made first (as the first seed-0 run would) so that no two runs race
-    class_images_from_components(load_components(WORLD_NAME), CLASS_PROMPT, work / "class_images",
-                                 RECIPE["num_class_images"], 4, RECIPE["class_image_steps"], 0, torch.device("cpu"),
-                                 show_progress=False)
+    world = load_components(WORLD_NAME)
+    cpu_fp32 = for_training("no", torch.device("cpu"), world.family, vae_force_upcast(world.vae))  # as a run here
+    num_class_images = 2 if a.smoke else RECIPE["num_class_images"]
+    class_images_from_components(world, CLASS_PROMPT, work / "class_images", num_class_images, 4,
+                                 RECIPE["class_image_steps"], 0, cpu_fp32, show_progress=False)
     init_worker(work, settings)  # this process measures the base model
     base, _ = world_metrics(WORKER["sample_fn"], WORKER["evaluator"], WORKER["real"], settings)
     out = open(a.output, "a") if a.output else None
@@ -74,6 +79,8 @@ def main() -> int:
     grid += [(ad, True, True, seed) for seed in range(1, a.prior_seeds) for ad in a.adapters.split(",") if ad != "lora"]
     changes = {k: v for k, v in [("prior_loss_weight", a.prior_loss_weight),
                                  ("class_prompt_dropout", a.class_prompt_dropout)] if v is not None}
+    if a.smoke:  # plumbing, not learning: one run, 2 class images
+        grid, a.jobs, changes["num_class_images"] = grid[:1], 1, num_class_images
     recipe = {**RECIPE, **changes}
     jobs = [(k, *run, a.steps, changes) for k, run in enumerate(grid)]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one

@@ -63,12 +63,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--adapters", default="loha,lokr")
+    p.add_argument("--layers", type=int, default=len(LAYERS), help="only the first N layers of the table (CI: 1)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     for adapter in args.adapters.split(","):
-        for name, make, shape in LAYERS:
+        for name, make, shape in LAYERS[:args.layers]:
             frozen = torch.nn.Sequential()
             frozen.add_module("layer", make())
             frozen.to(device, dtype=dtype).requires_grad_(False)

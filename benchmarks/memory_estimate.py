@@ -1,101 +1,113 @@
-"""Estimated peak GPU memory of peftbooth's training step, on a machine without a GPU.
+"""Estimated peak GPU memory of a peftbooth run, phase by phase, on a machine without a GPU.
 
-    python benchmarks/memory_estimate.py                      # SD 1.5 shapes, 512 px, bf16, LoRA r16 'all'
-    python benchmarks/memory_estimate.py --adapters lora,loha,lokr --resolution 512
-    python benchmarks/memory_estimate.py --adapters loha,lokr --checkpointing off --peft-output-dtype
+    python benchmarks/memory_estimate.py --shape sd15 --resolution 512                 # LoRA r16 + text encoder
+    python benchmarks/memory_estimate.py --shape sdxl --resolution 1024 --settings low-memory
+    python benchmarks/memory_estimate.py --shape tiny --resolution 64                  # CI's smallest mode, seconds
 
-What is on the GPU during peftbooth's training (latents and text states cached, VAE and text encoder moved off
-the GPU): the UNet's frozen weights in the compute dtype, the fp32 adapter weights, their gradients and AdamW's two
-moment buffers, one batch (1 instance + 1 class row: latents, noise, context) and the step's activations. This
-script builds exactly that, with SD 1.5's shapes, under FakeTensorMode (tensors with shapes and dtypes but no data,
-so no compute and no memory), and runs two optimizer steps (the second with AdamW's state in place) inside
-torch's MemTracker, which adds up the storage of every live tensor (rounded up to the CUDA caching allocator's
-512-byte blocks) and keeps the peak. A first line estimates the caching phase before training (the VAE encoding
-the photos, the text encoder the prompts).
-The step runs under CPU autocast with CUDA autocast's fp32 rule for GroupNorm and LayerNorm added (CPU autocast
-keeps them in bf16/fp16; CUDA autocast runs them in fp32, so the next layer gets fp32 input): the activation
-dtypes are a GPU run's.
-About 3 minutes per line on 2 CPU cores (the tracker's bookkeeping per operation, not the maths).
-
-It is an estimate of `torch.cuda.max_memory_allocated`, not a measurement. Not counted: the caching allocator's
-fragmentation, cuBLAS/cuDNN workspaces, and kernels that keep different intermediates on a GPU than on the CPU
-(the fake tensors follow the CPU's operator choices; SDPA on both keeps the output and the log-sum-exp, not the
-attention matrix). The GPU check in benchmarks/gpu_session.sh measures the real figure.
+Each row is one phase of a run with prior preservation and a text-encoder adapter, under one setting: `default`
+(train's defaults, at --mixed-precision) or `low-memory` (the preset, peftbooth.memory.LOW_MEMORY):
+  caching       the VAE encodes the photos at full resolution, min(--sample-batch-size, VAE chunk) per call, and
+                the text encoder(s) the two prompts; the UNet is not on the device yet (train.build_run moves it
+                there after the caches)
+  class-images  the base model (UNet, text encoder(s), VAE) with its frozen weights in the compute dtype (the VAE
+                in fp32 where its config says force_upcast, as SDXL's does): one denoising step of
+                --sample-batch-size images under classifier-free guidance (2 rows each), then the VAE decoding them
+                in chunks (models.vae_rows_per_call: 1 image at 1024 px, 4 at 512 px; an fp32 VAE outside
+                autocast). This models training as changed for issue 22 item 2: frozen weights in the compute
+                dtype, the VAE in bounded chunks (before, the frozen weights stayed fp32 under autocast).
+  training      the UNet's frozen weights in the compute dtype with a LoRA (fp32), the text encoder(s) likewise
+                (trained: they stay on the device), AdamW's state already allocated, one step of 1 instance +
+                1 class row (x --train-batch-size): text encoder(s) forward, UNet forward + backward, AdamW step.
+                The VAE is off the device (its latents are cached).
+Method: the models are built from their configs on the meta device and given fake tensors (FakeTensorMode: shapes
+and dtypes, no data, no memory), then run inside torch's MemTracker, which adds up the storage of every live
+tensor (rounded up to the CUDA caching allocator's 512-byte blocks) and keeps the peak. Autocast is CPU autocast
+with CUDA autocast's fp32 rule for GroupNorm and LayerNorm added, so the activation dtypes are a GPU run's.
+It estimates `torch.cuda.max_memory_allocated`, not a measurement: the allocator's fragmentation, the CUDA
+context (~0.3-0.5 GiB, outside PyTorch's count), cuBLAS/cuDNN workspaces and kernel choices are not in it.
+A training row takes minutes for sd15 and longer for sdxl on 2 CPU cores (the tracker's bookkeeping per op).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from unittest import mock
 
-RANKS = {"lora": 16, "loha": 8, "lokr": 8}
+# SDXL base 1.0's component configs (its unet/, text_encoder/, text_encoder_2/ and vae/ config.json): the shapes
+# only; the weights are never made. UNet 2.57 B parameters, text encoders 123 M + 695 M, VAE 84 M.
+SDXL = dict(
+    unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+              cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+    vae=dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024, layers_per_block=2,
+             scaling_factor=0.13025, force_upcast=True),
+    text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, hidden_act="quick_gelu"),
+    text_2=dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+)
+PHASES = ("caching", "class-images", "training")
 
 
-def make_fake(model, mode) -> None:
-    """Every parameter and buffer of `model` becomes a fake tensor of the same shape and dtype: from here on
-    nothing is computed and no memory is taken."""
+def shapes(name: str) -> dict:
+    from peftbooth.models import SHAPES
+
+    return SDXL if name == "sdxl" else SHAPES[name]
+
+
+def build(shape: dict, parts: tuple[str, ...]) -> dict:
+    """The named components (unet, vae, text, text_2) on the meta device: no memory, no init maths."""
     import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = {}
+    with torch.device("meta"):
+        if "unet" in parts:
+            out["unet"] = UNet2DConditionModel(in_channels=4, out_channels=4, **shape["unet"])
+        if "vae" in parts:
+            out["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **shape["vae"])
+        if "text" in parts:
+            out["text"] = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **shape["text"]))
+        if "text" in parts and "text_2" in shape:
+            out["text_2"] = CLIPTextModelWithProjection(CLIPTextConfig(max_position_embeddings=77, **shape["text_2"]))
+    for model in out.values():
+        model.requires_grad_(False)  # frozen: only adapters attached later are trained
+    return out
+
+
+def make_fake(model, mode, dtype) -> None:
+    """Every parameter and buffer of the (meta) `model` becomes a fake CPU tensor of its shape: frozen floating
+    weights in `dtype`, trainable ones (adapters) in fp32, as precision.place_frozen leaves them."""
+    import torch
+
+    def fake(t, to):
+        with mode:
+            return torch.empty(t.shape, dtype=to if t.is_floating_point() else t.dtype)
 
     for module in model.modules():
         for name, t in list(module._parameters.items()):
             if t is not None:
-                module._parameters[name] = torch.nn.Parameter(mode.from_tensor(t.detach()), t.requires_grad)
+                to = torch.float32 if t.requires_grad else dtype
+                module._parameters[name] = torch.nn.Parameter(fake(t, to), t.requires_grad)
         for name, t in list(module._buffers.items()):
             if t is not None:
-                module._buffers[name] = mode.from_tensor(t)
-
-
-def estimate_caching(resolution: int, dtype_name: str, batch: int) -> dict:
-    """Peak while the caches are built: the VAE encoding `batch` photos (--sample-batch-size) and the text encoder
-    encoding the prompts, both in the compute dtype, with the UNet's weights off the device (it moves there after
-    the caches; before, its frozen weights sat beside them: `with_unet_mb`)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from peftbooth.models import SHAPES
-    from peftbooth.train import weight_dtype_for
-
-    dtype = weight_dtype_for(dtype_name)
-    shapes = SHAPES["sd15"]
-    with torch.device("meta"):
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **shapes["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **shapes["text"]))
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **shapes["unet"])
-    unet_mb = sum(p.numel() for p in unet.parameters()) * torch.empty((), dtype=dtype).element_size() / 2**20
-    mode = FakeTensorMode()
-    for model in (vae, text_encoder):
-        model.to_empty(device="cpu").to(dtype=dtype).eval()
-        make_fake(model, mode)
-    with mode, torch.no_grad():
-        pixels = torch.randn(batch, 3, resolution, resolution, dtype=dtype)
-        ids = torch.zeros(2, 77, dtype=torch.long)  # instance and class prompt
-        tracker = MemTracker()
-        tracker.track_external(vae, text_encoder, pixels, ids)
-        with tracker:
-            dist = vae.encode(pixels).latent_dist
-            kept = (dist.mean, dist.std)  # what the cache keeps; the rest is freed
-            del dist
-            states = text_encoder(ids)[0]
-        total = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"] / 2**20
-    del kept, states
-    return {"phase": "caching", "resolution": resolution, "dtype": dtype_name, "sample_batch_size": batch,
-            "peak_mb_estimate": round(total, 1), "with_unet_mb": round(total + unet_mb, 1)}
+                module._buffers[name] = fake(t, dtype)
 
 
 def norms_in_fp32():
-    """A context in which group_norm and layer_norm run in fp32, as under CUDA autocast.
+    """group_norm and layer_norm in fp32, as under CUDA autocast (CPU autocast keeps them in bf16).
 
     nn.GroupNorm / nn.LayerNorm look `F.group_norm` / `F.layer_norm` up at each call, so replacing those two
-    functions reaches every norm, also when gradient checkpointing reruns the forward inside backward (a torch
-    function mode would not: backward runs inside the mode's own handler, where the mode is off)."""
-    import contextlib
-    from unittest import mock
-
+    functions reaches every norm, also when gradient checkpointing reruns the forward inside backward."""
     import torch
     import torch.nn.functional as F
 
@@ -111,106 +123,223 @@ def norms_in_fp32():
     return stack
 
 
-def peft_output_dtype(model) -> None:
-    """Give the LoHa/LoKr layers PEFT's output dtype rule (the input's dtype) on top of peftbooth's forward.
-    (PEFT's forward itself cannot run here: its module-dropout coin needs a real random number.)"""
-    from peftbooth import factored
-
-    for module in model.modules():
-        if hasattr(module, factored.ORIGINAL_FORWARD):
-            module.forward = lambda x, *a, _ours=module.forward, **k: _ours(x, *a, **k).to(x.dtype)
-
-
-def estimate(adapter: str, resolution: int, dtype_name: str, checkpointing: bool, input_dtype: bool = False) -> dict:
-    import torch
-    import torch.nn.functional as F
-    from diffusers import UNet2DConditionModel
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def tracker_for(*external):
+    """A MemTracker counting `external` (modules, optimizer, inputs). It hooks every parameter's gradient, which a
+    frozen weight refuses; without the hooks every tensor is still counted (gradients land under Temp)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from peftbooth import adapters as ad
-    from peftbooth import factored
-    from peftbooth.config import TrainConfig
-    from peftbooth.models import SHAPES
-    from peftbooth.train import to_compute_dtype, weight_dtype_for
+    tracker = MemTracker()
+    track = tracker._track_module_params_and_buffers
+    tracker._track_module_params_and_buffers = lambda module, install_grad_hooks=True: track(module, False)
+    tracker.track_external(*external)
+    return tracker
 
-    start = time.perf_counter()
-    dtype = weight_dtype_for(dtype_name)
-    cfg = TrainConfig()
-    cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, RANKS[adapter], "all"
-    # The model is made on the meta device and given uninitialised CPU memory (no init maths for 860M weights);
-    # PEFT then attaches the adapters as in train.build_run: frozen weights in the compute dtype, adapters fp32.
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SHAPES["sd15"]["unet"])
-    unet.to_empty(device="cpu")
-    model = ad.attach(unet, cfg.resolved().unet_adapter, ad.UNET_PRESETS, "")
-    factored.install(model)  # as training does
-    if input_dtype:
-        peft_output_dtype(model)
-    to_compute_dtype(model, torch.device("cpu"), dtype)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    model.train()
-    print(f"model ready at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+def peak_mib(tracker) -> dict:
+    by_kind = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {k: round(v / 2**20, 1) for k, v in by_kind.items()}
+
+
+def encode(encoders: list, ids):
+    """models.encode_text on fake ids: (context (N, 77, D), pooled (N, P) or None)."""
+    from peftbooth.models import encode_text
+
+    return encode_text(encoders, [ids] * len(encoders))
+
+
+def added(pooled, rows: int, dtype):
+    import torch
+
+    return None if pooled is None else {"text_embeds": pooled, "time_ids": torch.zeros(rows, 6, dtype=dtype)}
+
+
+def vae_dtype(shape: dict, dtype):
+    import torch
+
+    return torch.float32 if shape["vae"].get("force_upcast") else dtype  # speed.upcast_vae's default
+
+
+def estimate_caching(shape: dict, resolution: int, dtype, chunk: int) -> dict:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = build(shape, ("vae", "text"))
     mode = FakeTensorMode()
-    make_fake(model, mode)
-    with mode:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
-        h = resolution // 8
-        latents = torch.randn(2, 4, h, h, dtype=dtype)  # 1 instance + 1 class row
-        noise = torch.randn(2, 4, h, h, dtype=dtype)
-        context = torch.randn(2, 77, 768, dtype=dtype)
-        timesteps = torch.tensor([100, 800])
-        tracker = MemTracker()
-        # MemTracker hooks every parameter's gradient, which a frozen weight refuses; without the hooks every
-        # tensor is still counted (it tracks all storages made under it), gradients land under Temp
-        track = tracker._track_module_params_and_buffers
-        tracker._track_module_params_and_buffers = lambda module, install_grad_hooks=True: track(module, False)
-        tracker.track_external(model, optimizer, latents, noise, context, timesteps)
+    vdt = vae_dtype(shape, dtype)
+    make_fake(m["vae"], mode, vdt)
+    encoders = [m[k] for k in ("text", "text_2") if k in m]
+    for e in encoders:
+        make_fake(e, mode, dtype)
+    with mode, torch.no_grad():
+        pixels = torch.empty(chunk, 3, resolution, resolution, dtype=vdt)
+        ids = torch.zeros(2, 77, dtype=torch.long)  # instance and class prompt
+        tracker = tracker_for(m["vae"], *encoders, pixels, ids)
         with tracker:
-            for step in range(2):  # the second step holds the optimizer state from the start: the steady peak
-                if step:
-                    tracker.reset_mod_stats()  # per-module stats are per iteration; the overall peak is kept
-                print(f"step {step} at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-                with norms_in_fp32():  # around backward too: gradient checkpointing reruns the forward there
-                    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                        pred = model(latents, timesteps, context).sample
-                    loss = F.mse_loss(pred.float(), noise.float())
-                    loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        peak = tracker.get_tracker_snapshot("peak")
-    by_kind = next(iter(peak.values()))
-    mib = {k: round(v / 2**20, 1) for k, v in by_kind.items()}
-    return {"adapter": adapter, "rank": RANKS[adapter], "resolution": resolution, "dtype": dtype_name,
-            "gradient_checkpointing": checkpointing, "peft_output_dtype": input_dtype,
-            "trainable_params": sum(p.numel() for p in trainable),
-            "peak_mb_estimate": mib.pop("Total"), "peak_breakdown_mb": mib}
+            dist = m["vae"].encode(pixels).latent_dist
+            kept = (dist.mean, dist.std)  # what the latent cache keeps; the rest is freed
+            del dist
+            states = encode(encoders, ids)
+        del kept, states
+    return peak_mib(tracker)
+
+
+def estimate_class_images(shape: dict, resolution: int, dtype, batch: int, chunk: int) -> dict:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = build(shape, ("unet", "vae", "text"))
+    mode = FakeTensorMode()
+    vdt = vae_dtype(shape, dtype)
+    make_fake(m["vae"], mode, vdt)
+    encoders = [m[k] for k in ("text", "text_2") if k in m]
+    for model in (m["unet"], *encoders):
+        make_fake(model, mode, dtype)
+    h = resolution // 8
+    with mode, torch.no_grad():
+        ids = torch.zeros(2, 77, dtype=torch.long)  # the class prompt and the empty prompt
+        latents = torch.empty(batch, 4, h, h, dtype=dtype)
+        tracker = tracker_for(m["unet"], m["vae"], *encoders, ids, latents)
+        # the frozen weights in the compute dtype under CUDA's autocast (precision.Precision.sampling_autocast)
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        with tracker, norms_in_fp32(), autocast:
+            context, pooled = encode(encoders, ids)
+            context = context.repeat_interleave(batch, 0)  # (2 * batch, 77, D): guided and unguided rows
+            pooled = None if pooled is None else pooled.repeat_interleave(batch, 0)
+            pred = m["unet"](torch.cat([latents] * 2), torch.tensor([500]), context,
+                             added_cond_kwargs=added(pooled, 2 * batch, dtype)).sample
+            latents = latents - pred[:batch] * 0.1  # the scheduler's update (shape only)
+            del pred, context, pooled
+            images = []
+            # an fp32 VAE runs outside autocast (models.vae_calls); chunks of `chunk` images per call
+            with torch.autocast("cpu", enabled=False) if vdt == torch.float32 else contextlib.nullcontext():
+                for part in latents.split(chunk):
+                    tracker.reset_mod_stats()  # per-module stats are per call; the overall peak is kept
+                    images.append(m["vae"].decode(part.to(vdt)).sample.float())
+            del images
+    return peak_mib(tracker)
+
+
+def estimate_training(shape: dict, resolution: int, dtype, rows: int, checkpointing: bool, rank: int,
+                      train_text_encoder: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from peftbooth import adapters as ad
+    from peftbooth.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = "lora", rank, "all"
+    cfg = cfg.resolved()
+    m = build(shape, ("unet", "text"))
+    unet = ad.attach(m["unet"], cfg.unet_adapter, ad.UNET_PRESETS, "")
+    encoders = [m[k] for k in ("text", "text_2") if k in m]
+    if train_text_encoder:  # SDXL's first encoder: not its last layer (train.used_text_layers)
+        last = encoders[0].config.num_hidden_layers - 1
+        encoders = [ad.attach(e, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-",
+                              layers=list(range(last)) if len(encoders) == 2 and i == 0 else None)
+                    for i, e in enumerate(encoders)]
+    mode = FakeTensorMode()
+    for model in (unet, *encoders):
+        make_fake(model, mode, dtype)
+    if checkpointing:
+        m["unet"].enable_gradient_checkpointing()
+        if train_text_encoder:
+            for e in encoders:
+                e.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    unet.train()
+    h = resolution // 8
+    with mode:
+        trainable = [p for model in (unet, *encoders) for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
+        for p in trainable:  # AdamW's two moment buffers exist from the second step on: make them before tracking
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        latents, noise = torch.empty(rows, 4, h, h, dtype=dtype), torch.empty(rows, 4, h, h, dtype=dtype)
+        ids, timesteps = torch.zeros(rows, 77, dtype=torch.long), torch.tensor([100, 800] * (rows // 2))
+        tracker = tracker_for(unet, *encoders, optimizer, latents, noise, ids)
+        with tracker, norms_in_fp32():  # around backward too: gradient checkpointing reruns the forward there
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                if train_text_encoder:
+                    context, pooled = encode(encoders, ids)
+                else:  # cached text states
+                    context = torch.empty(rows, 77, shape["unet"]["cross_attention_dim"], dtype=dtype)
+                    pooled = torch.empty(rows, shape["text_2"]["projection_dim"], dtype=dtype) if "text_2" in shape else None
+                pred = unet(latents, timesteps, context, added_cond_kwargs=added(pooled, rows, dtype)).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            del pred, loss, context, pooled
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    row = peak_mib(tracker)
+    row["trainable_params"] = sum(p.numel() for p in trainable)
+    return row
+
+
+def settings(name: str, mixed_precision: str):
+    """(TrainConfig of the setting): train's defaults at --mixed-precision, or the low-memory preset over them."""
+    from peftbooth.config import TrainConfig
+    from peftbooth.memory import LOW_MEMORY, apply_preset
+
+    cfg = TrainConfig()
+    cfg.train.mixed_precision = mixed_precision
+    if name == "low-memory":
+        apply_preset(cfg, LOW_MEMORY)
+    return cfg
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapters", default="lora")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
-    p.add_argument("--sample-batch-size", type=int, default=4, help="photos per VAE call while caching (default 4)")
-    p.add_argument("--checkpointing", choices=("both", "off", "on"), default="both",
-                   help="rows without and/or with gradient checkpointing (default both)")
-    p.add_argument("--peft-output-dtype", action="store_true",
-                   help="LoHa/LoKr layers return the input's dtype, as PEFT's forward does (fp32 after a norm)")
-    p.add_argument("--no-caching-row", action="store_true", help="skip the caching-phase line")
+    p.add_argument("--shape", choices=("tiny", "tiny-sdxl", "sd15", "sdxl"), default="sd15")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl), 64 (tiny)")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16",
+                   help="the `default` setting's (the low-memory preset sets its own)")
+    p.add_argument("--settings", default="default,low-memory")
+    p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--no-text-encoder", action="store_true", help="no text-encoder adapter (cached text states)")
+    p.add_argument("--vae-chunk", type=int, default=None,
+                   help="images per VAE call, encode and decode (default: training's, models.vae_rows_per_call)")
+    p.add_argument("--output", help="also append the JSON rows to this file")
     args = p.parse_args()
+    resolution = args.resolution or {"sd15": 512, "sdxl": 1024}.get(args.shape, 64)
+    if args.vae_chunk is None:
+        from peftbooth.models import vae_rows_per_call
+
+        args.vae_chunk = vae_rows_per_call(resolution, resolution)
     from peftbooth.cli import quiet_libraries
+    from peftbooth.precision import DTYPES
 
     quiet_libraries()
-    if not args.no_caching_row:
-        print(json.dumps(estimate_caching(args.resolution, args.mixed_precision, args.sample_batch_size)), flush=True)
-    settings = {"both": (False, True), "off": (False,), "on": (True,)}[args.checkpointing]
-    for adapter in args.adapters.split(","):
-        for checkpointing in settings:
-            row = estimate(adapter, args.resolution, args.mixed_precision, checkpointing, args.peft_output_dtype)
-            print(json.dumps(row), flush=True)
+    shape = shapes(args.shape)
+    for setting in args.settings.split(","):
+        cfg = settings(setting, args.mixed_precision)
+        t, d = cfg.train, cfg.data
+        dtype = DTYPES[t.mixed_precision]
+        chunk = min(d.sample_batch_size, args.vae_chunk)  # models.vae_calls splits a batch into such calls
+        for phase in args.phases.split(","):
+            start = time.perf_counter()
+            if phase == "caching":
+                mib = estimate_caching(shape, resolution, dtype, chunk)
+            elif phase == "class-images":
+                mib = estimate_class_images(shape, resolution, dtype, d.sample_batch_size, chunk)
+            else:
+                mib = estimate_training(shape, resolution, dtype, 2 * d.train_batch_size, t.gradient_checkpointing,
+                                        args.rank, not args.no_text_encoder)
+            row = {"shape": args.shape, "resolution": resolution, "setting": setting, "phase": phase,
+                   "mixed_precision": t.mixed_precision, "gradient_checkpointing": t.gradient_checkpointing,
+                   "train_batch_size": d.train_batch_size, "sample_batch_size": d.sample_batch_size,
+                   "vae_chunk": chunk, "rank": args.rank, "text_encoder_adapter": not args.no_text_encoder,
+                   "trainable_params": mib.pop("trainable_params", None),
+                   "peak_mb_estimate": mib.pop("Total"), "peak_breakdown_mb": mib,
+                   "seconds": round(time.perf_counter() - start, 1)}
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.output:
+                with open(args.output, "a") as f:
+                    f.write(line + "\n")
+            print(f"{setting} {phase}: {row['peak_mb_estimate']} MiB in {row['seconds']} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--adapters", default="lora,loha,lokr")
     args = p.parse_args()
     args.resolution = args.resolution or (64 if args.model == "tiny" else 512)
 
@@ -45,7 +46,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
-    for adapter in ("lora", "loha", "lokr"):
+    for adapter in args.adapters.split(","):
         cfg = TrainConfig()
         cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, RANKS[adapter], "all"
         cfg = cfg.resolved()

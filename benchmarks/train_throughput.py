@@ -34,23 +34,45 @@ RANKS = {"lora": 16, "loha": 8, "lokr": 8}
 MODES = ("floor", "plain", "peftbooth", "peftbooth-compile", "peftbooth-channels-last", "peftbooth-peft-forward")
 
 
+def draw_photos(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
+    """n drawn photos (a red block with a yellow eye on a random background), size x size: content does not
+    matter to a speed or memory benchmark, only the pixel count. Kept here, not in the package: the demo's own
+    photos are the world's, at the world's 32 px."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(rng.randint(60, 200) for _ in range(3)))
+        s = rng.randint(size // 3, size // 2)
+        x, y = rng.randint(4, size - s - 4), rng.randint(4, size - s - 4)
+        d = ImageDraw.Draw(img)
+        d.rectangle((x, y, x + s, y + s), fill=(210, 30, 30))
+        d.ellipse((x + s // 4, y + s // 4, x + 3 * s // 4, y + 3 * s // 4), fill=(250, 220, 40))
+        paths.append(folder / f"toy_{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
 def prepare(model: str, root: Path) -> tuple[str, Path, Path]:
     """The random model folder, 5 subject photos and 4 class images (drawn, so nothing is generated)."""
-    from peftbooth.demo import draw_subject_photos
     from peftbooth.models import build_tiny_model, cache_dir
 
     path = cache_dir() / ("tiny-sd" if model == "tiny" else "sd15-random")
     if not (path / "model_index.json").exists():
         build_tiny_model(path, shape=model)
     photos = root / "photos"
-    draw_subject_photos(photos, n=5, size=600 if model == "sd15" else 96)
+    draw_photos(photos, n=5, size=600 if model == "sd15" else 96)
     classes = root / "class"
-    draw_subject_photos(classes, n=4, size=600 if model == "sd15" else 96, seed=1)
+    draw_photos(classes, n=4, size=600 if model == "sd15" else 96, seed=1)
     return str(path), photos, classes
 
 
 def config(args, adapter: str, model: str, photos: Path, classes: Path, out: Path, **train):
-    from peftbooth.config import TrainConfig
+    from peftbooth.config import MAX_STEPS, TrainConfig
 
     cfg = TrainConfig()
     cfg.model.model = model
@@ -62,7 +84,7 @@ def config(args, adapter: str, model: str, photos: Path, classes: Path, out: Pat
     cfg.train.output_dir, cfg.train.overwrite, cfg.train.report_to = str(out), True, "none"
     cfg.train.mixed_precision = args.mixed_precision
     cfg.train.gradient_checkpointing = args.gradient_checkpointing
-    cfg.train.logging_steps = 10**9  # the last step's loss is still read (and synchronises the device)
+    cfg.train.logging_steps = MAX_STEPS  # never inside the run; the last step's loss is still read (a device sync)
     for k, v in train.items():
         setattr(cfg.train, k, v)
     return cfg
@@ -118,14 +140,15 @@ def run_floor(args, cfg) -> float:
     from peftbooth import adapters as ad
     from peftbooth import factored
     from peftbooth.models import load_components
-    from peftbooth.train import make_optimizer, to_compute_dtype, weight_dtype_for
+    from peftbooth.precision import DTYPES, Precision, place_frozen
+    from peftbooth.speed import make_optimizer
 
     cfg = cfg.resolved()
     c = load_components(cfg.model.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = weight_dtype_for(cfg.train.mixed_precision)
+    dtype = DTYPES[cfg.train.mixed_precision]
     unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "")
-    to_compute_dtype(unet, device, dtype)  # as the trainer does: frozen weights in dtype, adapters fp32
+    place_frozen(unet, Precision(device, dtype, dtype))  # as the trainer does: frozen weights in dtype, adapters fp32
     if cfg.train.factored_lycoris:  # the same adapter forward as the measured peftbooth run
         factored.install(unet)
     if cfg.train.gradient_checkpointing:
@@ -162,13 +185,14 @@ def run_plain(args, cfg) -> float:
     from peftbooth.data import DreamBoothDataset, collate, list_images, load_image
     from peftbooth.losses import diffusion_target, dreambooth_loss
     from peftbooth.models import load_components
-    from peftbooth.train import make_optimizer, weight_dtype_for
+    from peftbooth.precision import DTYPES
+    from peftbooth.speed import make_optimizer
 
     cfg = cfg.resolved()
     d = cfg.data
     c = load_components(cfg.model.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = weight_dtype_for(cfg.train.mixed_precision)
+    dtype = DTYPES[cfg.train.mixed_precision]
     unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "").to(device)  # everything fp32
     c.vae.to(device)
     c.text_encoder.to(device)

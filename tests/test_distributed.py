@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,24 +21,25 @@ def argv(tiny_model, photos, out, class_dir, extra):
             str(class_dir), "--train-text-encoder", "--learning-rate", "0.01", "--random-flip", *extra]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, tmp_path):
-    photos = draw_photos(tmp_path / "photos", n=4)  # 4 photos: 2 global batches of 2 per epoch, no padding
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    two = subprocess.run(argv(tiny_model, photos, tmp_path / "two", tmp_path / "class2",
-                              ["--train-batch-size", "1", "--num-processes", "2"]),
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "adapter weights identical on all 2 processes" in two.stdout
-    assert two.stdout.count("adapters written to") == 1  # rank 0 alone reports and writes
-    names = sorted(p.name[:11] for p in (tmp_path / "class2").iterdir())
-    assert names == ["class-00000", "class-00001", "class-00002"]  # split across ranks, none made twice
+ENV = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
 
-    one = subprocess.run(argv(tiny_model, photos, tmp_path / "one", tmp_path / "class1", ["--train-batch-size", "2"]),
-                         capture_output=True, text=True, env=env, timeout=600)
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory):
+    """4 photos (2 global batches of 2 per epoch, no padding) and a 1-process run on them with batch 2: what the
+    data-parallel runs below must match."""
+    root = tmp_path_factory.mktemp("one")
+    photos = draw_photos(root / "photos", n=4)
+    one = subprocess.run(argv(tiny_model, photos, root / "one", root / "class1", ["--train-batch-size", "2"]),
+                         capture_output=True, text=True, env=ENV, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
+    return photos, root / "one"
+
+
+def assert_same_adapters(out, reference):
     for part in ("unet", "text_encoder"):
-        a = load_file(tmp_path / "two" / part / "adapter_model.safetensors")
-        b = load_file(tmp_path / "one" / part / "adapter_model.safetensors")
+        a = load_file(out / part / "adapter_model.safetensors")
+        b = load_file(reference / part / "adapter_model.safetensors")
         assert a.keys() == b.keys()
         changed = 0
         for k in a:
@@ -47,6 +49,38 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, 
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
             changed += int(a[k].abs().sum() > 0)
         assert changed  # trained, not both still at their zero init
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, one_process, tmp_path):
+    photos, reference = one_process
+    two = subprocess.run(argv(tiny_model, photos, tmp_path / "two", tmp_path / "class2",
+                              ["--train-batch-size", "1", "--num-processes", "2"]),
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "adapter weights identical on all 2 processes" in two.stdout
+    assert two.stdout.count("adapters written to") == 1  # rank 0 alone reports and writes
+    names = sorted(p.name[:11] for p in (tmp_path / "class2").iterdir())
+    assert names == ["class-00000", "class-00001", "class-00002"]  # split across ranks, none made twice
+    assert_same_adapters(tmp_path / "two", reference)
+
+
+def test_two_nodes_match_one_process_with_the_same_global_batch(tiny_model, one_process, tmp_path):
+    """Two "machines" (two launchers with --nnodes 2, one process each, meeting on 127.0.0.1) train as one process
+    with the same global batch does. Both write into one output and class folder, as machines sharing storage."""
+    import socket
+
+    photos, reference = one_process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen(argv(tiny_model, photos, tmp_path / "two", tmp_path / "class2", [
+        "--train-batch-size", "1", "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+        "--master-port", str(port)]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for rank in (0, 1)]
+    (out0, err0), (out1, err1) = (node.communicate(timeout=600) for node in nodes)
+    assert [node.returncode for node in nodes] == [0, 0], (err0 + err1)[-3000:]
+    assert "adapter weights identical on all 2 processes" in out0
+    assert_same_adapters(tmp_path / "two", reference)
 
 
 def test_two_processes_train_sdxl_with_both_text_encoders(tmp_path):

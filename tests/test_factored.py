@@ -107,7 +107,7 @@ def test_output_has_the_frozen_layers_dtype_under_autocast(case):
     PEFT's LoHa/LoKr forward casts its output to the input's dtype, which sends fp32 activations on through the
     rest of the block. The values are PEFT's, rounded to bf16. The small cases keep PEFT's delta (below
     MIN_WEIGHT) but run our forward."""
-    from peftbooth.train import to_compute_dtype
+    from peftbooth.precision import Precision, place_frozen
 
     adapter, small = case.split("-")[0], case.endswith("-small")
     if small:
@@ -127,7 +127,8 @@ def test_output_has_the_frozen_layers_dtype_under_autocast(case):
 
     assert factored.install(ours) == (1 if small else 3)
     for model in models:
-        to_compute_dtype(model, torch.device("cpu"), torch.bfloat16)  # frozen bf16, adapters fp32, as training
+        # frozen bf16, adapters fp32, as training
+        place_frozen(model, Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = [outputs(m, inputs) for m in (reference, ours)]
     assert [t.dtype for t in expected] == [torch.float32] * len(inputs)  # PEFT's forward: the input's dtype

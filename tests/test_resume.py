@@ -317,3 +317,48 @@ def test_skip_step_drops_the_whole_accumulated_step(tiny_model, photos, tmp_path
         "train.max_train_steps": 2, "train.gradient_accumulation_steps": 2, "train.nan_policy": "skip-step"}))
     assert len(calls) == 6  # micro-batches 1-2 dropped together, then 2 clean steps of 2
     assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_resume_refuses_adapter_weights_that_do_not_fit(tiny_model, photos, tmp_path, capsys, change):
+    """A checkpoint lacking some of the model's adapter weights would leave them at a fresh initialisation and
+    carry on: refused like extra weights are, naming one, before the loop starts."""
+    from safetensors.torch import save_file
+
+    out = train(tiny_config(tiny_model, photos, tmp_path / "run", **{"train.checkpointing_steps": 1}))
+    shutil.rmtree(out / "unet")  # the run looks unfinished again: only its checkpoints are left
+    f = list_checkpoints(out)[-1] / "unet" / "adapter_model.safetensors"
+    weights = load_file(f)
+    name = sorted(weights)[0]
+    if change == "missing":
+        del weights[name]
+    else:
+        weights[name.replace("lora_A", "lora_Z")] = weights[name].clone()
+    save_file(weights, f)
+    code = main(["train", "--model", tiny_model, "--instance-data-dir", str(photos), "--instance-prompt",
+                 "a photo of sks dog", "--resolution", "32", "--max-train-steps", "2", "--report-to", "none",
+                 "--learning-rate", "0.001", "--output-dir", str(out), "--resume", "latest"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"unet weights do not fit this model (1 {change}, e.g. " in err, err
+    assert not (out / "unet").exists()
+
+
+def test_a_process_added_under_resume_force_draws_from_its_own_device(tmp_path, monkeypatch):
+    """Every rank's CPU streams are equal (same seed, same draws), so an added process takes rank 0's; but each
+    rank draws its GPU randomness from its own device, and rank 0's file holds another device's generator only
+    as it was seeded, never drawn from. The added process gets rank 0's own device's state for its device, not
+    that untouched one (which would repeat the run's first dropout masks)."""
+    from peftbooth import checkpoint
+
+    drawn, untouched = torch.tensor([7, 7], dtype=torch.uint8), torch.tensor([1, 1], dtype=torch.uint8)
+    torch.save({**checkpoint.rng_state(), "cuda": [drawn, untouched], "cuda_device": 0}, tmp_path / "rng-0.pt")
+    torch.save({**checkpoint.rng_state(), "cuda": [untouched, drawn], "cuda_device": 1}, tmp_path / "rng-1.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    own = checkpoint.process_rng_state(tmp_path, 1)  # saved: its own file, as saved
+    assert torch.equal(own["cuda"][1], drawn)
+    (tmp_path / "rng-1.pt").unlink()  # the checkpoint had 1 process; this is process 1 of 2, on device 1
+    added = checkpoint.process_rng_state(tmp_path, 1)
+    assert torch.equal(added["cuda"][1], drawn)
+    assert torch.equal(added["torch"], torch.load(tmp_path / "rng-0.pt", weights_only=True)["torch"])

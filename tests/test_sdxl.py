@@ -178,20 +178,28 @@ def test_sdxl_caching_does_not_change_training(sdxl_model, sized_photos, tmp_pat
         torch.testing.assert_close(p, params[1][name], rtol=1e-4, atol=1e-6)
 
 
-def test_sdxl_vae_runs_in_fp32_unless_replaced(sdxl_model, photos, tmp_path, fresh_accelerator_state):
-    fixed_vae = tmp_path / "fixed-vae"
+def test_sdxl_vae_runs_in_fp32_where_its_config_says_it_overflows(sdxl_model, photos, tmp_path,
+                                                                    fresh_accelerator_state):
+    """The VAE's dtype follows its config's force_upcast, as diffusers' SDXL pipeline does: the model's own VAE and
+    a replacement that overflows in fp16 (the original SDXL VAE given as --vae) run in fp32; an fp16-fixed
+    replacement (force_upcast False) in the compute dtype; --no-upcast-vae forces the compute dtype."""
     vae = load_components(sdxl_model).vae
     with torch.no_grad():
         vae.decoder.conv_out.bias.fill_(0.5)  # recognisable: this VAE, not the model's own
-    vae.save_pretrained(fixed_vae)
+    vae.save_pretrained(tmp_path / "original-vae")  # force_upcast True, as SDXL's own
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(tmp_path / "fixed-vae")
     dtypes = {}
-    for name, extra in [("own", {}), ("forced", {"model.upcast_vae": False}), ("replaced", {"model.vae": str(fixed_vae)})]:
+    for name, extra in [("own", {}), ("forced", {"model.upcast_vae": False}),
+                        ("original", {"model.vae": str(tmp_path / "original-vae")}),
+                        ("fixed", {"model.vae": str(tmp_path / "fixed-vae")})]:
         run = setup(sdxl_config(sdxl_model, photos, tmp_path / name, **{"train.mixed_precision": "bf16", **extra}))
         dtypes[name] = next(run.components.vae.parameters()).dtype
-        if name == "replaced":
+        if name in ("original", "fixed"):
             assert torch.all(run.components.vae.decoder.conv_out.bias == 0.5)
         assert run.latent_cache.mean.dtype == torch.bfloat16  # latents join the UNet in the compute dtype
-    assert dtypes == {"own": torch.float32, "forced": torch.bfloat16, "replaced": torch.bfloat16}
+    assert dtypes == {"own": torch.float32, "forced": torch.bfloat16, "original": torch.float32,
+                      "fixed": torch.bfloat16}
 
 
 def test_sdxl_generate_cli_and_adapter_on_the_wrong_family(sdxl_model, tiny_model, sized_photos, tmp_path, capsys):
@@ -255,7 +263,7 @@ def test_every_sdxl_text_encoder_adapter_weight_gets_a_gradient(sdxl_model, phot
 
 def test_fp32_vae_stays_fp32_inside_autocast(sdxl_model):
     """Validation and the proxies sample under the training autocast: an fp32 (SDXL) VAE must still run in fp32."""
-    from peftbooth.models import vae_in_own_dtype
+    from peftbooth.models import vae_calls
 
     vae = load_components(sdxl_model).vae
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -263,7 +271,7 @@ def test_fp32_vae_stays_fp32_inside_autocast(sdxl_model):
         reference = vae.decode(latents).sample
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert vae.decode(latents).sample.dtype == torch.bfloat16  # what autocast alone would do
-            with vae_in_own_dtype(vae):
+            with vae_calls(vae):
                 inside = vae.decode(latents.bfloat16()).sample
     assert inside.dtype == torch.float32 and torch.equal(inside, vae.decode(latents.bfloat16().float()).sample)
     torch.testing.assert_close(inside, reference, rtol=0.05, atol=0.02)  # only the bf16 input rounding differs

@@ -213,7 +213,7 @@ def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter, 
     from peft import LoKrConfig, LoraConfig
     from test_factored import peft_net
 
-    from peftbooth.train import to_compute_dtype
+    from peftbooth.precision import Precision, place_frozen
 
     targets = ["proj", "conv", "pointwise"]
     config = {"lora": LoraConfig(r=4, lora_alpha=4, target_modules=targets),
@@ -234,7 +234,7 @@ def test_fp16_gradient_scaler_works_with_frozen_fp16_and_fp32_adapters(adapter, 
 
     model = peft_net(config)
     factored.install(model)
-    to_compute_dtype(model, torch.device("cpu"), torch.float16)
+    place_frozen(model, Precision(torch.device("cpu"), torch.float16, torch.float16))
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {p.dtype for p in trained.values()} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
@@ -311,8 +311,8 @@ def test_unet_moves_to_the_device_after_the_caches_are_built(tiny_model, photos,
     train_module = importlib.import_module("peftbooth.train")  # the package exports a function of that name
 
     events = []
-    real_move, real_latents, real_text = train_module.to_compute_dtype, LatentCache.build, TextCache.build
-    monkeypatch.setattr(train_module, "to_compute_dtype",
+    real_move, real_latents, real_text = train_module.place_frozen, LatentCache.build, TextCache.build
+    monkeypatch.setattr(train_module, "place_frozen",
                         lambda model, *a: events.append(type(model).__name__) or real_move(model, *a))
     monkeypatch.setattr(train_module.LatentCache, "build",
                         classmethod(lambda cls, *a: events.append("latent cache") or real_latents(*a)))

@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +50,29 @@ class CheckpointError(Exception):
 
 @dataclass
 class TrainState:
-    """Where the loop stands: optimizer steps done, and the epoch / micro-batches consumed in that epoch."""
+    """Where the loop stands: optimizer steps done, and the epoch / micro-batches consumed in that epoch; and what
+    the run has recorded so far, so that a run stopped and resumed reports as one run (train_stats.json, report)."""
 
     step: int = 0
     epoch: int = 0
     position: int = 0
+    loss_history: list = field(default_factory=list)  # [[step, logged loss], ...] of every segment so far
+    seconds: float = 0.0  # training time so far, all segments, validation sampling left out (set at checkpoints)
+    validation_seconds: float = 0.0  # time spent sampling validation images so far, all segments
+    segments: int = 1  # starts whose work this state continues: 1 + the resumes
+    # the step the history and times are counted from: 0, or the step of a checkpoint written by a version that did
+    # not carry them (0.1.0), whose earlier history is unknown
+    history_from: int = 0
+
+    @classmethod
+    def resumed(cls, saved: dict) -> "TrainState":
+        """The state a run resumes with from a checkpoint's training_state.json: one segment more."""
+        step = saved["step"]
+        if "loss_history" not in saved:  # an older checkpoint: the run is counted from here on, with at least the
+            return cls(step, saved["epoch"], saved["position"], segments=2, history_from=step)  # segment before
+        return cls(step, saved["epoch"], saved["position"], [[int(s), float(v)] for s, v in saved["loss_history"]],
+                   float(saved["seconds"]), float(saved["validation_seconds"]), int(saved["segments"]) + 1,
+                   int(saved["history_from"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,14 +135,18 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
     return path
 
 
-def check_compatible(path: Path, cfg: TrainConfig, fingerprint: str, force: bool) -> None:
-    """Refuse a checkpoint made with another config or other photos (naming what differs) unless forced."""
+def check_compatible(path: Path, cfg: TrainConfig, fingerprint: str, force: bool,
+                     world_size: int | None = None) -> None:
+    """Refuse a checkpoint made with another config or other photos (naming what differs) unless forced.
+
+    `world_size`: the run's number of processes; None: this process's (WORLD_SIZE). The launcher checks before
+    its workers exist, so it passes the number it is about to start."""
     saved = json.loads((path / STATE_FILE).read_text())
     diffs = differing_fields(saved["config"], to_dict(cfg))
     if saved.get("data_fingerprint") != fingerprint:
         diffs.append("instance images (files or captions changed)")
     # the position in the data is counted in micro-batches of every process: another world size lands elsewhere
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if saved.get("num_processes", 1) != world:
         diffs.append(f"number of processes ({saved.get('num_processes', 1)} then, {world} now)")
     if diffs and not force:
@@ -144,7 +166,30 @@ def rng_state() -> dict:
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda_device": torch.cuda.current_device() if torch.cuda.is_available() else -1,  # the one it draws from
     }
+
+
+def process_rng_state(path: Path, process_index: int) -> dict:
+    """The RNG states process `process_index` resumes with: its own file, or for a process added under
+    --resume-force, the state it would have had in a run with that many processes.
+
+    Every rank seeds its generators alike and draws the same amounts, so all ranks' CPU streams are equal (a
+    2-process checkpoint's rng-0.pt and rng-1.pt match): rank 0's are the added process's too, and PEFT's
+    module-dropout coin stays the same on every rank. Its GPU stream is another matter: each rank draws from its
+    own device's generator, and rank 0's file holds the added process's device only as rank 0 saw it, never drawn
+    from (the seed's first numbers again). The added process takes rank 0's own device's state for its device.
+    """
+    own = path / f"rng-{process_index}.pt"
+    if own.is_file():
+        return torch.load(own, weights_only=True)
+    state = torch.load(path / "rng-0.pt", weights_only=True)
+    cuda = list(state["cuda"])
+    if cuda and torch.cuda.is_available():
+        mine, theirs = torch.cuda.current_device(), max(int(state.get("cuda_device", 0)), 0)
+        if mine < len(cuda) and theirs < len(cuda):
+            cuda[mine] = cuda[theirs]
+    return {**state, "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
@@ -220,16 +265,24 @@ def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
 
 def load_checkpoint(run, path: Path) -> TrainState:
     """Restore adapters, optimizer, scheduler, scaler and RNG from `path`; return where the loop stands."""
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     acc = run.accelerator
     for part, model in run.trained().items():
-        weights = load_file(path / part / "adapter_model.safetensors", device=str(acc.device))
-        result = set_peft_model_state_dict(acc.unwrap_model(model), weights, adapter_name="default")
-        if result.unexpected_keys:
-            raise UsageError(f"--resume {path}: {part} weights do not fit this model "
-                             f"(e.g. {result.unexpected_keys[0]})")
+        # read on the CPU and copied in: safetensors refuses the device "cpu:0" that the CPU processes of a
+        # multi-process run have (which no resume under the launcher reached before), and adapters are small
+        weights = load_file(path / part / "adapter_model.safetensors", device="cpu")
+        # compared as PEFT saves them: a checkpoint missing some of this model's adapter weights would leave
+        # those at their fresh initialisation, silently, as much as extra weights would be dropped
+        expected = set(get_peft_model_state_dict(acc.unwrap_model(model), adapter_name="default", unwrap_compiled=True,
+                                                save_embedding_layers=False))
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if missing or unexpected:
+            what = f"{len(missing)} missing, e.g. {missing[0]}" if missing else \
+                f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"
+            raise UsageError(f"--resume {path}: {part} weights do not fit this model ({what})")
+        set_peft_model_state_dict(acc.unwrap_model(model), weights, adapter_name="default")
     if run.cfg.train.train_token_embedding:
         _, rows = token_embedding.read_file(path / token_embedding.FILE)
         token_embedding.load_state([acc.unwrap_model(m) for m in run.text_encoders], rows)
@@ -241,15 +294,14 @@ def load_checkpoint(run, path: Path) -> TrainState:
                           "from its weights", stacklevel=2)
             run.ema = ema_file.AdapterEMA(run.ema.params, run.ema.decay)
     # weights_only=True: these files are read without unpickling arbitrary objects
-    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+    # on the CPU (torch.load cannot map to "cpu:0" either); load_state_dict moves the state to its parameters' device
+    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     extra = torch.load(path / "state.pt", weights_only=True)
     run.lr_scheduler.load_state_dict(extra["lr_scheduler"])
     if extra["scaler"] is not None and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(extra["scaler"])
-    rng_file = path / f"rng-{acc.process_index}.pt"
-    set_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng-0.pt", weights_only=True))
-    saved = json.loads((path / STATE_FILE).read_text())
-    return TrainState(saved["step"], saved["epoch"], saved["position"])
+    set_rng_state(process_rng_state(path, acc.process_index))
+    return TrainState.resumed(json.loads((path / STATE_FILE).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,6 +340,17 @@ def acquire_lock(output_dir: Path) -> Path:
         raise UsageError(f"--output-dir {output_dir}: could not take the lock {lock}; try again")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def release_lock_of(output_dir: Path, pids: list[int]) -> None:
+    """The launcher's clean-up: remove the lock of a worker of its own that is gone (killed before releasing it)."""
+    lock = output_dir / LOCK
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    if holder.get("host") == socket.gethostname() and holder.get("pid") in pids and not _alive(holder["pid"]):
+        lock.unlink(missing_ok=True)
 
 
 def release_lock(lock: Path | None) -> None:

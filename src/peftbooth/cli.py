@@ -29,6 +29,7 @@ class Parser(argparse.ArgumentParser):
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """--config YAML (if any) overridden by the flags given on the command line."""
     cfg = TrainConfig()
+    given = {dest for dest in vars(args) if "." in dest}  # flags on the command line (the rest are SUPPRESSed)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -38,10 +39,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except yaml.YAMLError as e:
             raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
         cfg = from_dict(data, source=f"--config {path}")
+        given |= {f"{section}.{key}" for section, keys in data.items() for key in keys}
     for dest, value in vars(args).items():
         if "." in dest:
             section, name = dest.split(".", 1)
             setattr(getattr(cfg, section), name, value)
+    # the base model's defaults (resolution, and the world's recipe) fill what was not given, as the preset does
+    from .model_defaults import apply_model_defaults, describe, pending
+
+    info, taken = apply_model_defaults(cfg, given)
+    pending(describe(info, cfg, taken))  # printed by train's setup once the input passed its checks
+    if cfg.train.low_memory:  # the preset fills only what was not given explicitly (flags, --config)
+        from .memory import LOW_MEMORY, apply_preset
+
+        apply_preset(cfg, LOW_MEMORY, given)
     return cfg
 
 
@@ -50,62 +61,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    from .distributed import launch, world_size
     from .train import train
 
     cfg = config_from_args(args)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg.resolved()), sort_keys=False), end="")
         return 0
-    if args.num_processes < 1:
-        raise UsageError(f"--num-processes must be >= 1 (got {args.num_processes})")
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+    world = world_size(args)
+    if world > 1 and "WORLD_SIZE" not in os.environ:  # not already a worker of torchrun / accelerate launch
         from .train import check_inputs
 
-        check_inputs(cfg.resolved())  # bad input is reported once, here, not by every process
+        # bad input is reported once, here, not by every process; a checkpoint is checked against the number of
+        # processes about to start, not this launcher's one
+        check_inputs(cfg.resolved(), world_size=world)
         from .models import resolve_model
 
         resolve_model(cfg.model.model)  # 'tiny' is built once, here, not by N processes at the same time
-        return launch(args.num_processes, args.argv)
+        return launch(args, args.argv, Path(cfg.train.output_dir))
     train(cfg)
     return 0
-
-
-def launch(num_processes: int, argv: list[str]) -> int:
-    """`--num-processes N`: rerun this command as N data-parallel processes (torch.distributed on this machine).
-
-    Same as `accelerate launch --num_processes N -m peftbooth train ...`; without a GPU the processes use the
-    CPU with the gloo backend.
-    """
-    import socket
-    import subprocess
-
-    with socket.socket() as s:  # a free port for the processes to meet on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    import torch
-
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "true"
-    rest, skip = [], False
-    for a in argv:  # drop --num-processes N / --num-processes=N from the relaunched command
-        if skip:
-            skip = False
-        elif a == "--num-processes":
-            skip = True
-        elif not a.startswith("--num-processes="):
-            rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
-           f"--master_port={port}", "-m", "peftbooth", *rest]
-    import signal
-
-    # Ctrl-C reaches the workers directly (same process group): they checkpoint and exit with 130, and that
-    # code is returned here instead of a KeyboardInterrupt of the launcher
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return subprocess.call(cmd, env=env)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_class_images(args) -> int:
@@ -258,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train DreamBooth adapters")
     p.add_argument("--config", help="YAML file with sections model, unet_adapter, text_encoder_adapter, data, train")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("--num-processes", type=int, default=1,
-                   help="data-parallel processes on this machine (like accelerate launch --num_processes)")
+    from .distributed import add_launcher_flags
+
+    add_launcher_flags(p)  # --num-processes, --nnodes, --node-rank, --master-addr, --master-port
     for section in SECTIONS:
         add_section_flags(p, section)
     p.set_defaults(func=cmd_train)

@@ -29,6 +29,21 @@ class UsageError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
+def accelerate_mixed_precision(environ=None) -> str:
+    """The precision Accelerate was configured with, for a run whose --mixed-precision is not given.
+
+    `accelerate launch` passes its config file's `mixed_precision` (or its own --mixed_precision flag) to the
+    processes as ACCELERATE_MIXED_PRECISION; a plain `peftbooth train` may have it set by hand. Unset: "no".
+    """
+    import os
+
+    value = (os.environ if environ is None else environ).get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if value not in MIXED_PRECISION:
+        raise UsageError(f"ACCELERATE_MIXED_PRECISION={value}: not one of {', '.join(MIXED_PRECISION)}; fix the "
+                         "Accelerate config or environment, or pass --mixed-precision")
+    return value
+
+
 def option(default, help: str, **kw):
     """A dataclass field with its one-line help text (shown by ``--help``); `kw` is more metadata for the flag
     (choices; and for the other commands' options, see peftbooth.flags: positional, required, aliases, ...)."""
@@ -48,8 +63,8 @@ class ModelArgs:
     variant: Optional[str] = _f(None, "weights variant of --model, e.g. 'fp16'")
     vae: Optional[str] = _f(None, "replacement VAE (hub id or folder), e.g. an fp16-safe SDXL VAE "
                         "'madebyollin/sdxl-vae-fp16-fix'")
-    upcast_vae: Optional[bool] = _f(None, "run the VAE in fp32 (default: on for SDXL's own VAE, which overflows in "
-                                    "fp16; off otherwise and with --vae)")
+    upcast_vae: Optional[bool] = _f(None, "run the VAE in fp32 beside half-precision weights (default: where an "
+                                    "SDXL VAE's config has force_upcast, as SDXL's own: it overflows in fp16)")
 
 
 @dataclass
@@ -135,12 +150,19 @@ class TrainArgs:
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (must be installed)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    low_memory: bool = _f(False, "the low-memory preset: --gradient-checkpointing, --mixed-precision bf16, batch "
+                          "size 1, caches on, --sample-batch-size 1 (peftbooth.memory.LOW_MEMORY); settings given "
+                          "explicitly (flags, --config) win")
+    memory_check: bool = _f(True, "on a GPU, refuse to start when the estimated peak memory exceeds the free memory "
+                            "(--no-memory-check: start anyway)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting with this gamma (5.0 is common); off when unset")
     noise_offset: float = _f(0.0, "offset-noise strength (e.g. 0.05): lets the model learn very dark/bright images")
     ema_decay: float = _f(0.0, "save (and validate) a moving average of the adapter weights over about the last "
                           "1/(1-D) steps instead of the last step's, e.g. 0.99; 0: off")
-    mixed_precision: str = _f("no", "compute precision of the frozen weights", choices=MIXED_PRECISION)
+    mixed_precision: Optional[str] = _f(None, "compute precision of the frozen weights (default: Accelerate's, "
+                                        "from `accelerate launch` or ACCELERATE_MIXED_PRECISION, else no)",
+                                        choices=MIXED_PRECISION)
     train_text_encoder: bool = _f(False, "also train an adapter on the CLIP text encoder")
     train_token_embedding: Optional[str] = _f(None, "also train this identifier word's input embedding, e.g. sks "
                                               "(pivotal tuning); one token, in --instance-prompt, with "
@@ -206,6 +228,8 @@ class TrainConfig:
         if self.text_encoder_adapter.alpha is None:
             te.alpha = float(te.rank)  # alpha follows the text encoder's own rank, not the UNet's alpha
         cfg.unet_adapter, cfg.text_encoder_adapter = unet, te
+        if self.train.mixed_precision is None:  # the saved config.yaml records the precision the run used
+            cfg.train = dataclasses.replace(self.train, mixed_precision=accelerate_mixed_precision())
         return cfg
 
     def validate(self) -> None:

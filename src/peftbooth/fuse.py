@@ -84,6 +84,7 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     VAE the run trained with (`--vae`), if it had one, so the fused folder decodes as the run's samples did.
     """
     from .models import check_vae_arg, load_pipeline
+    from .precision import for_fuse
 
     if not (isinstance(scale, (int, float)) and torch.isfinite(torch.tensor(float(scale)))):
         raise UsageError(f"--scale must be a finite number (got {scale!r})")
@@ -92,7 +93,8 @@ def fuse_run(model: str | None, run_dir: str | Path, output_dir: str | Path, sca
     run = read_run(run_dir)
     model, vae = base_model_for(model, [run_dir], "RUN_DIR"), vae_of(run, vae)
     check_vae_arg(vae)
-    pipe = load_pipeline(model, vae=vae)
+    policy = for_fuse()  # fp32 on the CPU: the merge adds no rounding of its own
+    pipe = load_pipeline(model, vae=vae, torch_dtype=policy.compute).to(policy.device)
     fuse_token_embeddings(pipe, run_dir, scale)  # checked (and written) before the merge, the heavier step
     handles = fuse_adapters(pipe, run_dir, scale)
     for peft_model in handles.values():

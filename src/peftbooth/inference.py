@@ -38,6 +38,22 @@ def mismatch(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:300]
 
 
+def load_for_inference(model: str, device: str | torch.device | None = None, revision: str | None = None,
+                       variant: str | None = None, vae: str | None = None, dtype: torch.dtype | None = None):
+    """(pipeline, precision.Precision): `model` (with `vae` replacing its own VAE) on the device and in the dtypes
+    of the precision policy for generation; `dtype` overrides the UNet's and text encoders' dtype."""
+    from .models import family_of, load_pipeline, read_model_index, resolve_model, vae_config_force_upcast
+    from .precision import default_device, for_inference
+
+    path = resolve_model(model)
+    family = family_of(read_model_index(path, revision))
+    policy = for_inference(default_device(device), family, vae_config_force_upcast(path, revision, vae),
+                           compute=dtype)
+    pipe = load_pipeline(path, revision=revision, variant=variant, torch_dtype=policy.compute, vae=vae,
+                         vae_dtype=policy.vae)
+    return pipe.to(policy.device), policy
+
+
 class AdapterPipeline:
     """A StableDiffusion(XL)Pipeline plus named PEFT adapters on its UNet and text encoder(s).
 
@@ -47,12 +63,8 @@ class AdapterPipeline:
 
     def __init__(self, model: str, revision: str | None = None, variant: str | None = None,
                  device: str | None = None, dtype: torch.dtype | None = None, vae: str | None = None):
-        from .models import load_pipeline
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        # an SDXL VAE in fp16 is upcast by the pipeline itself while decoding (its config's force_upcast)
-        self.pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=dtype, vae=vae).to(self.device)
+        self.pipe, self.precision = load_for_inference(model, device, revision, variant, vae, dtype)
+        self.device = self.precision.device
         self.pipe.set_progress_bar_config(disable=True)
         self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftMixedModel
         self.adapters: dict[str, set[str]] = {}  # adapter name -> parts it has
@@ -103,7 +115,7 @@ class AdapterPipeline:
             if stray:
                 raise UsageError(f"--adapter {folder}: {len(stray)} adapter weights do not match this base model, "
                                  f"e.g. {stray[0]}")
-            self._peft[part].to(self.device, dtype=self.pipe.unet.dtype)
+            self._peft[part].to(self.device, dtype=self.precision.compute)
             factored.install(self._peft[part])  # LoHa/LoKr through their factors where that is cheaper
         self.adapters[name] = set(folders)
         if rows is not None:
@@ -156,11 +168,14 @@ class AdapterPipeline:
     def generate(self, prompt: str, num_images: int = 1, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                  negative_prompt: str | None = None) -> list[Image.Image]:
+        from .models import vae_calls
+
         generator = torch.Generator(self.device).manual_seed(seed)
-        return self.pipe(
+        with vae_calls(self.pipe.vae):  # an fp32 VAE beside half-precision weights; bounded decode batches
+            return self.pipe(
             prompt, num_images_per_prompt=num_images, generator=generator, num_inference_steps=steps,
-            guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
-        ).images
+                guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+            ).images
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:

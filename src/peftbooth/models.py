@@ -45,6 +45,11 @@ class Components:
         return self.text_encoder_2 is not None
 
     @property
+    def family(self) -> str:
+        """One of FAMILIES: what the precision policy and the conditioning depend on."""
+        return "sdxl" if self.is_sdxl else "sd"
+
+    @property
     def tokenizers(self) -> list:
         return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
 
@@ -126,33 +131,66 @@ def check_vae_arg(vae: str | None) -> None:
         raise UsageError(f"--vae {vae}: no such folder; pass an AutoencoderKL folder or hub id")
 
 
-@contextlib.contextmanager
-def vae_in_own_dtype(vae: torch.nn.Module):
-    """Run an fp32 VAE's encode/decode in fp32 even inside an autocast region.
+# The VAE's activations at full resolution dominate memory outside the UNet: a 512-px image's decoder holds
+# (128, 512, 512) maps in several copies, about 640 MiB in half precision (benchmarks/memory_estimate.py). One
+# call sees at most this many output pixels, so memory does not grow with --sample-batch-size: one image per call
+# at 512 px and above, small images are not split (the world's 32-px ones go 256 to a call).
+VAE_PIXELS_PER_CALL = 512 * 512
 
-    Validation and the proxies run under the training autocast (the UNet needs it), which would run an fp32
-    VAE's convolutions in fp16 anyway; SDXL's own VAE overflows to NaN there. Calls made inside the block, the
-    pipeline's included, go through these wrappers; the VAE is left as it was afterwards.
+
+def vae_rows_per_call(height: int, width: int) -> int:
+    """Images of height x width pixels one VAE call may take."""
+    return max(1, VAE_PIXELS_PER_CALL // (height * width))
+
+
+@contextlib.contextmanager
+def vae_calls(vae: torch.nn.Module):
+    """Every encode/decode of `vae` inside the block (a pipeline's included) runs in the VAE's own dtype, and in
+    bounded chunks of images.
+
+    Own dtype: the policy (precision.py) may keep the VAE in fp32 beside half-precision weights, where it would
+    overflow; inputs are cast to it, and an fp32 VAE runs outside any autocast region (validation and the proxies
+    run under the training autocast, which would run its convolutions in half precision anyway). Chunks: at most
+    VAE_PIXELS_PER_CALL output pixels per call; below that the call is passed through unchanged.
     """
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
     dtype = next(vae.parameters()).dtype
-    if dtype != torch.float32:  # a half-precision VAE runs as autocast would run it anyway
-        yield vae
-        return
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent pixel, per side (8 for SD)
     originals = {name: getattr(vae, name) for name in ("encode", "decode")}
 
-    def wrap(fn):
-        def call(x, *args, **kwargs):
-            with torch.autocast(x.device.type, enabled=False):
-                return fn(x.to(dtype), *args, **kwargs)
-        return call
+    def run(fn, x, scale, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
+            x = x.to(dtype)
+            rows = vae_rows_per_call(x.shape[-2] * scale, x.shape[-1] * scale)
+            if x.shape[0] <= rows:
+                return fn(x, *args, **kwargs)
+            return [fn(chunk, *args, **kwargs) for chunk in x.split(rows)]
 
-    for name, fn in originals.items():
-        setattr(vae, name, wrap(fn))
+    def encode(x, *args, return_dict: bool = True, **kwargs):  # x (N, 3, H, W)
+        out = run(originals["encode"], x, 1, *args, return_dict=False, **kwargs)
+        # one posterior over all rows: its parameters are (mean, logvar) side by side, (N, 2C, H/f, W/f)
+        posterior = out[0] if isinstance(out, tuple) else DiagonalGaussianDistribution(
+            torch.cat([part[0].parameters for part in out]))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(z, *args, return_dict: bool = True, **kwargs):  # z (N, C, H/f, W/f)
+        out = run(originals["decode"], z, factor, *args, return_dict=False, **kwargs)
+        sample = out[0] if isinstance(out, tuple) else torch.cat([part[0] for part in out])
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    vae.encode, vae.decode = encode, decode
     try:
         yield vae
     finally:
         for name in originals:
             delattr(vae, name)  # the class's methods show through again
+
+
+def vae_force_upcast(vae: torch.nn.Module) -> bool:
+    """diffusers' mark of a VAE that overflows in fp16 (default True, as in diffusers' AutoencoderKL)."""
+    return bool(getattr(vae.config, "force_upcast", True))
 
 
 def check_model_folder(path: str) -> None:
@@ -244,15 +282,34 @@ def load_vae(vae: str):
         raise UsageError(f"--vae {vae}: could not load an AutoencoderKL ({first[:200]})") from e
 
 
+def vae_config_force_upcast(model: str, revision: str | None = None, vae: str | None = None) -> bool:
+    """`force_upcast` of the VAE a pipeline of `model` (with `vae` replacing its own) will have, read from its
+    config before any weights are loaded: the precision policy needs it to choose the VAE's dtype."""
+    from diffusers import AutoencoderKL
+
+    if vae is not None:
+        subfolder = "vae" if (Path(vae) / "vae" / "config.json").is_file() else None
+        config = AutoencoderKL.load_config(vae, subfolder=subfolder)
+    else:
+        config = AutoencoderKL.load_config(resolve_model(model), subfolder="vae", revision=revision)
+    return bool(config.get("force_upcast", True))
+
+
 def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None,
-                  vae: str | None = None):
+                  vae: str | None = None, vae_dtype=None):
     """The full pipeline for generation: StableDiffusionPipeline (no safety checker) or, for an SDXL model,
     StableDiffusionXLPipeline (no watermarker). The class is chosen here from model_index.json, never by
-    importing whatever class the file names."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    importing whatever class the file names. `torch_dtype`: the UNet's and text encoders'; `vae_dtype`: the
+    VAE's, when the precision policy keeps it apart (it is loaded on its own then, never rounded to half first)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = resolve_model(model)
-    extra = {} if vae is None else {"vae": load_vae(vae).to(torch_dtype)}
+    extra = {}
+    if vae is not None:
+        extra["vae"] = load_vae(vae).to(vae_dtype or torch_dtype)
+    elif vae_dtype is not None and vae_dtype != torch_dtype:
+        extra["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant,
+                                                     use_safetensors=True).to(vae_dtype)
     if family_of(read_model_index(path, revision)) == "sdxl":
         cls, extra = StableDiffusionXLPipeline, {**extra, "add_watermarker": False}
     else:

@@ -8,24 +8,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from .checkpoint import check_compatible, data_fingerprint, list_checkpoints, resolve_resume
 from .config import TrainConfig, UsageError
 from .data import list_images, load_captions, load_image, load_masks, mask_path
+from .distributed import check_engine
 from .hub import check_repo_id, hub_token
 from .models import check_vae_arg
+from .precision import check_training, default_device
 
 RUN_MARKER = Path("unet") / "adapter_model.safetensors"  # a folder holding this is a finished run
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None, list | None]:
+def check_inputs(cfg: TrainConfig,
+                 world_size: int | None = None) -> tuple[list, list[str], str, Path | None, list | None]:
     """Validate config, output folder, photos and resume; return (images, prompts, fingerprint, checkpoint,
-    masks): masks are the photos' loss masks with --masked-loss, else None.
+    masks): masks are the photos' loss masks with --masked-loss, else None. `world_size`: the processes the
+    launcher is about to start (None: this process's own WORLD_SIZE).
 
     Writes nothing.
     """
     cfg.validate()
+    check_engine()  # FSDP / DeepSpeed from `accelerate launch`: refused before anything is loaded
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")
@@ -51,18 +54,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list[str], str, Path | None, l
     checkpoint = None
     if cfg.train.resume:
         checkpoint = resolve_resume(cfg.train.resume, out)
-        check_compatible(checkpoint, cfg, fingerprint, cfg.train.resume_force)
+        check_compatible(checkpoint, cfg, fingerprint, cfg.train.resume_force, world_size)
     if d.with_prior_preservation and d.class_data_dir and Path(d.class_data_dir).is_file():
         raise UsageError(f"--class-data-dir {d.class_data_dir}: is a file, not a folder")
-    if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use --mixed-precision fp16")
-    from accelerate import PartialState
-
-    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":
-        # Accelerate runs fp16 on the CPU with neither autocast nor a gradient scaler: fp16 gradients would
-        # underflow unseen
-        raise UsageError("--mixed-precision fp16: needs a GPU (on the CPU there is no fp16 autocast or gradient "
-                         "scaler); use --mixed-precision bf16 or no")
+    check_training(cfg.train.mixed_precision)
     if cfg.train.push_to_hub:  # refuse now, not after an hour of training
         check_repo_id(cfg.train.push_to_hub)
         hub_token()
@@ -78,5 +73,5 @@ def cpu_processes_from_launcher() -> None:
     """Plain `torchrun --nproc_per_node N` on a machine without a GPU: Accelerate joins the processes only when
     told to use the CPU (what --num-processes sets), else each believes it is alone and they fight over the output
     folder. Set it before Accelerate's state is first built (check_inputs builds it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and default_device().type == "cpu":
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")

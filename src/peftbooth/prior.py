@@ -52,13 +52,6 @@ def write_image_atomic(folder: Path, image, index: int) -> Path:
     return final
 
 
-def generation_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on GPU (bf16 where supported: no overflow), fp32 on CPU where half is slow."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def generate_class_images(
     model: str,
     class_prompt: str,
@@ -78,24 +71,26 @@ def generate_class_images(
 ) -> list[Path]:
     """`fill_class_images` with a pipeline of the base model loaded from disk (the `class-images` command).
 
-    The model is loaded only when images are missing; in half precision on a GPU, fp32 on the CPU.
+    The model is loaded only when images are missing, in the dtypes precision.for_inference gives (half precision
+    on a GPU, fp32 on the CPU).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .precision import default_device
+
+    device = default_device(device)
 
     @contextlib.contextmanager
     def pipeline():
         from diffusers import DPMSolverMultistepScheduler
 
-        from .models import load_pipeline
+        from .inference import load_for_inference
+        from .models import vae_calls
 
-        # SDXL: the pipeline upcasts its own VAE to fp32 for decoding (force_upcast), so half precision is safe
-        pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=generation_dtype(device), vae=vae)
+        pipe, _ = load_for_inference(model, device, revision=revision, variant=variant, vae=vae)
         # DPM-Solver++ gives class images of the quality DDPM needs 1000 steps for in 20-25 steps.
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        pipe.to(device)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), vae_calls(pipe.vae):
                 yield pipe
         finally:
             del pipe
@@ -109,24 +104,23 @@ def generate_class_images(
 
 def class_images_from_components(
     components, class_prompt: str, class_data_dir: str | Path, num_class_images: int, sample_batch_size: int,
-    num_inference_steps: int, seed: int, device: torch.device, show_progress: bool = True, process_index: int = 0,
+    num_inference_steps: int, seed: int, precision, show_progress: bool = True, process_index: int = 0,
     num_processes: int = 1, barrier=None,
 ) -> list[Path]:
     """`fill_class_images` with the training run's own modules (models.Components), before adapters are attached:
-    no second copy of the model is loaded. The modules are sampled in eval mode, moved to `device` for the
-    moment and back; on a GPU under autocast in half precision (the weights stay as they are, fp32). On the CPU
-    the images are the same, bit for bit, as the `class-images` command makes from the same model folder.
+    no second copy of the model is loaded. The modules, already in the run's compute dtype (`precision`, a
+    precision.Precision), are sampled in eval mode, moved to its device for the moment and back, under
+    `precision.sampling_autocast()`. On the CPU the images are the same, bit for bit, as the `class-images`
+    command makes from the same model folder.
     """
     from .sampling import in_memory_pipeline, sampling_state
 
-    c = components
+    c, device = components, precision.device
     modules = [c.unet, c.vae, *c.text_encoders]
-    autocast = (torch.autocast("cuda", dtype=generation_dtype(device)) if device.type == "cuda"
-                else contextlib.nullcontext())
 
     @contextlib.contextmanager
     def pipeline():
-        with sampling_state(device, c.vae, modules, modules, autocast):
+        with sampling_state(device, c.vae, modules, modules, precision.sampling_autocast()):
             yield in_memory_pipeline(c)
 
     return fill_class_images(pipeline, class_prompt, class_data_dir, num_class_images, sample_batch_size,

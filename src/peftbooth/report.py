@@ -11,15 +11,14 @@ to add its metrics) without the training process.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from pathlib import Path
 from urllib.parse import quote
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from .chart import data_uri, loss_curve  # loss_curve: also imported from here by older callers
 from .rundir import (  # ADAPTER_PARTS, REPORT_FILE, STATS_FILE: also kept here for old import paths
     ADAPTER_PARTS, EVAL_DIR, EVAL_METRICS_FILE, REPORT_FILE, STATS_FILE, VALIDATION_DIR, RunDir, read_json, write_json,
     write_text,
@@ -67,56 +66,6 @@ def validation_grids(run_dir: Path) -> list[tuple[int, str]]:
         if grid.is_file():
             rows.append((step, grid.relative_to(run_dir).as_posix()))
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the loss curve, drawn with PIL (no plotting dependency)
-
-
-def loss_curve(points: list[list[float]], size: tuple[int, int] = (720, 260)) -> Image.Image | None:
-    """A line chart of loss against step with min/max labels on both axes; None without points."""
-    if not points:
-        return None
-    w, h = size
-    left, right, top, bottom = 64, 16, 16, 34
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    steps, losses = [p[0] for p in points], [p[1] for p in points]
-    s0, s1 = min(steps), max(steps)
-    l0, l1 = min(losses), max(losses)
-    if s1 == s0:
-        s0, s1 = s0 - 1, s1 + 1  # one point: centre it
-    if l1 == l0:
-        l0, l1 = l0 - 0.5 * abs(l0 or 1), l1 + 0.5 * abs(l1 or 1)
-
-    def xy(step, loss):
-        x = left + (step - s0) / (s1 - s0) * (w - left - right)
-        y = top + (l1 - loss) / (l1 - l0) * (h - top - bottom)
-        return x, y
-
-    draw.rectangle((left, top, w - right, h - bottom), outline=(160, 160, 160))
-    for frac in (0.25, 0.5, 0.75):  # light grid lines
-        y = top + frac * (h - top - bottom)
-        draw.line((left, y, w - right, y), fill=(232, 232, 232))
-    xy_points = [xy(s, l) for s, l in points]
-    if len(xy_points) > 1:
-        draw.line(xy_points, fill=(31, 119, 180), width=2)
-    for x, y in xy_points if len(xy_points) <= 60 else []:
-        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
-    draw.text((4, top - 4), f"{l1:.4g}", fill="black", font=font)
-    draw.text((4, h - bottom - 8), f"{l0:.4g}", fill="black", font=font)
-    draw.text((left, h - bottom + 6), f"step {min(steps)}", fill="black", font=font)
-    label = f"step {max(steps)}"
-    draw.text((w - right - 8 * len(label), h - bottom + 6), label, fill="black", font=font)
-    draw.text((w // 2 - 12, h - bottom + 6), "loss", fill=(90, 90, 90), font=font)
-    return img
-
-
-def data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,6 +151,7 @@ def summary_section(cfg: dict, stats: dict, sizes: dict[str, int]) -> str:
         per_step *= 2 if d.get("with_prior_preservation") else 1  # a class image beside every instance image
         rows += [
             ["optimizer steps", esc(steps)],
+            *segments_rows(stats),
             ["training time", esc(human_seconds(seconds)) if seconds is not None else "-"],
             ["throughput", esc(f"{it_s:.3f} steps/s, {it_s * per_step:.2f} images/s "
                                f"({per_step} images per step)") if it_s else "-"],
@@ -211,6 +161,19 @@ def summary_section(cfg: dict, stats: dict, sizes: dict[str, int]) -> str:
             rows.append(["validation sampling", esc(human_seconds(stats["validation_seconds"]))
                          + " (not counted in training time)"])
     return section("Run", table(rows), "run")
+
+
+def segments_rows(stats: dict) -> list[list[str]]:
+    """A run stopped and resumed is one run: how many starts it took, and what its figures do not cover."""
+    n, rows = stats.get("segments") or 1, []
+    if n > 1 and stats.get("history_from"):  # resumed from an older checkpoint, which did not count them
+        rows.append(["segments", esc(f"at least {n} (stopped and resumed)")])
+    elif n > 1:
+        rows.append(["segments", esc(f"{n} (stopped and resumed {'once' if n == 2 else f'{n - 1} times'}); loss, "
+                                     "training time and throughput cover them all")])
+    if stats.get("note"):
+        rows.append(["note", f'<span class="warn">{esc(stats["note"])}</span>'])
+    return rows
 
 
 def loss_section(stats: dict) -> str:
@@ -232,6 +195,10 @@ def validation_section(run_dir: Path) -> str:
     legend = "".join(f"<li><code>{esc(p)}</code></li>" for p in prompts)
     body = (f"<p>Rows: the prompts, in order; columns: fixed seeds, identical at every step, so each column shows "
             f"what training changed.</p><ol>{legend}</ol>")
+    from .validation import read_warning  # samples that stopped changing (validation/warning.json)
+
+    if read_warning(run_dir):
+        body = f'<p class="warn validation-warning">{esc(read_warning(run_dir))}</p>' + body
     for step, rel in grids:
         label = f"step {step}" + (" (before training)" if step == 0 else "")
         with Image.open(run_dir / rel) as g:

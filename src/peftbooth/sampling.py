@@ -3,7 +3,7 @@ validation (validation.py) and evaluation.
 
 `in_memory_pipeline` wraps the modules (shared, not copied) in a pipeline with a DPM-Solver++ scheduler;
 `sampling_state` puts them in the state sampling needs (eval mode, no gradients, on the device, the global RNGs
-untouched, an fp32 VAE kept in fp32 under autocast) and back; `sample_images` draws one prompt's images, image i
+untouched, the VAE in its own dtype and in bounded chunks) and back; `sample_images` draws one prompt's images, image i
 from its own seed, so the same index starts from the same noise whatever else is sampled beside it.
 """
 
@@ -14,7 +14,7 @@ import contextlib
 import torch
 from PIL import Image
 
-from .models import vae_in_own_dtype
+from .models import vae_calls
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,10 +77,10 @@ def sampling_state(device: torch.device, vae: torch.nn.Module, modules: list[tor
 
     `modules` go to eval mode (the PeftModel wrappers of trained parts included, so no adapter dropout), `moved`
     to `device` for the block; no gradients; the global RNGs are not advanced; `autocast` (a context manager, e.g.
-    the Accelerator's) wraps the block and an fp32 `vae` still runs in fp32 inside it.
+    the Accelerator's) wraps the block; `vae` runs in its own dtype and in bounded chunks (models.vae_calls).
     """
     with torch.no_grad(), untouched_rng(device), eval_mode(*modules), on_device(device, *moved), \
-            autocast or contextlib.nullcontext(), vae_in_own_dtype(vae):
+            autocast or contextlib.nullcontext(), vae_calls(vae):
         yield
 
 

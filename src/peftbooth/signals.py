@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ from .rundir import ADAPTER_PARTS
 # With several processes, agreeing on a stop signal is a gather and a host sync; the loop asks only every this
 # many optimizer steps (or fewer: at logging steps, which sync anyway, and at checkpoints), not every step.
 SIGNAL_STEPS = 10
+# The same signal again within this many seconds is one stop delivered twice, not a user insisting: a scheduler
+# or `systemctl stop` signals every process of the job, and the `--num-processes` launcher passes its copy on too.
+DUPLICATE_S = 1.0
 
 
 class TrainingInterrupted(Exception):
@@ -45,6 +49,7 @@ class StopSignals:
 
     def __init__(self, every: int = 1):
         self.received: int | None = None
+        self.received_at = 0.0
         self.every = every
         self._previous = {}
 
@@ -57,11 +62,11 @@ class StopSignals:
     def _handle(self, signum, frame):
         # the same signal again: the user insists. A different one right after (torchrun answers the terminal's
         # SIGINT by sending its workers SIGTERM) must not cut the checkpoint short.
-        if self.received == signum:
+        if self.received == signum and time.monotonic() - self.received_at > DUPLICATE_S:
             os._exit(128 + signum)
         if self.received is not None:
             return
-        self.received = signum
+        self.received, self.received_at = signum, time.monotonic()
         steps = "this step" if self.every == 1 else f"at most {self.every} steps"
         print(f"\n{signal.Signals(signum).name}: finishing {steps}, then writing a checkpoint "
               "(send it again to exit at once)", file=sys.stderr, flush=True)

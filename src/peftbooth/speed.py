@@ -1,5 +1,5 @@
-"""How training runs fast without changing what it computes: compute dtypes, offloading cached models,
-torch.compile and the optimizer's kernel. train.build_run decides when each applies; these say how.
+"""How training runs fast without changing what it computes: offloading cached models, torch.compile and the
+optimizer's kernel. train.build_run decides when each applies; these say how. Dtypes are precision.py's.
 """
 
 from __future__ import annotations
@@ -8,30 +8,6 @@ import shutil
 import warnings
 
 import torch
-
-from .config import TrainConfig
-from .models import Components
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    """The dtype of the frozen weights for --mixed-precision (the adapter weights stay fp32)."""
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def to_compute_dtype(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move `model` to `device` with its frozen weights in `dtype` and its trainable (adapter) weights in fp32."""
-    model.to(device, dtype=dtype)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-
-
-def upcast_vae(cfg: TrainConfig, components: Components) -> bool:
-    """--upcast-vae, by default on for SDXL's own VAE: in fp16 it overflows to NaN latents (an fp16-fixed --vae
-    does not, so a replacement VAE runs in the compute dtype unless asked)."""
-    if cfg.model.upcast_vae is not None:
-        return cfg.model.upcast_vae
-    return components.is_sdxl and cfg.model.vae is None
 
 
 def offload(model: torch.nn.Module, device: torch.device) -> None:

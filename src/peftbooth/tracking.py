@@ -1,6 +1,11 @@
-"""What the training loop keeps track of between optimizer steps, without waiting for the device every step."""
+"""What the training loop keeps track of between optimizer steps, without waiting for the device every step, and
+the run's time and statistics over all its segments (a run stopped and resumed reports as one run)."""
 
 from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -70,3 +75,42 @@ class LossWindow:
         if self.has_prior:
             means["prior_loss"] = prior / count
         return means
+
+
+class RunClock:
+    """Training time of a run over all its segments (a run stopped and resumed twice has three): the time the
+    checkpoint it resumed from carried, plus this segment's since `start`. Validation sampling is timed apart: it
+    is not training, and counted in it would lower the throughput."""
+
+    def __init__(self, seconds: float = 0.0, validation_seconds: float = 0.0):
+        self.carried, self.carried_validation = seconds, validation_seconds
+        self.start = time.perf_counter()
+        self.validation = 0.0  # this segment's
+
+    @contextmanager
+    def validating(self):
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.validation += time.perf_counter() - tick
+
+    def totals(self) -> tuple[float, float]:
+        """(training seconds, validation seconds) of the run up to now."""
+        segment = time.perf_counter() - self.start - self.validation
+        return self.carried + segment, self.carried_validation + self.validation
+
+
+def run_stats(state, clock: RunClock, last_loss: float) -> dict:
+    """fit()'s statistics of the whole run, every segment (`state`: checkpoint.TrainState), for train_stats.json,
+    the report and the model card. The throughput counts the steps the time was measured over."""
+    seconds, validation_seconds = clock.totals()
+    if math.isnan(last_loss) and state.loss_history:
+        last_loss = state.loss_history[-1][1]  # resumed at the last step: this segment logged nothing
+    stats = {"steps": state.step, "final_loss": last_loss, "seconds": seconds,
+             "it_s": (state.step - state.history_from) / max(seconds, 1e-9), "loss_history": state.loss_history,
+             "validation_seconds": validation_seconds, "segments": state.segments, "history_from": state.history_from}
+    if state.history_from:
+        stats["note"] = (f"resumed from a checkpoint of an earlier peftbooth version at step {state.history_from}: "
+                         f"loss history, training time and throughput cover the run from step {state.history_from} on")
+    return stats

@@ -1,14 +1,13 @@
 """DreamBooth training: ``setup`` validates and builds everything, ``fit`` is the loop, ``save`` writes the run.
 
 Read top to bottom: nothing is written to disk until every input has been checked (preflight.py). The step's
-maths is objective.py, stop signals and the multi-process exit are signals.py, dtypes and compiling speed.py,
-class images prior.py, and the finished run folder saving.py.
+maths is objective.py, stop signals and the multi-process exit are signals.py, dtypes and devices precision.py,
+compiling and the optimizer speed.py, class images prior.py, and the finished run folder saving.py.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ from .config import TrainConfig
 from .data import DreamBoothDataset, EpochSampler, collate
 from .ema import AdapterEMA, adapter_ema
 from .evaluate import write_proxies
-from .models import Components, load_components
+from .memory import check_memory
+from .model_defaults import announce
+from .models import Components, load_components, vae_force_upcast
 from .objective import (
     LossParts, ObjectiveSettings, batch_conditioning, batch_loss_masks, batch_posterior, row_generators, training_loss,
 )
@@ -39,10 +40,9 @@ from .objective import (
 from .preflight import RUN_MARKER, check_inputs, cpu_processes_from_launcher  # noqa: F401
 from .saving import check_ranks_agree, replayable, save  # noqa: F401
 from .signals import SIGNAL_STEPS, StopSignals, TrainingInterrupted, all_true, signal_interval  # noqa: F401
-from .speed import (  # noqa: F401
-    make_optimizer, maybe_compile, offload, to_compute_dtype, upcast_vae, weight_dtype_for,
-)
-from .tracking import LossWindow, ScalerSkips
+from .speed import make_optimizer, maybe_compile, offload  # noqa: F401
+from .precision import Precision, for_training, place_frozen
+from .tracking import LossWindow, RunClock, ScalerSkips, run_stats
 from .validation import run_validation, should_validate
 
 
@@ -58,7 +58,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: DataLoader
-    weight_dtype: torch.dtype
+    precision: Precision  # the device and dtypes of every component (precision.for_training)
     output_dir: Path
     sampler: EpochSampler
     dataset: DreamBoothDataset
@@ -69,6 +69,11 @@ class Run:
     text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (PeftModel when trained)
     ema: AdapterEMA | None = None  # --ema-decay: the moving average of the adapter weights
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The frozen weights' compute dtype (--mixed-precision's)."""
+        return self.precision.compute
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -127,10 +132,14 @@ def setup(cfg: TrainConfig) -> Run:
     if t.train_token_embedding:
         for tokenizer in components.tokenizers:
             te_rows.identifier_id(tokenizer, t.train_token_embedding)
+    check_memory(cfg, components)  # on a GPU: refuse a run whose estimated peak exceeds the free memory
+    announce()  # the CLI's "defaults from the model" line, once the run is known to start (a refusal: one line)
 
     # --- inputs are valid: from here on files are written
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .distributed import accelerator_kwargs
+
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Every optimizer step sums exactly N micro-batches. Accelerate's default also steps at the end of each
@@ -140,6 +149,7 @@ def setup(cfg: TrainConfig) -> Run:
         ),
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        **accelerator_kwargs(cfg),  # DDP told of unused weights under module dropout (distributed.py)
     )
     lock = acquire_lock(out) if accelerator.is_main_process else None  # one lock per run, not per process
     if checkpoint is None and accelerator.is_main_process and (out / CHECKPOINTS).exists():
@@ -157,21 +167,27 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     from accelerate.utils import set_seed
 
     t, d, device = cfg.train, cfg.data, accelerator.device
+    precision = for_training(t.mixed_precision, device, components.family, vae_force_upcast(components.vae),
+                             cfg.model.upcast_vae)
+    # Frozen weights in the compute dtype from the start, still on the CPU: class images are made in it (SDXL's
+    # UNet and text encoders would take 14 GB of a GPU in fp32), and training keeps them so.
+    for model in (components.unet, *components.text_encoders):
+        model.to(dtype=precision.compute)
+    components.vae.to(dtype=precision.vae)
     set_seed(t.seed)
-    class_paths = class_images(cfg, accelerator, components) if d.with_prior_preservation else None
+    class_paths = class_images(cfg, accelerator, components, precision) if d.with_prior_preservation else None
     set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
     unet, text_encoders = attach_adapters(cfg, components)
-    # Frozen weights in the compute dtype, adapter weights in fp32: the optimizer sees exact fp32 parameters
-    # and gradients while the big frozen matmuls run in half precision.
-    weight_dtype = weight_dtype_for(t.mixed_precision)
-    components.vae.to(device, dtype=torch.float32 if upcast_vae(cfg, components) else weight_dtype)
+    # Adapter weights in fp32 beside the frozen ones: the optimizer sees exact fp32 parameters and gradients while
+    # the big frozen matmuls run in half precision.
+    components.vae.to(device)
     for model in text_encoders:
-        to_compute_dtype(model, device, weight_dtype)
+        place_frozen(model, precision)
     dataset, latent_cache, text_cache = dataset_and_caches(cfg, accelerator, components, text_encoders, images,
-                                                           prompts, class_paths, weight_dtype, masks)
+                                                           prompts, class_paths, precision.compute, masks)
     # The UNet goes to the device only now: the VAE encoding the photos at full resolution is the largest
     # activation before training, and the UNet's weights (1.7 GB in bf16 for SD 1.5) need not sit beside it.
-    to_compute_dtype(unet, device, weight_dtype)
+    place_frozen(unet, precision)
     if t.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if t.train_text_encoder:
@@ -192,7 +208,7 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         unet = maybe_compile(unet, accelerator, t.compile_mode)
     if accelerator.is_main_process and t.report_to != "none":
         accelerator.init_trackers("peftbooth")
-    run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, weight_dtype,
+    run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, precision,
               Path(t.output_dir), sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
               text_encoders[1] if len(text_encoders) > 1 else None)
     run.ema = adapter_ema(run.trained(), t.ema_decay, accelerator.unwrap_model)
@@ -205,16 +221,17 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     return run
 
 
-def class_images(cfg: TrainConfig, accelerator, components: Components) -> list[Path]:
+def class_images(cfg: TrainConfig, accelerator, components: Components, precision: Precision) -> list[Path]:
     """The run's class images (--class-data-dir, else OUTPUT/class_images), the missing ones made first by the
-    components in memory: called before the adapters are attached, so they are the base model's images."""
+    components in memory, in their compute dtype: called before the adapters are attached, so they are the base
+    model's images."""
     from .prior import class_images_from_components
 
     d, out = cfg.data, Path(cfg.train.output_dir)
     class_dir = Path(d.class_data_dir) if d.class_data_dir else out / "class_images"
     return class_images_from_components(
         components, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
-        cfg.train.seed, accelerator.device, show_progress=accelerator.is_local_main_process,
+        cfg.train.seed, precision, show_progress=accelerator.is_local_main_process,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
     )
@@ -319,7 +336,8 @@ def training_step(run: Run, batch: dict) -> LossParts:
 @dataclass
 class Loop:
     """What `fit` carries from one optimizer step to the next besides `run.state` (which checkpoints hold): the
-    trained models and their parameters, the progress bar, the losses since the last log and what went wrong."""
+    trained models and their parameters, the progress bar, the losses since the last log, the clock and what went
+    wrong."""
 
     trained: list[torch.nn.Module]
     params: list[torch.Tensor]  # the adapter weights (requires_grad)
@@ -329,8 +347,7 @@ class Loop:
     first_bad: torch.Tensor  # () the first step with a non-finite loss, -1: none; on the device, no host sync
     skip_group: bool = False  # --nan-policy skip-step: this optimizer step's micro-batches are being skipped
     last_loss: float = float("nan")
-    history: list[tuple[int, float]] = field(default_factory=list)  # (step, logged loss)
-    validation_seconds: float = 0.0  # time spent sampling validation images, left out of the throughput
+    clock: RunClock = field(default_factory=RunClock)  # training time of the run, validation apart, all segments
 
 
 def start_loop(run: Run) -> Loop:
@@ -341,7 +358,8 @@ def start_loop(run: Run) -> Loop:
     progress = tqdm(total=run.cfg.train.max_train_steps, initial=run.state.step, desc="train",
                     disable=not acc.is_local_main_process)
     return Loop(trained, [p for m in trained for p in m.parameters() if p.requires_grad], progress,
-                LossWindow(acc.device), ScalerSkips(getattr(acc, "scaler", None)), torch.tensor(-1, device=acc.device))
+                LossWindow(acc.device), ScalerSkips(getattr(acc, "scaler", None)), torch.tensor(-1, device=acc.device),
+                clock=RunClock(run.state.seconds, run.state.validation_seconds))  # a resumed run's time goes on
 
 
 def fit(run: Run) -> dict:
@@ -351,7 +369,7 @@ def fit(run: Run) -> dict:
     and when interrupted; stops on a non-finite loss per --nan-policy.
     """
     t, acc, state = run.cfg.train, run.accelerator, run.state
-    loop, start, start_step = start_loop(run), time.perf_counter(), state.step
+    loop = start_loop(run)
     if state.step == 0:  # the "before training" row; a resumed run has it already
         validate(run, loop)
     with StopSignals(signal_interval(acc.num_processes, t.logging_steps)) as signals:
@@ -368,6 +386,7 @@ def fit(run: Run) -> dict:
             if state.step % t.logging_steps == 0 or state.step == t.max_train_steps or checkpoint_due or stop:
                 log_losses(run, loop)  # reading the device waits for it: only at these steps, not every step
             if checkpoint_due or stop:
+                state.seconds, state.validation_seconds = loop.clock.totals()  # carried into a resumed run
                 path = save_checkpoint(run, state, run.fingerprint)
                 if stop:
                     loop.progress.close()
@@ -376,10 +395,7 @@ def fit(run: Run) -> dict:
     loop.progress.close()
     if run.ema is not None:
         run.ema.copy_to_params()  # what is saved and measured from here on is the average
-    seconds = time.perf_counter() - start - loop.validation_seconds
-    return {"steps": state.step, "final_loss": loop.last_loss, "seconds": seconds,
-            "it_s": (state.step - start_step) / max(seconds, 1e-9), "loss_history": loop.history,
-            "validation_seconds": loop.validation_seconds}
+    return run_stats(state, loop.clock, loop.last_loss)  # every segment of the run, not only this one
 
 
 def micro_batches(run: Run):
@@ -445,7 +461,7 @@ def log_losses(run: Run, loop: Loop) -> None:
     logs = loop.window.read(acc)  # first: with several processes every one takes part in the sum
     check_finite(loop.first_bad, loop.params, step, run.output_dir)
     loop.last_loss = logs["loss"]
-    loop.history.append((step, loop.last_loss))
+    run.state.loss_history.append([step, loop.last_loss])  # in the state: checkpoints carry it into a resume
     logs["lr"] = run.lr_scheduler.get_last_lr()[0]
     loop.progress.set_postfix(loss=f"{loop.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
     if run.cfg.train.report_to != "none":
@@ -457,10 +473,8 @@ def validate(run: Run, loop: Loop) -> None:
     they show the average, which is what the run will save."""
     if not should_validate(run.cfg, run.state.step):
         return
-    tick = time.perf_counter()
-    with run.ema.swapped_in() if run.ema is not None else nullcontext():
+    with loop.clock.validating(), run.ema.swapped_in() if run.ema is not None else nullcontext():
         run_validation(run, run.state.step)
-    loop.validation_seconds += time.perf_counter() - tick
 
 
 def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int, output_dir: Path | None = None) -> None:

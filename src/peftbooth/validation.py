@@ -21,6 +21,10 @@ from .rundir import write_json
 from .sampling import grid, image_seeds, in_memory_pipeline, sample, sampling_state
 
 VALIDATION_DIR = "validation"
+WARNING_FILE = "warning.json"  # validation/warning.json: {"step", "warning"}, read by the report and the UI's run page
+# Two samples of the same seed are "the same" below this mean absolute difference (0-255 levels): a PNG round trip
+# of one image gives 0, and an adapter that learned anything moves 32-px world samples by tens of levels.
+SAME_IMAGES = 0.5
 # Read at call time, so a test (or a caller without the arguments, like fit) can change them in one place.
 DEFAULT_INFERENCE_STEPS = 25  # DPM-Solver++: close to converged for SD 1.x / 2.x
 DEFAULT_GUIDANCE_SCALE = 7.5
@@ -108,6 +112,62 @@ def run_validation(run, step: int, num_inference_steps: int | None = None,
                       DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
     paths = write_images(step_dir(run.output_dir, step), rows)
     write_json(Path(run.output_dir) / VALIDATION_DIR / "prompts.json", prompts)
+    note_unchanged(run.output_dir, step)
     if t.report_to != "none":
         log_grid(acc, grid(rows), step)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the warning: samples that stop changing
+
+
+def mean_difference(a: Path, b: Path) -> float:
+    with Image.open(a) as x, Image.open(b) as y:
+        if x.size != y.size:
+            return float("inf")
+        return float(np.abs(np.asarray(x.convert("RGB"), np.int16) - np.asarray(y.convert("RGB"), np.int16)).mean())
+
+
+def same_samples(output_dir: str | Path, step: int, other: int) -> bool:
+    """Whether every sample of `step` equals the same prompt-and-seed sample of `other` (fixed seeds: only
+    training can change them)."""
+    mine = sorted(step_dir(output_dir, step).glob("prompt*.png"))
+    return bool(mine) and all((step_dir(output_dir, other) / p.name).is_file()
+                              and mean_difference(p, step_dir(output_dir, other) / p.name) < SAME_IMAGES for p in mine)
+
+
+def unchanged_warning(output_dir: str | Path, step: int) -> str | None:
+    """A line when step's samples equal the base model's (step 0) or the previous validation step's; else None.
+    Training ran between them, so the adapter changes nothing visible: for this model, too low a learning rate,
+    too few steps or too few layers."""
+    earlier = [s for s in validation_steps_on_disk(output_dir) if s < step]
+    if step == 0 or not earlier:
+        return None
+    hint = "raise --learning-rate or --max-train-steps, or adapt more layers (--target-modules all)"
+    if 0 in earlier and same_samples(output_dir, step, 0):
+        return (f"validation samples at step {step} equal the base model's (step 0): the adapter changes nothing "
+                f"visible; {hint}")
+    if same_samples(output_dir, step, earlier[-1]):
+        return (f"validation samples stopped changing: step {step} equals step {earlier[-1]} although training "
+                f"ran; {hint}")
+    return None
+
+
+def note_unchanged(output_dir: str | Path, step: int) -> None:
+    """Keep validation/warning.json about the newest validation step: written when it warns, removed when not."""
+    path = Path(output_dir) / VALIDATION_DIR / WARNING_FILE
+    warning = unchanged_warning(output_dir, step)
+    if warning:
+        write_json(path, {"step": step, "warning": warning})
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_warning(output_dir: str | Path) -> str | None:
+    import json
+
+    try:
+        return str(json.loads((Path(output_dir) / VALIDATION_DIR / WARNING_FILE).read_text())["warning"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -46,7 +46,9 @@ class Evaluators:
              ) -> "Evaluators":
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel, ViTModel
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from ..precision import default_device
+
+        device = default_device(device)  # evaluator models stay fp32: embeddings are compared across runs
         clip_model = _load("--clip-model", clip, CLIPModel.from_pretrained, clip)
         clip_processor = _load("--clip-model", clip, AutoImageProcessor.from_pretrained, clip)
         clip_tokenizer = _load("--clip-model", clip, AutoTokenizer.from_pretrained, clip)

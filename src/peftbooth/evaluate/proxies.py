@@ -89,10 +89,9 @@ def _latents(vae, images: list, resolution: int, device, dtype) -> tuple[torch.T
         crop, top_left = resize_crop_coords(img, resolution, True, False)
         pixels.append(to_tensor(crop))
         time_ids.append(micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, resolution))
-    pixels = torch.stack(pixels)
-    vae_dtype = next(vae.parameters()).dtype  # fp32 for SDXL's own VAE
-    means = [vae.encode(pixels[s : s + 8].to(device, vae_dtype)).latent_dist.mean for s in range(0, len(images), 8)]
-    return (torch.cat(means) * float(vae.config.scaling_factor)).to(dtype), torch.stack(time_ids).to(device)
+    # in the VAE's own dtype and in bounded chunks: the caller runs this inside models.vae_calls
+    means = vae.encode(torch.stack(pixels).to(device)).latent_dist.mean  # (N, 4, h, w)
+    return (means * float(vae.config.scaling_factor)).to(dtype), torch.stack(time_ids).to(device)
 
 
 def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -121,7 +120,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
     """
     from ..data import load_image
-    from ..models import added_conditioning, vae_in_own_dtype
+    from ..models import added_conditioning, vae_calls
     from ..sampling import eval_mode, on_device, untouched_rng
 
     cfg, acc, c = run.cfg, run.accelerator, run.components
@@ -136,7 +135,7 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     result = {"timesteps": timesteps, "noise_seed": seed, "with_prior_preservation": d.with_prior_preservation,
               "latents": "VAE posterior mean", "class": None, "class_note": None}
     with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, *run.text_encoders, c.vae), \
-            on_device(device, c.vae, *c.text_encoders), acc.autocast(), vae_in_own_dtype(c.vae):
+            on_device(device, c.vae, *c.text_encoders), acc.autocast(), vae_calls(c.vae):
         groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
             groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))

@@ -14,34 +14,48 @@ import re
 import warnings
 from pathlib import Path
 
+from .. import memory
 from ..config import SECTIONS, UNET_ADAPTER_DEFAULTS, TrainConfig, UsageError, field_type, from_dict, is_list
+from ..model_defaults import apply_model_defaults, describe
 
 # Fields the UI fills itself: the run folder is the output folder, the photos are uploaded or named on the page,
-# and resuming is the Resume button.
-MANAGED = ("train.output_dir", "data.instance_data_dir", "train.resume", "train.resume_force", "train.overwrite")
+# resuming is the Resume button, and the low-memory switch writes the preset's values into the form (a
+# `train.low_memory` in the run's config.yaml would change nothing: every setting there is given explicitly).
+MANAGED = ("train.output_dir", "data.instance_data_dir", "train.resume", "train.resume_force", "train.overwrite",
+           "train.low_memory")
 
-# The fields shown at the top of the form; the rest go under "Advanced". Still one list of options: both parts
-# are rendered from `form_fields()`.
+# The fields shown at the top of the form: what a user must decide (the photos and the preset are above them); the
+# rest go under "Advanced", where the model's defaults (peftbooth.model_defaults) fill them. Still one list of
+# options: both parts are rendered from `form_fields()`.
 MAIN = ("model.model", "data.instance_prompt", "data.with_prior_preservation", "data.class_prompt",
-        "data.num_class_images", "unet_adapter.adapter", "train.max_train_steps", "train.validation_prompt",
-        "train.validation_steps")
+        "data.resolution", "train.max_train_steps", "train.validation_prompt")
+
+# Each field's label in words; the flag is shown beside it. Fields not listed read as their name in words.
+LABELS = {
+    "model.model": "Base model", "data.instance_prompt": "Prompt of your photos (with the identifier)",
+    "data.with_prior_preservation": "Keep the class as it was (prior preservation)",
+    "data.class_prompt": "Class prompt", "data.resolution": "Resolution (px)",
+    "train.max_train_steps": "Training steps", "train.validation_prompt": "Sample prompts (one per line)",
+    "unet_adapter.adapter": "Adapter type", "unet_adapter.target_modules": "Layers adapted",
+    "train.learning_rate": "Learning rate", "unet_adapter.rank": "Rank",
+}
 
 # Base models offered by name; any hub id or local diffusers folder can be typed instead.
 MODEL_CHOICES = ("tiny", "world")
 
-# Values, not options: each preset sets fields that exist in the dataclasses (checked by the tests).
+# Values, not options: each preset sets fields that exist in the dataclasses (checked by the tests). They leave
+# the learning rate alone: that is the model's (the world learns nothing at SD's 1e-4). No preset: the model's
+# own defaults. Each is named for what it does.
 PRESETS: dict[str, dict[str, object]] = {
-    "quick": {"unet_adapter.rank": 4, "unet_adapter.target_modules": "attn", "train.max_train_steps": 200,
-              "train.learning_rate": 2e-4, "train.validation_steps": 50},
-    "balanced": {"unet_adapter.rank": 8, "unet_adapter.target_modules": "attn-ff", "train.max_train_steps": 400,
-                 "train.learning_rate": 1e-4, "train.validation_steps": 100},
-    "quality": {"unet_adapter.rank": 16, "unet_adapter.target_modules": "all", "train.max_train_steps": 800,
-                "train.learning_rate": 1e-4, "train.train_text_encoder": True, "train.validation_steps": 100,
-                "train.checkpointing_steps": 200},
+    "quick-look": {"train.max_train_steps": 200, "train.validation_steps": 50},
+    "more-capacity": {"unet_adapter.rank": 16, "unet_adapter.target_modules": "all", "train.train_text_encoder": True,
+                      "train.checkpointing_steps": 200},
 }
-# Applied on top of any preset: less memory for the same training (recompute activations, bf16 frozen weights).
-LOW_MEMORY = {"train.gradient_checkpointing": True, "train.mixed_precision": "bf16", "data.train_batch_size": 1,
-              "train.cache_latents": True, "train.cache_text_states": True}
+PRESET_LABELS = {"": "the base model's defaults", "quick-look": "a quick look: 200 steps, samples every 50",
+                 "more-capacity": "more capacity: rank 16 on every layer, and the text encoder"}
+# Applied on top of any preset: less memory for the same training. Its one owner is peftbooth.memory, which
+# `train --low-memory` applies too.
+LOW_MEMORY = memory.LOW_MEMORY
 
 
 def flag_of(section: str, name: str) -> str:
@@ -64,6 +78,7 @@ def form_fields() -> list[dict]:
                 "optional": optional, "default": getattr(getattr(defaults, section), f.name),
                 "help": f.metadata.get("help", ""), "choices": list(f.metadata.get("choices") or ()),
                 "main": key in MAIN, "inherits": inherited(section, f.name),
+                "label": LABELS.get(key) or f.name.replace("_", " ").capitalize(),
             })
     return fields
 
@@ -153,9 +168,29 @@ def split_problems(message: str) -> list[str]:
     return problems
 
 
-def check_run(values: dict, instance_data_dir: str | None, output_dir: str) -> tuple[TrainConfig | None, dict]:
+def model_defaults(values: dict, given, instance_data_dir: str | None) -> dict:
+    """What the form's base model fills in for the fields not in `given` (the page's "defaults that follow the
+    model"): {"values": {key: value}, "line": the run's one line, "family": ...}; nothing for a form that does
+    not parse yet (its problems are the check's to say)."""
+    data, errors = to_sections(values)
+    try:
+        cfg = None if errors else from_dict(data, source="settings")
+    except UsageError:
+        cfg = None
+    if cfg is None:
+        return {"values": {}, "line": "", "family": None}
+    cfg.data.instance_data_dir = instance_data_dir
+    info, taken = apply_model_defaults(cfg, set(given))
+    return {"values": {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in taken},
+            "line": describe(info, cfg, taken), "family": info.family if info else None}
+
+
+def check_run(values: dict, instance_data_dir: str | None, output_dir: str,
+              given=None) -> tuple[TrainConfig | None, dict]:
     """The same checks as `peftbooth train`, in the same order, writing nothing.
 
+    `given`: the keys the user set (edited, or a preset's); the base model's defaults fill the others, as
+    `peftbooth train` fills what no flag gives. None: every key in `values` counts as given.
     Returns (resolved config, {}) or (None, {key: [messages]}), with 'general' for a problem that names no field.
     """
     data, errors = to_sections(values)
@@ -171,6 +206,7 @@ def check_run(values: dict, instance_data_dir: str | None, output_dir: str) -> t
         key = f"{m.group(1)}.{m.group(2)}" if m else "general"
         msg = str(e).replace(m.group(0), flag_of(m.group(1), m.group(2))) if m else str(e)
         return None, {key: [msg]}
+    apply_model_defaults(cfg, set(values) if given is None else set(given))
     cfg = cfg.resolved()
     try:
         cfg.validate()

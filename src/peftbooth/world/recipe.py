@@ -24,6 +24,24 @@ RECIPE = dict(rank=RANKS, target_modules="all", learning_rate=LEARNING_RATES, ma
               noise_offset=0.3, ema_decay=0.99)
 
 
+def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = True) -> dict[str, object]:
+    """The recipe as {"section.field": value}: what `--model world` takes for every setting the user does not give
+    (peftbooth.model_defaults), and what world_config builds on. The prior settings only with prior preservation,
+    the masked loss only when every photo has its mask (write_subject_photos writes them)."""
+    adapter = adapter if adapter in LEARNING_RATES else "lora"  # a bad type is refused later, naming --adapter
+    values: dict[str, object] = {
+        "data.resolution": SIZE, "unet_adapter.rank": RANKS[adapter],  # the text-encoder adapter inherits it
+        "unet_adapter.target_modules": RECIPE["target_modules"], "train.learning_rate": LEARNING_RATES[adapter],
+        "train.max_train_steps": RECIPE["max_train_steps"], "train.train_text_encoder": True,
+        "train.noise_offset": RECIPE["noise_offset"], "train.ema_decay": RECIPE["ema_decay"],
+    }
+    if prior:
+        values.update({f"data.{k}": RECIPE[k] for k in ("num_class_images", "class_image_steps", "prior_loss_weight")})
+    if masks:
+        values.update({"data.masked_loss": RECIPE["masked_loss"], "data.unmasked_weight": RECIPE["unmasked_weight"]})
+    return values
+
+
 def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lora", prior: bool = True,
                  text_encoder: bool = True, steps: int | None = None, seed: int = 0,
                  class_data_dir: str | Path | None = None) -> TrainConfig:
@@ -32,28 +50,20 @@ def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lor
     cfg = TrainConfig()
     cfg.model.model = WORLD_NAME
     cfg.unet_adapter.adapter = adapter
-    cfg.unet_adapter.rank = RANKS[adapter]  # the text-encoder adapter inherits it
-    cfg.unet_adapter.target_modules = RECIPE["target_modules"]
+    for key, value in recipe_defaults(adapter, prior=prior, masks=True).items():
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, value)
     cfg.data.instance_data_dir = str(photos)
     cfg.data.instance_prompt = INSTANCE_PROMPT  # each photo's NAME.txt caption adds its context
-    cfg.data.resolution = SIZE
-    cfg.data.masked_loss = RECIPE["masked_loss"]  # the photos' NAME.mask.png (write_subject_photos)
-    cfg.data.unmasked_weight = RECIPE["unmasked_weight"]
     cfg.data.with_prior_preservation = prior
     if prior:
         cfg.data.class_prompt = CLASS_PROMPT
-        cfg.data.num_class_images = RECIPE["num_class_images"]
-        cfg.data.class_image_steps = RECIPE["class_image_steps"]
-        cfg.data.prior_loss_weight = RECIPE["prior_loss_weight"]
         if class_data_dir:
             cfg.data.class_data_dir = str(class_data_dir)
     cfg.train.output_dir = str(output_dir)
     cfg.train.overwrite = True
     cfg.train.seed = seed
     cfg.train.max_train_steps = steps or RECIPE["max_train_steps"]
-    cfg.train.learning_rate = LEARNING_RATES[adapter]
-    cfg.train.noise_offset = RECIPE["noise_offset"]
-    cfg.train.ema_decay = RECIPE["ema_decay"]
     cfg.train.train_text_encoder = text_encoder
     cfg.train.logging_steps = 50
     cfg.train.report_to = "none"

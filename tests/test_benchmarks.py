@@ -1,0 +1,77 @@
+"""Every benchmark script runs, in its smallest mode, and writes its rows: none can rot unnoticed before a GPU
+session spends its device time on it (issue 22, item 11).
+
+gpu_session.sh's dry run (DRY=1 QUICK=1: the tiny model on the CPU, one adapter per step, the compile steps
+skipped) covers train_throughput.py (floor, plain, peftbooth; gradient checkpointing; channels-last; PEFT's
+forward), memory_check.py, class_images.py and lycoris_layers.py; the other scripts run on their own below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run(cmd: list[str], timeout: int, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_gpu_session_dry_run_runs_every_step_and_writes_its_rows(tmp_path):
+    out = tmp_path / "out"
+    run(["bash", str(BENCH / "gpu_session.sh")], 1800, DRY="1", QUICK="1", PY=sys.executable, OUT=str(out))
+    steps = (out / "steps.txt").read_text().splitlines()
+    finished = {line.split(":")[0]: line for line in steps if not line.startswith("SKIPPED")}
+    assert sorted(line for line in steps if line.startswith("SKIPPED")) == [
+        "SKIPPED compile: QUICK=1", "SKIPPED cuda graphs: QUICK=1"]
+    assert set(finished) == {"env and model", "throughput", "gradient checkpointing", "memory check",
+                             "channels-last", "class images", "lycoris layers", "lycoris peft forward"}
+    assert all(": exit 0 after" in line for line in finished.values()), steps
+    for name, modes in [("train.jsonl", {"floor", "plain", "peftbooth"}), ("train_gc.jsonl", {"peftbooth"}),
+                        ("train_cl.jsonl", {"peftbooth-channels-last"}),
+                        ("train_peft_forward.jsonl", {"peftbooth-peft-forward"})]:
+        got = rows((out / name).read_text())
+        assert not [r for r in got if "error" in r], got  # a failed worker is a row with "error", not an exit code
+        assert {r["mode"] for r in got if not r.get("raw")} == modes and all(r["it_s"] > 0 for r in got)
+    checks = rows((out / "memory_check.jsonl").read_text())
+    assert [r["setting"] for r in checks] == ["default", "low-memory"]
+    assert all(r["estimate_with_margin_mb"] > 0 and r["check"] == "skipped (no CUDA device)" for r in checks)
+    assert {r["mode"] for r in rows((out / "class_images.jsonl").read_text())} == {"plain", "peftbooth"}
+    layers = rows((out / "layers.jsonl").read_text())
+    assert len(layers) == 1 and layers[0]["factored_ms"] > 0
+
+
+def test_memory_estimate_small_shape(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    run([sys.executable, str(BENCH / "memory_estimate.py"), "--shape", "tiny", "--settings", "default",
+         "--output", str(out)], 1200)
+    got = rows(out.read_text())
+    assert [r["phase"] for r in got] == ["caching", "class-images", "training"]
+    assert all(r["peak_mb_estimate"] > 0 for r in got) and got[2]["trainable_params"] > 0
+
+
+def test_learning_quality_one_short_run(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    run([sys.executable, str(BENCH / "learning_quality.py"), "--smoke", "--steps", "2", "--num-images", "1",
+         "--output", str(out)], 1200)
+    (row,) = rows(out.read_text())
+    assert (row["adapter"], row["prior_preservation"], row["text_encoder"], row["steps"]) == ("lora", True, True, 2)
+    assert 0 <= row["subject_fidelity"] <= 1 and "base" in row
+
+
+def test_profile_adapters_one_step():
+    got = rows(run([sys.executable, str(BENCH / "profile_adapters.py"), "--model", "tiny", "--steps", "1",
+                    "--adapters", "lora"], 600).stdout)
+    assert len(got) == 1 and got[0]["adapter"] == "lora" and got[0]["top_ops_share"]

@@ -1,0 +1,140 @@
+"""Defaults that follow the base model (peftbooth.model_defaults): the family and native resolution read from the
+model folder, the world's recipe and the community's SD settings filling only what the user did not give (flag,
+--config YAML, UI form), the one line the run prints; and the warning when validation samples stop changing."""
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from peftbooth.cli import main
+from peftbooth.model_defaults import COMMUNITY, ModelInfo, info_from_configs, model_info
+from peftbooth.validation import read_warning, step_dir, unchanged_warning, note_unchanged
+from peftbooth.world.recipe import LEARNING_RATES, RANKS
+
+
+def train_config(capsys, *argv) -> tuple[dict, str]:
+    """`peftbooth train ... --print-config`: (the resolved config, stderr)."""
+    capsys.readouterr()
+    rc = main(["train", *map(str, argv), "--print-config"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return yaml.safe_load(out), err
+
+
+# the configs of the real models' folders, as far as the family and resolution go
+SD15 = ({"_class_name": "StableDiffusionPipeline"}, {"sample_size": 64, "cross_attention_dim": 768},
+        {"block_out_channels": [128, 256, 512, 512]}, {"prediction_type": "epsilon"})
+SD21 = ({"_class_name": "StableDiffusionPipeline"}, {"sample_size": 96, "cross_attention_dim": 1024},
+        {"block_out_channels": [128, 256, 512, 512]}, {"prediction_type": "v_prediction"})
+SD21_BASE = ({"_class_name": "StableDiffusionPipeline"}, {"sample_size": 64, "cross_attention_dim": 1024},
+             {"block_out_channels": [128, 256, 512, 512]}, {"prediction_type": "epsilon"})
+SDXL = ({"_class_name": "StableDiffusionXLPipeline"}, {"sample_size": 128, "addition_embed_type": "text_time"},
+        {"block_out_channels": [128, 256, 512, 512]}, {"prediction_type": "epsilon"})
+
+
+@pytest.mark.parametrize("configs, family, resolution", [
+    (SD15, "sd1", 512), (SD21, "sd2-v", 768), (SD21_BASE, "sd2", 512), (SDXL, "sdxl", 1024)])
+def test_family_and_resolution_from_the_configs(configs, family, resolution):
+    assert info_from_configs(*configs) == ModelInfo(family, resolution)
+
+
+def test_the_world_and_tiny_models_native_resolutions(tmp_path):
+    assert model_info("world") == ModelInfo("world", 32)  # UNet sample 8 x VAE factor 4
+    from peftbooth.models import resolve_model
+
+    assert model_info(resolve_model("tiny")) == ModelInfo("sd1", 64)  # the built folder agrees with TINY_RESOLUTION
+    assert model_info("tiny") == ModelInfo("tiny", 64)
+
+
+def test_world_cli_takes_the_recipe_for_what_is_not_given(capsys, tmp_path):
+    base = ["--model", "world", "--instance-data-dir", tmp_path, "--instance-prompt", "a photo of a sks ball",
+            "--output-dir", tmp_path / "out"]
+    cfg, _ = train_config(capsys, *base)
+    # before: 512 px, rank 4 on attention, 1e-4, 400 steps, no text encoder: nothing learned, 256x the pixels
+    assert cfg["data"]["resolution"] == 32
+    assert (cfg["unet_adapter"]["rank"], cfg["unet_adapter"]["target_modules"]) == (RANKS["lora"], "all")
+    assert cfg["train"]["learning_rate"] == LEARNING_RATES["lora"]
+    assert cfg["train"]["max_train_steps"] == 500 and cfg["train"]["train_text_encoder"] is True
+    assert cfg["data"]["masked_loss"] is False  # no photo has a mask here: masked loss is no default then
+    loha, _ = train_config(capsys, *base, "--adapter", "loha")  # the recipe's LoHa: its own rank and rate
+    assert (loha["unet_adapter"]["rank"], loha["train"]["learning_rate"]) == (RANKS["loha"], LEARNING_RATES["loha"])
+    # what the user gives wins: flags, and --config keys
+    given, _ = train_config(capsys, *base, "--resolution", "64", "--learning-rate", "1e-4", "--no-train-text-encoder")
+    assert (given["data"]["resolution"], given["train"]["learning_rate"]) == (64, 1e-4)
+    assert given["train"]["train_text_encoder"] is False and given["unet_adapter"]["rank"] == RANKS["lora"]
+    config = tmp_path / "run.yaml"
+    config.write_text("unet_adapter:\n  rank: 2\ntrain:\n  max_train_steps: 7\n")
+    from_yaml, _ = train_config(capsys, *base, "--config", config)
+    assert (from_yaml["unet_adapter"]["rank"], from_yaml["train"]["max_train_steps"]) == (2, 7)
+    assert from_yaml["train"]["learning_rate"] == LEARNING_RATES["lora"]
+
+
+def test_world_masks_and_prior_settings_follow_the_photos_and_the_switch(capsys, tmp_path):
+    from peftbooth.world.scenes import write_subject_photos
+
+    photos = tmp_path / "photos"
+    write_subject_photos(photos)  # with NAME.mask.png beside each photo
+    cfg, _ = train_config(capsys, "--model", "world", "--instance-data-dir", photos, "--instance-prompt",
+                          "a photo of a sks ball", "--output-dir", tmp_path / "o", "--with-prior-preservation",
+                          "--class-prompt", "a photo of a ball")
+    assert (cfg["data"]["masked_loss"], cfg["data"]["unmasked_weight"]) == (True, 0.1)
+    assert (cfg["data"]["num_class_images"], cfg["data"]["prior_loss_weight"]) == (50, 0.25)
+
+
+def test_sd_families_get_their_resolution_and_the_community_settings(capsys, tmp_path):
+    base = ["--instance-data-dir", tmp_path, "--instance-prompt", "a photo of sks dog", "--output-dir", tmp_path / "o"]
+    # a hub id offline (HF_HUB_OFFLINE=1): the configs cannot be read, the family's naming says 1024
+    xl, _ = train_config(capsys, "--model", "stabilityai/stable-diffusion-xl-base-1.0", *base)
+    assert xl["data"]["resolution"] == 1024  # before: 512, without a word
+    assert xl["train"]["max_train_steps"] == COMMUNITY["train.max_train_steps"]
+    assert xl["train"]["learning_rate"] == COMMUNITY["train.learning_rate"]
+    v, _ = train_config(capsys, "--model", "stabilityai/stable-diffusion-2-1", *base)
+    assert v["data"]["resolution"] == 768
+    mine, _ = train_config(capsys, "--model", "stabilityai/stable-diffusion-xl-base-1.0", "--resolution", "512", *base)
+    assert mine["data"]["resolution"] == 512
+
+
+def test_the_run_prints_one_line_naming_the_defaults_it_took(capsys, tmp_path):
+    from peftbooth.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--model", "world", "--instance-data-dir", str(tmp_path),
+                                      "--instance-prompt", "a photo of a sks ball", "--resolution", "32"])
+    capsys.readouterr()
+    config_from_args(args)
+    assert capsys.readouterr().err == ""  # said once the input passed train's checks (bad input: one line)
+    from peftbooth.model_defaults import announce
+
+    announce()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("defaults from the world model")
+    assert "--learning-rate 0.002" in err[0] and "--train-text-encoder" in err[0]
+    assert "--resolution" not in err[0]  # given, so not the model's
+
+
+def write_step(out, step: int, shade: int, n: int = 2) -> None:
+    folder = step_dir(out, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((32, 32, 3), shade + 10 * i, np.uint8)).save(folder / f"prompt00_{i:02d}.png")
+    Image.new("RGB", (32 * n, 32)).save(folder / "grid.png")  # what the report shows
+
+
+def test_validation_warns_when_samples_equal_the_base_models_or_stop_changing(tmp_path):
+    write_step(tmp_path, 0, 100)
+    write_step(tmp_path, 100, 100)
+    assert "equal the base model's (step 0)" in unchanged_warning(tmp_path, 100)
+    note_unchanged(tmp_path, 100)
+    assert "step 100" in read_warning(tmp_path)
+    write_step(tmp_path, 200, 140)  # the adapter moved the samples: no warning any more
+    assert unchanged_warning(tmp_path, 200) is None
+    note_unchanged(tmp_path, 200)
+    assert read_warning(tmp_path) is None
+    write_step(tmp_path, 300, 140)
+    assert "stopped changing: step 300 equals step 200" in unchanged_warning(tmp_path, 300)
+    note_unchanged(tmp_path, 300)
+    from peftbooth.report import validation_section
+    from peftbooth.ui.runs import progress
+
+    assert "stopped changing" in validation_section(tmp_path)  # the report says it
+    assert "stopped changing" in progress(tmp_path)["validation_warning"]  # and the UI's run page
