@@ -79,7 +79,7 @@ step "cuda graphs" 150 "${bench[@]}" --adapters lora --modes peftbooth-compile -
 step "channels-last" 60 "${bench[@]}" --adapters lora --modes peftbooth-channels-last --out "$OUT/train_cl.jsonl"
 step "class images" 60 "$py" benchmarks/class_images.py --model "$model" --num-images "$images" "${class_steps[@]}" \
   > "$OUT/class_images.jsonl"
-step "lycoris layers" 40 "$py" benchmarks/lycoris_layers.py --device "$device" --layers "$layers" \
+step "lycoris layers" 40 "$py" benchmarks/lycoris_layers.py --device "$device" --layers "$layers" --adapters "$lycoris" \
   > "$OUT/layers.jsonl"
 # PEFT's LoHa/LoKr forward (full delta weight, fp32 outputs after CUDA autocast's fp32 norms) against ours
 step "lycoris peft forward" 90 "${bench[@]}" --adapters "$lycoris" --modes peftbooth-peft-forward \

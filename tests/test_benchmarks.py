@@ -50,7 +50,7 @@ def test_gpu_session_dry_run_runs_every_step_and_writes_its_rows(tmp_path):
     assert all(r["estimate_with_margin_mb"] > 0 and r["check"] == "skipped (no CUDA device)" for r in checks)
     assert {r["mode"] for r in rows((out / "class_images.jsonl").read_text())} == {"plain", "peftbooth"}
     layers = rows((out / "layers.jsonl").read_text())
-    assert len(layers) == 1 and layers[0]["factored_ms"] > 0
+    assert [r["adapter"] for r in layers] == ["lokr"] and layers[0]["factored_ms"] > 0  # one layer, one adapter
 
 
 def test_memory_estimate_small_shape(tmp_path):

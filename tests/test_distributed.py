@@ -167,13 +167,12 @@ def test_sigterm_to_both_processes_checkpoints_at_the_agreed_step(tiny_model, tm
     # a finished step 1 means both ranks are inside the loop (it took their gradient exchange), signal handlers set
     while not re.search(r"\| *[1-9]\d*/100000", log.read_text()) and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    workers = [p for child in psutil.Process(launcher.pid).children() for p in child.children()]
+    workers = psutil.Process(launcher.pid).children()  # the launcher starts its workers itself (distributed.py)
     assert len(workers) == 2, log.read_text()[-2000:]
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
-    # torchrun reports the workers' exit (143, or its own SIGTERM to a rank already past its checkpoint) as a
-    # failure: the launcher's code is not 0, and the workers' codes are not readable from here
-    assert launcher.wait(timeout=120) != 0
+    # the signal did not pass through the launcher: it returns the workers' own exit code, SIGTERM's 143
+    assert launcher.wait(timeout=120) == 143
     err = log.read_text()
     assert err.count("SIGTERM: finishing at most 10 steps, then writing a checkpoint") == 2, err[-3000:]
     [checkpoint] = list_checkpoints(out)

@@ -27,6 +27,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochSampler, collate
+from .distributed import accelerator_kwargs
 from .ema import AdapterEMA, adapter_ema
 from .evaluate import write_proxies
 from .memory import check_memory
@@ -35,13 +36,13 @@ from .models import Components, load_components, vae_force_upcast
 from .objective import (
     LossParts, ObjectiveSettings, batch_conditioning, batch_loss_masks, batch_posterior, row_generators, training_loss,
 )
+from .precision import Precision, for_training, place_frozen
 # Names other modules, benchmarks and tests import from here (peftbooth.train) keep working: check_inputs (CLI,
 # UI), TrainingInterrupted (CLI), the speed helpers (benchmarks); tests patch some of them on this module.
 from .preflight import RUN_MARKER, check_inputs, cpu_processes_from_launcher  # noqa: F401
 from .saving import check_ranks_agree, replayable, save  # noqa: F401
 from .signals import SIGNAL_STEPS, StopSignals, TrainingInterrupted, all_true, signal_interval  # noqa: F401
 from .speed import make_optimizer, maybe_compile, offload  # noqa: F401
-from .precision import Precision, for_training, place_frozen
 from .tracking import LossWindow, RunClock, ScalerSkips, run_stats
 from .validation import run_validation, should_validate
 
@@ -138,8 +139,6 @@ def setup(cfg: TrainConfig) -> Run:
     # --- inputs are valid: from here on files are written
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .distributed import accelerator_kwargs
-
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Every optimizer step sums exactly N micro-batches. Accelerate's default also steps at the end of each
