@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from peftbooth.models import load_components
+from peftbooth.precision import for_training
 from peftbooth.prior import class_images_from_components, generate_class_images
 from peftbooth.sampling import image_seeds, in_memory_pipeline, sample, sample_images, sampling_state
 
@@ -17,7 +18,7 @@ def test_class_images_from_memory_equal_those_loaded_from_disk(tiny_model, tmp_p
     c.unet.train()  # a flag the caller had must come back
     torch.manual_seed(123)
     memory = class_images_from_components(c, "a photo of a dog", tmp_path / "memory", 3, 2, 2, 5,
-                                          torch.device("cpu"), show_progress=False)
+                                          for_training("no", torch.device("cpu"), "sd", True), show_progress=False)
     assert [p.name for p in memory] == [p.name for p in disk]  # names carry the content hash
     assert [p.read_bytes() for p in memory] == [p.read_bytes() for p in disk]
     assert c.unet.training and not c.vae.training
