@@ -163,16 +163,22 @@ def test_sigterm_to_both_processes_checkpoints_at_the_agreed_step(tiny_model, tm
            "--instance-prompt", "a photo of sks dog", "--resolution", "32", "--max-train-steps", "100000",
            "--report-to", "none", "--output-dir", str(out), "--num-processes", "2", "--checkpointing-steps", "0"]
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
-    deadline = time.time() + 300
-    # a finished step 1 means both ranks are inside the loop (it took their gradient exchange), signal handlers set
-    while not re.search(r"\| *[1-9]\d*/100000", log.read_text()) and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    workers = psutil.Process(launcher.pid).children()  # the launcher starts its workers itself (distributed.py)
-    assert len(workers) == 2, log.read_text()[-2000:]
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-    # the signal did not pass through the launcher: it returns the workers' own exit code, SIGTERM's 143
-    assert launcher.wait(timeout=120) == 143
+    try:
+        deadline = time.time() + 300
+        # a finished step 1: both ranks are inside the loop (it took their gradient exchange), signal handlers set
+        while (not re.search(r"\| *[1-9]\d*/100000", log.read_text()) and launcher.poll() is None
+               and time.time() < deadline):
+            time.sleep(0.05)
+        workers = psutil.Process(launcher.pid).children()  # the launcher starts its workers itself (distributed.py)
+        assert len(workers) == 2, log.read_text()[-2000:]
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        # the signal did not pass through the launcher: it returns the workers' own exit code, SIGTERM's 143
+        assert launcher.wait(timeout=120) == 143
+    finally:  # a failed assertion must not leave a 100000-step run training
+        for p in ([*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
+                  if launcher.poll() is None else []):
+            p.kill()
     err = log.read_text()
     assert err.count("SIGTERM: finishing at most 10 steps, then writing a checkpoint") == 2, err[-3000:]
     [checkpoint] = list_checkpoints(out)
