@@ -230,14 +230,14 @@ def class_images_missing(cfg) -> bool:
     """Prior preservation with fewer class images on disk than --num-class-images (nothing is read or written)."""
     from pathlib import Path
 
-    from .data import IMAGE_EXTENSIONS
+    from .data import list_images
+    from .rundir import RunDir
 
     d = cfg.data
     if not d.with_prior_preservation:
         return False
-    folder = Path(d.class_data_dir) if d.class_data_dir else Path(cfg.train.output_dir) / "class_images"
-    have = sum(1 for f in folder.glob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else 0
-    return have < d.num_class_images
+    folder = Path(d.class_data_dir) if d.class_data_dir else RunDir(cfg.train.output_dir).class_images_dir
+    return not folder.is_dir() or len(list_images(folder, "--class-data-dir")) < d.num_class_images
 
 
 def plan_of(cfg, precision) -> Plan:

@@ -37,6 +37,7 @@ from .objective import (
     LossParts, ObjectiveSettings, batch_conditioning, batch_loss_masks, batch_posterior, row_generators, training_loss,
 )
 from .precision import Precision, for_training, place_frozen
+from .rundir import RunDir
 # Names other modules, benchmarks and tests import from here (peftbooth.train) keep working: check_inputs (CLI,
 # UI), TrainingInterrupted (CLI), the speed helpers (benchmarks); tests patch some of them on this module.
 from .preflight import RUN_MARKER, check_inputs, cpu_processes_from_launcher  # noqa: F401
@@ -227,7 +228,7 @@ def class_images(cfg: TrainConfig, accelerator, components: Components, precisio
     from .prior import class_images_from_components
 
     d, out = cfg.data, Path(cfg.train.output_dir)
-    class_dir = Path(d.class_data_dir) if d.class_data_dir else out / "class_images"
+    class_dir = Path(d.class_data_dir) if d.class_data_dir else RunDir(out).class_images_dir
     return class_images_from_components(
         components, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
         cfg.train.seed, precision, show_progress=accelerator.is_local_main_process,
