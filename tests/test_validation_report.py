@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from conftest import draw_photos, tiny_config
+from peftbooth.chart import loss_curve
 from peftbooth.evaluate import write_proxies
-from peftbooth.report import loss_curve, loss_points, write_report
+from peftbooth.report import loss_points, write_report
 from peftbooth import validation
 from peftbooth.train import fit, save, setup
 from peftbooth.validation import (

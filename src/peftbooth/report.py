@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from .chart import data_uri, loss_curve  # loss_curve: also imported from here by older callers
+from .chart import data_uri, loss_curve
 from .rundir import (  # ADAPTER_PARTS, REPORT_FILE, STATS_FILE: also kept here for old import paths
     ADAPTER_PARTS, EVAL_DIR, EVAL_METRICS_FILE, REPORT_FILE, STATS_FILE, VALIDATION_DIR, RunDir, read_json, write_json,
     write_text,
