@@ -358,7 +358,7 @@ def check_reader_deltas(model: str, run: Path, exported: dict) -> None:
     from test_formats import lycoris_reader_delta
 
     from peftbooth.formats.common import kohya_module_name
-    from peftbooth.formats.kohya import sgm_names
+    from peftbooth.formats.kohya_names import sgm_names
     from peftbooth.models import load_components
 
     c = load_components(model)
@@ -403,7 +403,7 @@ def sdxl_adapters(kind: str, **extra) -> dict:
 
 def builtin_sgm():
     from peftbooth.formats.base_models import SDXL_UNET
-    from peftbooth.formats.kohya import sgm_names
+    from peftbooth.formats.kohya_names import sgm_names
 
     return sgm_names(dict(SDXL_UNET), "the built-in SDXL config")
 
@@ -484,7 +484,7 @@ def test_sgm_names_follow_the_unet_config():
     """The numbering comes from the UNet's structure: 3 ResNets per block put the second block at input_blocks 5,
     and a block without transformers moves the upsampler to slot 1."""
     from peftbooth.formats.base_models import SDXL_UNET
-    from peftbooth.formats.kohya import sgm_names
+    from peftbooth.formats.kohya_names import sgm_names
 
     sgm = sgm_names(dict(SDXL_UNET, layers_per_block=3, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D",
                                                                         "UpBlock2D")), "test")
@@ -571,7 +571,7 @@ def test_sdxl_detected_without_text_encoder_keys(case, make_run, tiny_model, tmp
     (["lora_unet_down_blocks_0_resnets_0_conv1"], {"ss_base_model_version": "sd_v2"}, "sd"),
 ])
 def test_file_family(names, metadata, family):
-    from peftbooth.formats.kohya import file_family
+    from peftbooth.formats.kohya_base import file_family
 
     assert file_family(metadata, {n: {} for n in names}, "test")[0] == family
 

@@ -19,7 +19,7 @@ from conftest import draw_photos
 from PIL import Image
 
 from peftbooth.cli import main
-from peftbooth.config import SECTIONS, UsageError, from_dict
+from peftbooth.config import SECTIONS, UsageError, from_dict, validate
 from peftbooth.ui import files, schema
 from peftbooth.ui.runs import last_bar, state_of
 from peftbooth.ui.server import TOKEN_ENV, make_server
@@ -100,13 +100,13 @@ def test_settings_problems_land_beside_their_fields_and_nothing_is_written(serve
     assert r["errors"] == {"unet_adapter.rank": ["--rank must be int (got 'x')"]}  # types first, as --config does
     values["unet_adapter.rank"] = "4"
     status, r, _ = call(f"{base}/api/runs/{name}/start", "POST", {"values": values})
-    # the messages are TrainConfig.validate's own, each under the field it names
+    # the messages are validate's own, each under the field it names
     cfg = from_dict({"model": {"model": "tiny"}, "data": {"resolution": 33, "with_prior_preservation": True,
                      "instance_data_dir": "x"}, "unet_adapter": {"rank": 4},
                      "text_encoder_adapter": {"rank": 0}, "train": {"max_train_steps": 0, "output_dir": "o",
                                                                    "train_text_encoder": True}}).resolved()
     with pytest.raises(UsageError) as e:
-        cfg.validate()
+        validate(cfg)
     problems = schema.split_problems(str(e.value))
     expected_keys = {"data.instance_prompt", "data.resolution", "data.class_prompt", "train.max_train_steps",
                      "text_encoder_adapter.rank"}

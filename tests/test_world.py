@@ -105,8 +105,8 @@ def test_world_tokenizer_and_loading():
 
 
 def test_evaluator_reads_freshly_drawn_scenes():
-    from peftbooth.world.build import evaluator_example
     from peftbooth.world.evaluator import HEADS, judge, load_evaluator
+    from peftbooth.world.evaluator_training import evaluator_example
 
     net = load_evaluator(MODEL_DIR)
     rng = random.Random(12345)  # not the build's seeds

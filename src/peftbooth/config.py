@@ -232,40 +232,6 @@ class TrainConfig:
             cfg.train = dataclasses.replace(self.train, mixed_precision=accelerate_mixed_precision())
         return cfg
 
-    def validate(self) -> None:
-        """Raise one UsageError listing every problem, each naming its flag. Call on a resolved config."""
-        problems = []
-        d, t = self.data, self.train
-        if not self.model.model:
-            problems.append(MODEL_REQUIRED)
-        if not d.instance_data_dir:
-            problems.append("--instance-data-dir is required: a folder of photos of the subject")
-        if not d.instance_prompt:
-            problems.append("--instance-prompt is required, e.g. 'a photo of sks dog'")
-        if not t.output_dir:
-            problems.append("--output-dir is required: where the adapters are written")
-        problems += number_problems(self)
-        if d.with_prior_preservation and not d.class_prompt:
-            problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
-        if d.class_prompt_dropout and not d.with_prior_preservation:
-            problems.append("--class-prompt-dropout needs --with-prior-preservation "
-                            "(it drops the class images' prompt)")
-        if d.unmasked_weight and not d.masked_loss:
-            problems.append("--unmasked-weight needs --masked-loss (it weights the pixels outside the masks)")
-        if t.train_token_embedding is not None:
-            problems += token_embedding_problems(t, d.instance_prompt)
-        if t.compile_mode != "default" and not t.compile:
-            problems.append(f"--compile-mode {t.compile_mode} needs --compile")
-        for prefix, adapter, presets in [
-            ("--", self.unet_adapter, UNET_PRESETS),
-            ("--text-encoder-", self.text_encoder_adapter, TEXT_ENCODER_PRESETS),
-        ]:
-            if prefix == "--text-encoder-" and not t.train_text_encoder:
-                continue
-            problems += adapter_problems(adapter, prefix, presets)
-        if problems:
-            raise UsageError("; ".join(problems))
-
 
 # Ranges of the numeric options, checked before any work: (low, high) with None for no bound; a float low bound
 # listed in OPEN_LOW is exclusive. The upper bounds are far past any real use but keep a typo (--resolution
@@ -357,6 +323,42 @@ def adapter_problems(a: AdapterArgs, prefix: str, presets: tuple[str, ...]) -> l
     if a.adapter != "lora" and (a.use_dora or a.use_rslora):
         problems.append(f"{prefix}use-dora / {prefix}use-rslora apply to lora only (adapter is {a.adapter})")
     return problems
+
+
+
+def validate(cfg: "TrainConfig") -> None:
+    """Raise one UsageError listing every problem of a resolved config, each naming its flag."""
+    problems = []
+    d, t = cfg.data, cfg.train
+    if not cfg.model.model:
+        problems.append(MODEL_REQUIRED)
+    if not d.instance_data_dir:
+        problems.append("--instance-data-dir is required: a folder of photos of the subject")
+    if not d.instance_prompt:
+        problems.append("--instance-prompt is required, e.g. 'a photo of sks dog'")
+    if not t.output_dir:
+        problems.append("--output-dir is required: where the adapters are written")
+    problems += number_problems(cfg)
+    if d.with_prior_preservation and not d.class_prompt:
+        problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
+    if d.class_prompt_dropout and not d.with_prior_preservation:
+        problems.append("--class-prompt-dropout needs --with-prior-preservation "
+                        "(it drops the class images' prompt)")
+    if d.unmasked_weight and not d.masked_loss:
+        problems.append("--unmasked-weight needs --masked-loss (it weights the pixels outside the masks)")
+    if t.train_token_embedding is not None:
+        problems += token_embedding_problems(t, d.instance_prompt)
+    if t.compile_mode != "default" and not t.compile:
+        problems.append(f"--compile-mode {t.compile_mode} needs --compile")
+    for prefix, adapter, presets in [
+        ("--", cfg.unet_adapter, UNET_PRESETS),
+        ("--text-encoder-", cfg.text_encoder_adapter, TEXT_ENCODER_PRESETS),
+    ]:
+        if prefix == "--text-encoder-" and not t.train_text_encoder:
+            continue
+        problems += adapter_problems(adapter, prefix, presets)
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 SECTIONS: dict[str, tuple[type, str]] = {

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import check_compatible, data_fingerprint, list_checkpoints, resolve_resume
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, validate
 from .data import list_images, load_captions, load_image, load_masks, mask_path
 from .distributed import check_engine
 from .hub import check_repo_id, hub_token
@@ -27,7 +27,7 @@ def check_inputs(cfg: TrainConfig,
 
     Writes nothing.
     """
-    cfg.validate()
+    validate(cfg)
     check_engine()  # FSDP / DeepSpeed from `accelerate launch`: refused before anything is loaded
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():

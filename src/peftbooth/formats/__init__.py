@@ -8,7 +8,7 @@
 * ``fuse_run(model, run_dir, output_dir, scale)`` (in :mod:`peftbooth.fuse`): a full diffusers pipeline folder.
 
 SD 1.x / 2.x and SDXL runs and files are handled alike; SDXL adds the second text encoder (text_encoder_2) and,
-in kohya files, its own module names (see :mod:`.kohya`).
+in kohya files, its own module names (see :mod:`.kohya_names`).
 
 Every output is written beside its destination and renamed into place; only safetensors files are ever read.
 """

@@ -3,7 +3,7 @@
 Every field of every section in :data:`peftbooth.config.SECTIONS` becomes one form field (its help text, type,
 default and choices come from the dataclass), so the page can never offer an option the CLI lacks or miss one it
 has. The page sends ``{"section.field": value}``; :func:`check_run` turns that into a ``TrainConfig`` through
-``from_dict`` (the same type checks as a ``--config`` YAML file), then runs ``TrainConfig.validate`` and
+``from_dict`` (the same type checks as a ``--config`` YAML file), then runs ``config.validate`` and
 ``train.check_inputs``, and hands each problem back under the field whose flag it names.
 """
 
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .. import memory
-from ..config import SECTIONS, UNET_ADAPTER_DEFAULTS, TrainConfig, UsageError, field_type, from_dict, is_list
+from ..config import SECTIONS, UNET_ADAPTER_DEFAULTS, TrainConfig, UsageError, field_type, from_dict, is_list, validate
 from ..model_defaults import apply_model_defaults, describe
 
 # Fields the UI fills itself: the run folder is the output folder, the photos are uploaded or named on the page,
@@ -157,7 +157,7 @@ def key_of(message: str, fallback: str = "general") -> str:
 
 
 def split_problems(message: str) -> list[str]:
-    """`TrainConfig.validate` joins its problems with '; ', each starting with its flag; a '; ' inside one
+    """`validate` joins its problems with '; ', each starting with its flag; a '; ' inside one
     problem (not followed by a flag) stays in it."""
     problems: list[str] = []
     for part in message.split("; "):
@@ -209,7 +209,7 @@ def check_run(values: dict, instance_data_dir: str | None, output_dir: str,
     apply_model_defaults(cfg, set(values) if given is None else set(given))
     cfg = cfg.resolved()
     try:
-        cfg.validate()
+        validate(cfg)
     except UsageError as e:
         for problem in split_problems(str(e)):
             errors.setdefault(key_of(problem), []).append(problem)

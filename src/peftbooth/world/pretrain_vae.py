@@ -1,0 +1,49 @@
+"""The world build's `vae` stage: pretraining the AutoencoderKL on world scenes and general pictures, and the
+reconstruction error the build records for it."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from . import configs
+from .scenes import draw, general_image, random_scene, to_array
+from .training import cosine_lr, log
+
+
+def train_vae(seed: int, steps: int, batch: int, pool_size: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = AutoencoderKL(**configs.vae_config())
+    pool = [draw(random_scene(rng)) if i % 2 == 0 else general_image(rng) for i in range(pool_size)]
+    data = torch.from_numpy(to_array(pool))  # (pool_size, 3, 32, 32): half world scenes, half general pictures
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 1e-3)
+        x = data[torch.randint(0, len(data), (batch,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} mse {F.mse_loss(rec, x).item():.4f} kl {kl.item():.1f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # SD's convention: latents scaled to unit standard deviation
+        z = vae.encode(data[:1024]).latent_dist.mean  # (1024, 4, 8, 8)
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+def vae_mse(vae, images: list) -> float:
+    x = torch.from_numpy(to_array(images))
+    with torch.no_grad():
+        return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1), x).item()
