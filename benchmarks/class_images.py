@@ -30,8 +30,9 @@ def main() -> None:
     import torch
 
     from peftbooth.cli import quiet_libraries
-    from peftbooth.models import build_tiny_model, cache_dir, load_pipeline
-    from peftbooth.prior import generate_class_images
+    from peftbooth.models.loading import cache_dir, load_pipeline
+    from peftbooth.models.tiny import build_tiny_model
+    from peftbooth.training.prior import generate_class_images
 
     quiet_libraries()
     path = cache_dir() / ("tiny-sd" if args.model == "tiny" else "sd15-random")

@@ -53,7 +53,8 @@ name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.
 print(name, "| torch", torch.__version__, "| diffusers", diffusers.__version__, "| peft", peft.__version__,
       "| transformers", transformers.__version__, "| accelerate", accelerate.__version__,
       "| python", platform.python_version(), flush=True)
-from peftbooth.models import build_tiny_model, cache_dir
+from peftbooth.models.loading import cache_dir
+from peftbooth.models.tiny import build_tiny_model
 shape = os.environ["PB_MODEL"]
 path = cache_dir() / ("sd15-random" if shape == "sd15" else "tiny-sd")
 if not (path / "model_index.json").exists():

@@ -49,9 +49,10 @@ def main() -> int:
 
     import torch
 
-    from peftbooth.models import load_components, vae_force_upcast
+    from peftbooth.models.loading import load_components
+    from peftbooth.models.vae import vae_force_upcast
     from peftbooth.precision import for_training
-    from peftbooth.prior import class_images_from_components
+    from peftbooth.training.prior import class_images_from_components
     from peftbooth.world import WORLD_NAME
     from peftbooth.world.metrics import WorldEvalSettings, world_metrics
     from peftbooth.world.recipe import RECIPE
@@ -103,8 +104,8 @@ def init_worker(work: Path, settings) -> None:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from peftbooth.data import list_images, load_image
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.data.images import list_images, load_image
+    from peftbooth.inference.pipeline import AdapterPipeline
     from peftbooth.world import MODEL_DIR, WORLD_NAME
     from peftbooth.world.evaluator import load_evaluator
     from peftbooth.world.metrics import pipeline_sampler
@@ -120,7 +121,7 @@ def init_worker(work: Path, settings) -> None:
 def one_run(job: tuple) -> dict:
     """Train one configuration of the grid and measure it: (k, adapter, prior, text encoder, seed, steps, changes
     to the recipe's data settings) -> row."""
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
     from peftbooth.world.metrics import world_metrics
     from peftbooth.world.recipe import world_config
 

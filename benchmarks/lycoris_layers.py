@@ -57,7 +57,7 @@ def measure(model, x, device, dtype, repeats: int) -> float:
 def main() -> None:
     from peft import get_peft_model
 
-    from peftbooth import factored
+    from peftbooth.adapters import factored
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")

@@ -1,4 +1,4 @@
-"""`train`'s memory check against a real run: the estimate (peftbooth.memory) beside the device's free memory and
+"""`train`'s memory check against a real run: the estimate (peftbooth.training.memory) beside the device's free memory and
 the peak the run then really allocates, per phase, so the formula's constants can be checked on a GPU.
 
     python benchmarks/memory_check.py --model sd15 --out rows.jsonl      # GPU: SD 1.5 shapes, 512 px
@@ -25,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def one(args) -> dict:
     import torch
-
-    from peftbooth import memory
-    from peftbooth.cli import quiet_libraries
-    from peftbooth.models import load_components, vae_force_upcast
-    from peftbooth.precision import for_training
-    from peftbooth.train import fit, setup
     from train_throughput import config, prepare
+
+    from peftbooth.cli import quiet_libraries
+    from peftbooth.models.loading import load_components
+    from peftbooth.models.vae import vae_force_upcast
+    from peftbooth.precision import for_training
+    from peftbooth.training import memory
+    from peftbooth.training.loop import fit
+    from peftbooth.training.setup import setup
 
     quiet_libraries()
     cuda = torch.cuda.is_available()

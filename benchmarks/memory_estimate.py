@@ -5,7 +5,7 @@
     python benchmarks/memory_estimate.py --shape tiny --resolution 64                  # CI's smallest mode, seconds
 
 Each row is one phase of a run with prior preservation and a text-encoder adapter, under one setting: `default`
-(train's defaults, at --mixed-precision) or `low-memory` (the preset, peftbooth.memory.LOW_MEMORY):
+(train's defaults, at --mixed-precision) or `low-memory` (the preset, peftbooth.training.memory.LOW_MEMORY):
   caching       the VAE encodes the photos at full resolution, min(--sample-batch-size, VAE chunk) per call, and
                 the text encoder(s) the two prompts; the UNet is not on the device yet (train.build_run moves it
                 there after the caches)
@@ -58,7 +58,7 @@ PHASES = ("caching", "class-images", "training")
 
 
 def shapes(name: str) -> dict:
-    from peftbooth.models import SHAPES
+    from peftbooth.models.tiny import SHAPES
 
     return SDXL if name == "sdxl" else SHAPES[name]
 
@@ -142,7 +142,7 @@ def peak_mib(tracker) -> dict:
 
 def encode(encoders: list, ids):
     """models.encode_text on fake ids: (context (N, 77, D), pooled (N, P) or None)."""
-    from peftbooth.models import encode_text
+    from peftbooth.models.components import encode_text
 
     return encode_text(encoders, [ids] * len(encoders))
 
@@ -225,18 +225,19 @@ def estimate_training(shape: dict, resolution: int, dtype, rows: int, checkpoint
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from peftbooth import adapters as ad
-    from peftbooth.config import TrainConfig
+    from peftbooth.adapters.inject import attach
+    from peftbooth.adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS
+    from peftbooth.config.sections import TrainConfig
 
     cfg = TrainConfig()
     cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = "lora", rank, "all"
     cfg = cfg.resolved()
     m = build(shape, ("unet", "text"))
-    unet = ad.attach(m["unet"], cfg.unet_adapter, ad.UNET_PRESETS, "")
+    unet = attach(m["unet"], cfg.unet_adapter, UNET_PRESETS, "")
     encoders = [m[k] for k in ("text", "text_2") if k in m]
     if train_text_encoder:  # SDXL's first encoder: not its last layer (train.used_text_layers)
         last = encoders[0].config.num_hidden_layers - 1
-        encoders = [ad.attach(e, cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS, "text-encoder-",
+        encoders = [attach(e, cfg.text_encoder_adapter, TEXT_ENCODER_PRESETS, "text-encoder-",
                               layers=list(range(last)) if len(encoders) == 2 and i == 0 else None)
                     for i, e in enumerate(encoders)]
     mode = FakeTensorMode()
@@ -279,8 +280,8 @@ def estimate_training(shape: dict, resolution: int, dtype, rows: int, checkpoint
 
 def settings(name: str, mixed_precision: str):
     """(TrainConfig of the setting): train's defaults at --mixed-precision, or the low-memory preset over them."""
-    from peftbooth.config import TrainConfig
-    from peftbooth.memory import LOW_MEMORY, apply_preset
+    from peftbooth.config.sections import TrainConfig
+    from peftbooth.training.memory import LOW_MEMORY, apply_preset
 
     cfg = TrainConfig()
     cfg.train.mixed_precision = mixed_precision
@@ -305,7 +306,7 @@ def main() -> None:
     args = p.parse_args()
     resolution = args.resolution or {"sd15": 512, "sdxl": 1024}.get(args.shape, 64)
     if args.vae_chunk is None:
-        from peftbooth.models import vae_rows_per_call
+        from peftbooth.models.vae import vae_rows_per_call
 
         args.vae_chunk = vae_rows_per_call(resolution, resolution)
     from peftbooth.cli import quiet_libraries

@@ -31,12 +31,14 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile, record_function
-
-    from peftbooth import adapters as ad
-    from peftbooth.cli import quiet_libraries
-    from peftbooth.config import TrainConfig
-    from peftbooth.models import build_tiny_model, cache_dir, load_components
     from train_throughput import RANKS
+
+    from peftbooth.adapters.inject import attach
+    from peftbooth.adapters.peft_config import UNET_PRESETS
+    from peftbooth.cli import quiet_libraries
+    from peftbooth.config.sections import TrainConfig
+    from peftbooth.models.loading import cache_dir, load_components
+    from peftbooth.models.tiny import build_tiny_model
 
     quiet_libraries()
     path = cache_dir() / ("tiny-sd" if args.model == "tiny" else "sd15-random")
@@ -51,7 +53,7 @@ def main() -> None:
         cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, RANKS[adapter], "all"
         cfg = cfg.resolved()
         c = load_components(str(path))
-        unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "").to(device, dtype=dtype)
+        unet = attach(c.unet, cfg.unet_adapter, UNET_PRESETS, "").to(device, dtype=dtype)
         for prm in unet.parameters():
             if prm.requires_grad:
                 prm.data = prm.data.float()

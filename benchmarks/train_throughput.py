@@ -59,7 +59,8 @@ def draw_photos(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
 
 def prepare(model: str, root: Path) -> tuple[str, Path, Path]:
     """The random model folder, 5 subject photos and 4 class images (drawn, so nothing is generated)."""
-    from peftbooth.models import build_tiny_model, cache_dir
+    from peftbooth.models.loading import cache_dir
+    from peftbooth.models.tiny import build_tiny_model
 
     path = cache_dir() / ("tiny-sd" if model == "tiny" else "sd15-random")
     if not (path / "model_index.json").exists():
@@ -72,7 +73,8 @@ def prepare(model: str, root: Path) -> tuple[str, Path, Path]:
 
 
 def config(args, adapter: str, model: str, photos: Path, classes: Path, out: Path, **train):
-    from peftbooth.config import MAX_STEPS, TrainConfig
+    from peftbooth.config.checks import MAX_STEPS
+    from peftbooth.config.sections import TrainConfig
 
     cfg = TrainConfig()
     cfg.model.model = model
@@ -119,7 +121,8 @@ def timed(step, args) -> float:
 
 def run_peftbooth(args, cfg) -> float:
     """Seconds for args.steps optimizer steps of peftbooth's own loop, after warm-up steps."""
-    from peftbooth.train import fit, setup
+    from peftbooth.training.loop import fit
+    from peftbooth.training.setup import setup
 
     cfg.train.max_train_steps = args.warmup
     run = setup(cfg)
@@ -137,17 +140,18 @@ def run_floor(args, cfg) -> float:
     import torch
     import torch.nn.functional as F
 
-    from peftbooth import adapters as ad
-    from peftbooth import factored
-    from peftbooth.models import load_components
+    from peftbooth.adapters import factored
+    from peftbooth.adapters.inject import attach
+    from peftbooth.adapters.peft_config import UNET_PRESETS
+    from peftbooth.models.loading import load_components
     from peftbooth.precision import DTYPES, Precision, place_frozen
-    from peftbooth.speed import make_optimizer
+    from peftbooth.training.speed import make_optimizer
 
     cfg = cfg.resolved()
     c = load_components(cfg.model.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[cfg.train.mixed_precision]
-    unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "")
+    unet = attach(c.unet, cfg.unet_adapter, UNET_PRESETS, "")
     place_frozen(unet, Precision(device, dtype, dtype))  # as the trainer does: frozen weights in dtype, adapters fp32
     if cfg.train.factored_lycoris:  # the same adapter forward as the measured peftbooth run
         factored.install(unet)
@@ -181,19 +185,21 @@ def run_plain(args, cfg) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    from peftbooth import adapters as ad
-    from peftbooth.data import DreamBoothDataset, collate, list_images, load_image
-    from peftbooth.losses import diffusion_target, dreambooth_loss
-    from peftbooth.models import load_components
+    from peftbooth.adapters.inject import attach
+    from peftbooth.adapters.peft_config import UNET_PRESETS
+    from peftbooth.data.dataset import DreamBoothDataset, collate
+    from peftbooth.data.images import list_images, load_image
+    from peftbooth.models.loading import load_components
     from peftbooth.precision import DTYPES
-    from peftbooth.speed import make_optimizer
+    from peftbooth.training.losses import diffusion_target, dreambooth_loss
+    from peftbooth.training.speed import make_optimizer
 
     cfg = cfg.resolved()
     d = cfg.data
     c = load_components(cfg.model.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[cfg.train.mixed_precision]
-    unet = ad.attach(c.unet, cfg.unet_adapter, ad.UNET_PRESETS, "").to(device)  # everything fp32
+    unet = attach(c.unet, cfg.unet_adapter, UNET_PRESETS, "").to(device)  # everything fp32
     c.vae.to(device)
     c.text_encoder.to(device)
     if cfg.train.gradient_checkpointing:

@@ -29,14 +29,14 @@ def _quiet():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from peftbooth.models import build_tiny_model
+    from peftbooth.models.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd"))
 
 
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory) -> str:
-    from peftbooth.models import build_tiny_model
+    from peftbooth.models.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))
 
@@ -67,7 +67,7 @@ def photos(tmp_path) -> Path:
 
 def tiny_config(model: str, photos: Path, output_dir: Path, **overrides):
     """A TrainConfig for a few fast steps on the tiny model; overrides are 'section.field' -> value."""
-    from peftbooth.config import TrainConfig
+    from peftbooth.config.sections import TrainConfig
 
     cfg = TrainConfig()
     cfg.model.model = model
@@ -90,7 +90,9 @@ def modules_diffusers_reads(converted: dict, parts) -> dict[str, set[str]]:
     """Per part, the PEFT module names that diffusers' kohya reader lands the converted keys on (the text
     encoders' `text_model.` level dropped, as transformers 5 lays them out)."""
     from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
     )
 
     found = {}

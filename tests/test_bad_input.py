@@ -9,11 +9,11 @@ import io
 
 import numpy as np
 import pytest
+from conftest import draw_photos
 from PIL import Image
 
-from conftest import draw_photos
 from peftbooth.cli import main
-from peftbooth.data import load_image
+from peftbooth.data.images import load_image
 
 
 def jpeg_bytes(img, **kw) -> bytes:
@@ -65,7 +65,7 @@ def test_unreadable_file_is_named(tiny_model, tmp_path, capsys, monkeypatch):
     photos = draw_photos(tmp_path / "photos", n=2)
     locked = photos / "locked.png"
     locked.write_bytes(png_bytes(Image.new("RGB", (40, 40))))
-    import peftbooth.data as data
+    import peftbooth.data.images as data
 
     real_open = data.Image.open
 

@@ -79,7 +79,7 @@ def test_commands_default_to_the_runs_base_model_and_say_so(tiny_model, tmp_path
     assert main(["export", str(run), "--format", "kohya", "--output", str(tmp_path / "k.safetensors")]) == 0
     assert said in capsys.readouterr().out.splitlines()
 
-    from peftbooth.evaluate import EvalArgs, resolve_eval_args
+    from peftbooth.evaluate.runner import EvalArgs, resolve_eval_args
 
     a, images = resolve_eval_args(EvalArgs(run_dir=str(run), class_name="dog"))
     assert a.model == tiny_model and len(images) == 3

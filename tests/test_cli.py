@@ -439,7 +439,7 @@ def test_nan_loss_without_checkpoint_names_none(tiny_model, photos, tmp_path, ca
     exist (it used to say 'the last checkpoint before it is kept')."""
     import importlib
 
-    train_module = importlib.import_module("peftbooth.train")  # the module, not the function the package exports
+    train_module = importlib.import_module("peftbooth.training.loop")  # the module that calls training_step
     real = train_module.training_step
 
     def nan_step(run, batch):

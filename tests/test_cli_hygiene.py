@@ -53,7 +53,7 @@ class _Acc:
 def test_compile_suppresses_errors_only_inside_the_compiled_calls():
     import torch._dynamo
 
-    from peftbooth.train import maybe_compile
+    from peftbooth.training.speed import maybe_compile
 
     seen = []
 

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from peftbooth import options
 from peftbooth.cli import build_parser
-from peftbooth.evaluate import EvalArgs
-from peftbooth.flags import given_options, options_from_args
+from peftbooth.config import options
+from peftbooth.config.flags import given_options, options_from_args
+from peftbooth.evaluate.runner import EvalArgs
 
 OPTION_CLASSES = [options.GenerateOptions, options.ExportOptions, options.ImportOptions, options.FuseOptions,
                   options.PushOptions, options.TinyModelOptions, options.DemoOptions, options.UiOptions, EvalArgs]

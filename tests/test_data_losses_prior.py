@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import draw_photos, tiny_config
 from PIL import Image
 
-from conftest import draw_photos, tiny_config
-from peftbooth.data import DreamBoothDataset, collate, list_images, load_captions, load_image, to_tensor
-from peftbooth.losses import diffusion_target, dreambooth_loss
-from peftbooth.models import load_components
-from peftbooth.prior import generate_class_images, valid_class_images
-
+from peftbooth.data.dataset import DreamBoothDataset, collate
+from peftbooth.data.images import list_images, load_captions, load_image
+from peftbooth.data.transforms import to_tensor
+from peftbooth.models.loading import load_components
+from peftbooth.training.losses import diffusion_target, dreambooth_loss
+from peftbooth.training.prior import generate_class_images, valid_class_images
 
 # --- data -------------------------------------------------------------------------------------------------------
 
@@ -74,7 +75,7 @@ def test_class_prompt_dropout_gives_some_class_rows_the_empty_prompt(tmp_path):
 def test_epoch_padding_gives_a_repeated_item_its_own_draws(tiny_model, photos, tmp_path):
     """3 photos in batches of 2: the epoch is padded to 4 rows by using one photo again. That row must get its own
     seed (latent sample, noise, timestep) and flip draw, not a copy of the photo's first row in the epoch."""
-    from peftbooth.train import setup
+    from peftbooth.training.setup import setup
 
     run = setup(tiny_config(tiny_model, photos, tmp_path / "run", **{"data.train_batch_size": 2,
                                                                      "data.random_flip": True}))
@@ -197,7 +198,7 @@ def test_class_images_generate_missing_only_and_resume(tiny_model, tmp_path):
 
 
 def test_class_image_is_written_atomically(tmp_path, monkeypatch):
-    from peftbooth import prior
+    from peftbooth.training import prior
 
     img = Image.new("RGB", (8, 8), (1, 2, 3))
     calls = []
@@ -231,7 +232,7 @@ def test_class_prompt_dropout_trains_through_the_text_cache(tiny_model, photos, 
     changes what the class rows teach, so the adapter differs from the run without it."""
     from safetensors.torch import load_file
 
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
 
     settings = {"data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog",
                 "data.num_class_images": 2, "data.class_data_dir": str(tmp_path / "class"), "train.max_train_steps": 3}

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import draw_photos
+from safetensors.torch import load_file
 
 
 def argv(tiny_model, photos, out, class_dir, extra):
@@ -86,7 +85,7 @@ def test_two_nodes_match_one_process_with_the_same_global_batch(tiny_model, one_
 def test_two_processes_train_sdxl_with_both_text_encoders(tmp_path):
     """SDXL under DistributedDataParallel with adapters on both text encoders: every adapter weight gets a gradient
     (an unused one would stall the gradient exchange), both ranks end identical, all three adapters are saved."""
-    from peftbooth.models import build_tiny_model
+    from peftbooth.models.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "sdxl", shape="tiny-sdxl")
     photos = draw_photos(tmp_path / "photos", n=2)
@@ -130,7 +129,7 @@ def test_several_processes_agree_on_a_signal_every_few_steps_not_every_step(caps
     step (fewer with --logging-steps below 10) and at checkpoints, not every step; alone, never."""
     import signal
 
-    from peftbooth.train import SIGNAL_STEPS, StopSignals
+    from peftbooth.training.signals import SIGNAL_STEPS, StopSignals
 
     assert SIGNAL_STEPS == 10
     acc = CountingAccelerator(2)
@@ -154,7 +153,7 @@ def test_sigterm_to_both_processes_checkpoints_at_the_agreed_step(tiny_model, tm
 
     import psutil
 
-    from peftbooth.checkpoint import list_checkpoints
+    from peftbooth.training.checkpoint import list_checkpoints
 
     photos = draw_photos(tmp_path / "photos", n=4)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}

@@ -11,10 +11,10 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import draw_photos
 from safetensors.torch import load_file
 
-from conftest import draw_photos
-from peftbooth.checkpoint import LOCK, list_checkpoints
+from peftbooth.training.checkpoint import LOCK, list_checkpoints
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU")}
 
@@ -111,7 +111,7 @@ def test_ddp_with_loha_module_dropout_matches_one_process(tiny_model, tmp_path):
 
 def test_launcher_flags_are_checked_and_dropped_from_the_workers_command(capsys):
     from peftbooth.cli import main
-    from peftbooth.distributed import worker_argv
+    from peftbooth.training.distributed import worker_argv
 
     assert worker_argv(["train", "--num-processes", "2", "--nnodes=2", "--node-rank", "1", "--master-addr",
                         "10.0.0.1", "--master-port=29501", "--rank", "4"]) == ["train", "--rank", "4"]
@@ -127,7 +127,7 @@ def test_launcher_flags_are_checked_and_dropped_from_the_workers_command(capsys)
 
 
 def test_exit_code_is_a_single_processes():
-    from peftbooth.distributed import exit_code
+    from peftbooth.training.distributed import exit_code
 
     assert exit_code([0, 0], []) == 0
     assert exit_code([143, 143], [signal.SIGTERM]) == 143
@@ -139,7 +139,7 @@ def test_exit_code_is_a_single_processes():
 def test_a_stop_signal_delivered_twice_at_once_is_one_stop(monkeypatch):
     """A scheduler signals every process and the launcher passes its copy on: the worker sees SIGTERM twice
     within a moment. That is one stop (checkpoint first), not a user insisting (exit at once)."""
-    from peftbooth import signals
+    from peftbooth.training import signals
 
     exits = []
     monkeypatch.setattr(signals.os, "_exit", exits.append)
@@ -160,8 +160,8 @@ def test_a_stop_signal_delivered_twice_at_once_is_one_stop(monkeypatch):
                                                ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED_REFUSED")])
 def test_fsdp_and_deepspeed_are_refused_before_any_work(tiny_model, photos, tmp_path, monkeypatch, capsys,
                                                         variable, message):
-    from peftbooth import distributed
     from peftbooth.cli import main
+    from peftbooth.training import distributed
 
     monkeypatch.setenv(variable, "true")  # what `accelerate launch --config_file` sets for its workers
     out = tmp_path / "run"
@@ -188,7 +188,7 @@ def accelerate_launch_env(config_file) -> dict:
 def test_every_example_accelerate_config_is_accepted():
     from pathlib import Path
 
-    from peftbooth.distributed import check_engine
+    from peftbooth.training.distributed import check_engine
 
     examples = sorted((Path(__file__).parents[1] / "examples" / "accelerate").glob("*.yaml"))
     assert examples
@@ -197,8 +197,8 @@ def test_every_example_accelerate_config_is_accepted():
 
 
 def test_the_refused_engines_configs_are_refused_with_their_line(tmp_path):
-    from peftbooth.config import UsageError
-    from peftbooth.distributed import DEEPSPEED_REFUSED, FSDP_REFUSED, check_engine
+    from peftbooth.config.sections import UsageError
+    from peftbooth.training.distributed import DEEPSPEED_REFUSED, FSDP_REFUSED, check_engine
 
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n"

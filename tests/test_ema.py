@@ -5,15 +5,17 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_config
-from peftbooth.checkpoint import list_checkpoints
-from peftbooth.ema import FILE, AdapterEMA, adapter_ema, ema_decay
-from peftbooth.train import TrainingInterrupted, setup, train
+from safetensors.torch import load_file
 from test_resume import adapter_tensors, assert_bitwise_equal, signal_at_step
 
-train_module = importlib.import_module("peftbooth.train")
+from peftbooth.training.checkpoint import list_checkpoints, release_lock
+from peftbooth.training.ema import FILE, AdapterEMA, adapter_ema, ema_decay
+from peftbooth.training.loop import train
+from peftbooth.training.setup import setup
+from peftbooth.training.signals import TrainingInterrupted
+
+loop = importlib.import_module("peftbooth.training.loop")  # the module whose fit calls run_validation
 
 
 @pytest.mark.parametrize("decay, updates, expected", [
@@ -147,23 +149,23 @@ def test_resume_force_from_a_run_without_ema_starts_the_average_there(tiny_model
         average = peft_names(run.ema.average, "unet")
         assert restored and all(torch.equal(v, average[k.split("/", 1)[1]]) for k, v in restored.items())
     finally:
-        train_module.release_lock(run.lock)
+        release_lock(run.lock)
 
 
 def fit_tiny(tiny_model, photos, out, **settings):
     run = setup(tiny_config(tiny_model, photos, out, **{
         "train.max_train_steps": 3, "train.ema_decay": 0.9, "train.learning_rate": 1e-2, **settings}))
     try:
-        train_module.fit(run)
+        loop.fit(run)
     finally:
-        train_module.release_lock(run.lock)
+        release_lock(run.lock)
     return run
 
 
 def test_validation_samples_the_average_and_training_goes_on_from_the_trained_weights(tiny_model, photos, tmp_path,
                                                                                      monkeypatch):
     seen, averages = [], []
-    monkeypatch.setattr(train_module, "run_validation", lambda run, step: seen.append(
+    monkeypatch.setattr(loop, "run_validation", lambda run, step: seen.append(
         (step, {k: p.detach().clone() for k, p in run.ema.params.items()})))
     real_update = AdapterEMA.update
 
@@ -186,7 +188,7 @@ def test_validation_samples_the_average_and_training_goes_on_from_the_trained_we
 
 
 def test_the_report_says_the_saved_weights_are_the_average():
-    from peftbooth.report import summary_section
+    from peftbooth.runs.report import summary_section
 
     with_ema = summary_section({"train": {"ema_decay": 0.99}}, {}, {})
     assert "the moving average of the adapter weights (--ema-decay 0.99), not the last step&#x27;s" in with_ema

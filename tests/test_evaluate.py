@@ -12,28 +12,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import draw_photos, tiny_config
 from PIL import Image, ImageDraw
 
-from conftest import draw_photos, tiny_config
-from peftbooth.config import UsageError
-from peftbooth.evaluate import (
-    LIVE_PROMPTS,
-    OBJECT_PROMPTS,
-    Evaluators,
-    add_commands,
-    clip_t_text,
-    compute_proxies,
-    distinct_pairs_mean_cosine,
-    fixed_timesteps,
-    identifier_from_prompt,
-    matched_mean_cosine,
-    pairwise_mean_cosine,
-    protocol_metrics,
-    render,
-    write_proxies,
+from peftbooth.config.sections import UsageError
+from peftbooth.evaluate.command import add_commands
+from peftbooth.evaluate.evaluators import Evaluators, protocol_metrics
+from peftbooth.evaluate.protocol import (
+    LIVE_PROMPTS, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine, identifier_from_prompt,
+    matched_mean_cosine, pairwise_mean_cosine, render,
 )
-from peftbooth.train import fit, save, setup
-
+from peftbooth.evaluate.proxies import compute_proxies, fixed_timesteps, write_proxies
+from peftbooth.training.loop import fit
+from peftbooth.training.saving import save
+from peftbooth.training.setup import setup
 
 # ---------------------------------------------------------------------------------------------------------------
 # tiny evaluator models
@@ -55,7 +47,7 @@ def evaluator_dirs(tmp_path_factory) -> tuple[str, str]:
     """(tiny CLIP folder, tiny DINO-like ViT folder), random weights, 32 px inputs."""
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from peftbooth.models import _write_tokenizer
+    from peftbooth.models.tiny import _write_tokenizer
 
     root = tmp_path_factory.mktemp("evaluators")
     torch.manual_seed(0)
@@ -182,7 +174,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model, tmp_path_factory):
-    from peftbooth.report import write_report
+    from peftbooth.runs.report import write_report
 
     root = tmp_path_factory.mktemp("eval-run")
     photos = draw_photos(root / "photos")
@@ -257,8 +249,8 @@ def test_fixed_timesteps_cover_the_schedule_evenly():
 
 
 def test_predictions_do_not_depend_on_the_chunk_size(tiny_model):
-    from peftbooth.evaluate import fixed_noise, predictions
-    from peftbooth.models import load_components
+    from peftbooth.evaluate.proxies import fixed_noise, predictions
+    from peftbooth.models.loading import load_components
 
     c = load_components(tiny_model)
     latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))

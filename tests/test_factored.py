@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoHaConfig, LoKrConfig, get_peft_model
 
-from peftbooth import factored
+from peftbooth.adapters import factored
 
 
 class Net(torch.nn.Module):
@@ -190,7 +190,9 @@ def count_paths(model, monkeypatch):
 def test_training_through_the_factors_matches_peft_forward(adapter, tiny_model, photos, tmp_path, monkeypatch):
     """End to end on the tiny model, with the size cutoff lowered so its layers take the factored way."""
     from conftest import tiny_config
-    from peftbooth.train import fit, setup
+
+    from peftbooth.training.loop import fit
+    from peftbooth.training.setup import setup
 
     monkeypatch.setattr(factored, "MIN_WEIGHT", 0)
     params = []
@@ -219,10 +221,10 @@ def test_factored_training_in_bf16_and_generation(tiny_model, photos, tmp_path, 
     """bf16 autocast over fp32 adapter factors trains to finite weights; generation with the factored layers gives
     the images PEFT's own forward gives."""
     import numpy as np
-
     from conftest import tiny_config
-    from peftbooth.inference import AdapterPipeline
-    from peftbooth.train import train
+
+    from peftbooth.inference.pipeline import AdapterPipeline
+    from peftbooth.training.loop import train
 
     monkeypatch.setattr(factored, "MIN_WEIGHT", 0)
     out = train(tiny_config(tiny_model, photos, tmp_path / "run", **{

@@ -17,9 +17,9 @@ from conftest import draw_photos, modules_diffusers_reads, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peftbooth.config import UsageError
-from peftbooth.formats import add_commands, export_run, import_kohya
-from peftbooth.fuse import fuse_adapters, fuse_run, set_strength, unfuse_adapters
+from peftbooth.config.sections import UsageError
+from peftbooth.inference.fuse import fuse_adapters, fuse_run, set_strength, unfuse_adapters
+from peftbooth.runs.formats import add_commands, export_run, import_kohya
 
 TOL = 1e-4  # fp32, max abs difference
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a kohya module name of every UNet here
@@ -57,7 +57,7 @@ def perturb(run: Path, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def make_run(tiny_model, tmp_path_factory):
     """make_run(name, **{'section.field': value}) -> a trained, perturbed run folder (cached per module)."""
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
 
     photos = draw_photos(tmp_path_factory.mktemp("photos"))
     root = tmp_path_factory.mktemp("runs")
@@ -87,7 +87,7 @@ def peft_outputs(model: str, run: Path, inputs, scale: float = 1.0) -> dict:
     """Outputs of the base model wrapped with the run's PEFT adapters (the reference for every format)."""
     from peft import PeftModel
 
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     c = load_components(model)
     for part in ("unet", "text_encoder"):
@@ -97,7 +97,7 @@ def peft_outputs(model: str, run: Path, inputs, scale: float = 1.0) -> dict:
 
 
 def base_outputs(model: str, inputs) -> dict:
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     c = load_components(model)
     return outputs(c.unet, c.text_encoder, inputs)
@@ -108,7 +108,7 @@ def max_diff(a: dict, b: dict, part: str) -> float:
 
 
 def pipeline(model: str):
-    from peftbooth.models import load_pipeline
+    from peftbooth.models.loading import load_pipeline
 
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -267,7 +267,7 @@ LYCORIS_VARIANTS = {
 
 @pytest.mark.parametrize("variant", LYCORIS_VARIANTS)
 def test_lycoris_round_trip(variant, make_run, tiny_model, inputs, tmp_path):
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     run = make_run(variant, **{"unet_adapter.target_modules": "all", **LYCORIS_VARIANTS[variant]})
     kind = LYCORIS_VARIANTS[variant]["unet_adapter.adapter"]
@@ -334,8 +334,8 @@ def check_reader_deltas(model: str, run: Path, exported: dict) -> None:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from peftbooth.formats.common import kohya_module_name
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
+    from peftbooth.runs.formats.common import kohya_module_name
 
     c = load_components(model)
     checked = 0
@@ -388,17 +388,17 @@ def sd15_adapters(kind: str, **extra) -> dict:
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from peftbooth import adapters as ad
-    from peftbooth.config import AdapterArgs, UNET_ADAPTER_DEFAULTS
-    from peftbooth.formats.common import Adapter, group_peft_state_dict
+    from peftbooth.adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS, peft_config
+    from peftbooth.config.sections import UNET_ADAPTER_DEFAULTS, AdapterArgs
+    from peftbooth.runs.formats.common import Adapter, group_peft_state_dict
 
     with torch.device("meta"):
         models = {"unet": UNet2DConditionModel(**SD15_UNET), "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
     args = AdapterArgs(**{**UNET_ADAPTER_DEFAULTS, "alpha": 4.0, "adapter": kind, **extra})
-    targets = {"unet": ad.UNET_PRESETS["all"], "text_encoder": ad.TEXT_ENCODER_PRESETS["attn-mlp"]}
+    targets = {"unet": UNET_PRESETS["all"], "text_encoder": TEXT_ENCODER_PRESETS["attn-mlp"]}
     out = {}
     for part, model in models.items():
-        config = ad.peft_config(args, targets[part])
+        config = peft_config(args, targets[part])
         state = get_peft_model_state_dict(get_peft_model(model, config))
         out[part] = Adapter(part, kind, config.to_dict(), group_peft_state_dict(state, kind, part))
     return out
@@ -450,7 +450,7 @@ SD15_LYCORIS_NAMES = {
 def test_sd15_lora_names_match_kohya_and_diffusers_converter():
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 
-    from peftbooth.formats.kohya import kohya_state_dict
+    from peftbooth.runs.formats.kohya import kohya_state_dict
 
     adapters = sd15_adapters("lora")
     exported = shapes(kohya_state_dict(adapters))
@@ -472,7 +472,7 @@ def test_sd15_lora_names_match_kohya_and_diffusers_converter():
 def test_sd15_names_import_back_without_a_model(kind, tmp_path):
     """kohya names + shapes of every module resolve against the built-in SD 1.x config (no --model), giving back
     exactly PEFT's keys and shapes."""
-    from peftbooth.formats.kohya import kohya_state_dict, kohya_to_peft
+    from peftbooth.runs.formats.kohya import kohya_state_dict, kohya_to_peft
 
     extra = {} if kind == "lora" else {"use_effective_conv2d": True, "decompose_both": kind == "lokr"}
     adapters = sd15_adapters(kind, **extra)
@@ -491,15 +491,15 @@ def test_sd2_layout_without_model(tmp_path):
     shapes when the header does not say, and a 1x1-conv-shaped factor (an SD 1.x habit) is reshaped for a Linear."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from peftbooth import adapters as ad
-    from peftbooth.formats.base_models import builtin_configs, meta_model
-    from peftbooth.formats.common import Adapter, group_peft_state_dict
-    from peftbooth.formats.kohya import kohya_state_dict, kohya_to_peft
+    from peftbooth.adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS
+    from peftbooth.runs.formats.base_models import builtin_configs, meta_model
+    from peftbooth.runs.formats.common import Adapter, group_peft_state_dict
+    from peftbooth.runs.formats.kohya import kohya_state_dict, kohya_to_peft
 
     configs = builtin_configs("sd_v2")
     adapters = {}
-    for part, targets in [("unet", ad.UNET_PRESETS["attn-ff"] + ["proj_in", "proj_out"]),
-                          ("text_encoder", ad.TEXT_ENCODER_PRESETS["attn"])]:
+    for part, targets in [("unet", UNET_PRESETS["attn-ff"] + ["proj_in", "proj_out"]),
+                          ("text_encoder", TEXT_ENCODER_PRESETS["attn"])]:
         config = LoraConfig(r=4, lora_alpha=4, target_modules=targets)
         state = get_peft_model_state_dict(get_peft_model(meta_model(part, configs), config))
         adapters[part] = Adapter(part, "lora", config.to_dict(), group_peft_state_dict(state, "lora", part))
@@ -524,7 +524,7 @@ def write_peft_example_run(model: str, folder: Path, old_text_layout: bool) -> N
     With transformers < 5 the text-encoder keys read 'base_model.model.text_model.encoder...'."""
     from peft import LoraConfig, get_peft_model
 
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     torch.manual_seed(0)
     c = load_components(model)
@@ -548,7 +548,7 @@ def new_layout_reference(model: str, old: Path, new: Path) -> Path:
 
 
 def test_peft_example_layout_loads_in_adapter_pipeline(tiny_model, inputs, tmp_path):
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     run = tmp_path / "example"
     write_peft_example_run(tiny_model, run, old_text_layout=False)
@@ -563,7 +563,7 @@ def test_peft_example_layout_loads_in_adapter_pipeline(tiny_model, inputs, tmp_p
 def test_peft_example_old_text_layout_exports_and_reimports(tiny_model, inputs, tmp_path):
     """A run saved with transformers < 5 ('text_model.' in the text-encoder keys): the exports spell the text
     encoder the standard way, and importing the kohya file gives folders this transformers loads in full."""
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     old = tmp_path / "old"
     write_peft_example_run(tiny_model, old, old_text_layout=True)
@@ -585,7 +585,7 @@ def test_peft_example_old_text_layout_exports_and_reimports(tiny_model, inputs, 
 
 
 def test_peft_example_old_text_layout_in_adapter_pipeline(tiny_model, inputs, tmp_path):
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     old = tmp_path / "old"
     write_peft_example_run(tiny_model, old, old_text_layout=True)

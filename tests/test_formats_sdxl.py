@@ -21,9 +21,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peftbooth.config import UsageError
-from peftbooth.formats import export_run, import_kohya
-from peftbooth.fuse import fuse_adapters, fuse_run, set_strength, unfuse_adapters
+from peftbooth.config.sections import UsageError
+from peftbooth.inference.fuse import fuse_adapters, fuse_run, set_strength, unfuse_adapters
+from peftbooth.runs.formats import export_run, import_kohya
 
 TOL = 1e-4  # fp32, max abs difference
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -38,7 +38,7 @@ warnings.filterwarnings("ignore", message=".*(base_model_name_or_path|Found miss
 
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory) -> str:
-    from peftbooth.models import build_tiny_model
+    from peftbooth.models.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", shape="tiny-sdxl"))
 
@@ -57,9 +57,11 @@ def inputs():
 
 def write_run(model: str, folder: Path, seed: int, **overrides) -> Path:
     """An SDXL run folder as `peftbooth train` saves one; overrides are 'section.field' -> value of TrainConfig."""
-    from peftbooth import adapters as ad
-    from peftbooth.config import TrainConfig, to_dict
-    from peftbooth.models import load_components
+    from peftbooth.adapters.inject import attach
+    from peftbooth.adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS
+    from peftbooth.config.dicts import to_dict
+    from peftbooth.config.sections import TrainConfig
+    from peftbooth.models.loading import load_components
 
     cfg = TrainConfig()
     cfg.model.model = model
@@ -74,13 +76,13 @@ def write_run(model: str, folder: Path, seed: int, **overrides) -> Path:
     cfg = cfg.resolved()
 
     c = load_components(model)
-    parts = {"unet": (c.unet, cfg.unet_adapter, ad.UNET_PRESETS)}
+    parts = {"unet": (c.unet, cfg.unet_adapter, UNET_PRESETS)}
     if cfg.train.train_text_encoder:
         for part in TEXT_PARTS:
-            parts[part] = (getattr(c, part), cfg.text_encoder_adapter, ad.TEXT_ENCODER_PRESETS)
+            parts[part] = (getattr(c, part), cfg.text_encoder_adapter, TEXT_ENCODER_PRESETS)
     g = torch.Generator().manual_seed(seed)
     for part, (module, args, presets) in parts.items():
-        peft_model = ad.attach(module, args, presets, "", base_model=model)
+        peft_model = attach(module, args, presets, "", base_model=model)
         with torch.no_grad():
             for p in peft_model.parameters():
                 if p.requires_grad:  # the adapter's own tensors (LoRA B and LoKr w1 start at zero)
@@ -122,7 +124,7 @@ def peft_outputs(model: str, run: Path, inputs, scale: float = 1.0) -> dict:
     """Outputs of the base model wrapped with the run's PEFT adapters (the reference for every format)."""
     from peft import PeftModel
 
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     c = load_components(model)
     for part in PARTS:
@@ -132,7 +134,7 @@ def peft_outputs(model: str, run: Path, inputs, scale: float = 1.0) -> dict:
 
 
 def base_outputs(model: str, inputs) -> dict:
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     return component_outputs(load_components(model), inputs)
 
@@ -147,7 +149,7 @@ def assert_close(got: dict, want: dict, tol: float = TOL, parts=PARTS) -> None:
 
 
 def pipeline(model: str):
-    from peftbooth.models import load_pipeline
+    from peftbooth.models.loading import load_pipeline
 
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -325,7 +327,7 @@ LYCORIS_VARIANTS = {
 
 @pytest.mark.parametrize("variant", LYCORIS_VARIANTS)
 def test_lycoris_round_trip(variant, make_run, sdxl_model, inputs, tmp_path):
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     run = make_run(**{"unet_adapter.target_modules": "all", "text_encoder_adapter.target_modules": "attn-mlp",
                       **LYCORIS_VARIANTS[variant]})
@@ -357,9 +359,9 @@ def check_reader_deltas(model: str, run: Path, exported: dict) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from test_formats import lycoris_reader_delta
 
-    from peftbooth.formats.common import kohya_module_name
-    from peftbooth.formats.kohya_names import sgm_names
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
+    from peftbooth.runs.formats.common import kohya_module_name
+    from peftbooth.runs.formats.kohya_names import sgm_names
 
     c = load_components(model)
     sgm = sgm_names(json.loads((Path(model) / "unet" / "config.json").read_text()), "test")
@@ -385,25 +387,25 @@ def sdxl_adapters(kind: str, **extra) -> dict:
     """PEFT adapters on the meta-device SDXL base UNet ('all' targets) and both text encoders ('attn-mlp')."""
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from peftbooth import adapters as ad
-    from peftbooth.config import UNET_ADAPTER_DEFAULTS, AdapterArgs
-    from peftbooth.formats.base_models import builtin_configs, meta_model
-    from peftbooth.formats.common import Adapter, group_peft_state_dict
+    from peftbooth.adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS, peft_config
+    from peftbooth.config.sections import UNET_ADAPTER_DEFAULTS, AdapterArgs
+    from peftbooth.runs.formats.base_models import builtin_configs, meta_model
+    from peftbooth.runs.formats.common import Adapter, group_peft_state_dict
 
     configs = builtin_configs("sdxl")
     args = AdapterArgs(**{**UNET_ADAPTER_DEFAULTS, "alpha": 4.0, "adapter": kind, **extra})
     out = {}
     for part in PARTS:
-        targets = ad.UNET_PRESETS["all"] if part == "unet" else ad.TEXT_ENCODER_PRESETS["attn-mlp"]
-        state = get_peft_model_state_dict(get_peft_model(meta_model(part, configs), ad.peft_config(args, targets)))
-        out[part] = Adapter(part, kind, ad.peft_config(args, targets).to_dict(),
+        targets = UNET_PRESETS["all"] if part == "unet" else TEXT_ENCODER_PRESETS["attn-mlp"]
+        state = get_peft_model_state_dict(get_peft_model(meta_model(part, configs), peft_config(args, targets)))
+        out[part] = Adapter(part, kind, peft_config(args, targets).to_dict(),
                             group_peft_state_dict(state, kind, part))
     return out
 
 
 def builtin_sgm():
-    from peftbooth.formats.base_models import SDXL_UNET
-    from peftbooth.formats.kohya_names import sgm_names
+    from peftbooth.runs.formats.base_models import SDXL_UNET
+    from peftbooth.runs.formats.kohya_names import sgm_names
 
     return sgm_names(dict(SDXL_UNET), "the built-in SDXL config")
 
@@ -437,14 +439,14 @@ SDXL_LORA_NAMES = {
 
 
 def test_sdxl_lora_names_match_sd_scripts_and_diffusers_converter():
+    from conftest import modules_diffusers_reads
     from diffusers.loaders.lora_conversion_utils import (
         _convert_non_diffusers_lora_to_diffusers,
         _maybe_map_sgm_blocks_to_diffusers,
     )
 
-    from conftest import modules_diffusers_reads
-    from peftbooth.formats.base_models import builtin_configs, meta_model
-    from peftbooth.formats.kohya import kohya_state_dict
+    from peftbooth.runs.formats.base_models import builtin_configs, meta_model
+    from peftbooth.runs.formats.kohya import kohya_state_dict
 
     adapters = sdxl_adapters("lora")
     exported = {k: tuple(v.shape) for k, v in kohya_state_dict(adapters, builtin_sgm()).items()}
@@ -469,7 +471,7 @@ def test_sdxl_lora_names_match_sd_scripts_and_diffusers_converter():
 def test_sdxl_names_import_back_without_a_model(kind):
     """SDXL kohya names + shapes of every module resolve against the built-in SDXL config (no --model, detected
     from the lora_te1_/lora_te2_ keys), giving back exactly PEFT's keys and shapes for all three parts."""
-    from peftbooth.formats.kohya import kohya_state_dict, kohya_to_peft
+    from peftbooth.runs.formats.kohya import kohya_state_dict, kohya_to_peft
 
     extra = {} if kind == "lora" else {"use_effective_conv2d": True, "decompose_both": kind == "lokr"}
     adapters = sdxl_adapters(kind, **extra)
@@ -483,8 +485,8 @@ def test_sdxl_names_import_back_without_a_model(kind):
 def test_sgm_names_follow_the_unet_config():
     """The numbering comes from the UNet's structure: 3 ResNets per block put the second block at input_blocks 5,
     and a block without transformers moves the upsampler to slot 1."""
-    from peftbooth.formats.base_models import SDXL_UNET
-    from peftbooth.formats.kohya_names import sgm_names
+    from peftbooth.runs.formats.base_models import SDXL_UNET
+    from peftbooth.runs.formats.kohya_names import sgm_names
 
     sgm = sgm_names(dict(SDXL_UNET, layers_per_block=3, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D",
                                                                         "UpBlock2D")), "test")
@@ -505,8 +507,8 @@ def test_sgm_names_follow_the_unet_config():
 def test_import_accepts_diffusers_unet_names(make_run, sdxl_model, tmp_path):
     """SDXL files from diffusers' own kohya conversion name the UNet by diffusers paths (lora_unet_down_blocks_...)
     with lora_te1_/lora_te2_: they import to the same adapters as the SGM-named file."""
-    from peftbooth.formats.common import read_run
-    from peftbooth.formats.kohya import kohya_state_dict
+    from peftbooth.runs.formats.common import read_run
+    from peftbooth.runs.formats.kohya import kohya_state_dict
 
     run = make_run(**KOHYA_LORA_VARIANTS["all_targets_conv"])
     sd = kohya_state_dict({"unet": read_run(run).adapters["unet"]})  # no SGM names: the UNet's diffusers paths
@@ -571,7 +573,7 @@ def test_sdxl_detected_without_text_encoder_keys(case, make_run, tiny_model, tmp
     (["lora_unet_down_blocks_0_resnets_0_conv1"], {"ss_base_model_version": "sd_v2"}, "sd"),
 ])
 def test_file_family(names, metadata, family):
-    from peftbooth.formats.kohya_base import file_family
+    from peftbooth.runs.formats.kohya_base import file_family
 
     assert file_family(metadata, {n: {} for n in names}, "test")[0] == family
 
@@ -678,7 +680,7 @@ def test_run_trained_by_peftbooth_train_exports_and_imports(sdxl_model, inputs, 
     both text encoders), then perturbed (one step leaves LoRA B near zero) and exported both ways."""
     from conftest import draw_photos, tiny_config
 
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
 
     cfg = tiny_config(sdxl_model, draw_photos(tmp_path / "photos"), tmp_path / "run",
                       **{"train.max_train_steps": 1, "train.train_text_encoder": True,

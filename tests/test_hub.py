@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import yaml
-
 from conftest import tiny_config
+
 from peftbooth.cli import main
-from peftbooth.hub import files_to_upload
-from peftbooth.train import train
+from peftbooth.runs.hub import files_to_upload
+from peftbooth.training.loop import train
 
 
 def front_matter(text: str) -> dict:
@@ -87,8 +87,8 @@ def test_train_push_to_hub_refused_before_any_work(tiny_model, photos, tmp_path,
 
 
 def test_card_base_model_is_only_a_hub_id(tiny_model):
-    from peftbooth.config import TrainConfig
-    from peftbooth.hub import model_card
+    from peftbooth.config.sections import TrainConfig
+    from peftbooth.runs.hub import model_card
 
     stats = {"steps": 1, "final_loss": 0.1}
     for model, expected in [("stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
@@ -115,7 +115,7 @@ def test_pushed_repo_loads_with_diffusers_load_lora_weights(tiny_model, photos, 
     import torch
     from peft import PeftModel
 
-    from peftbooth.models import load_components, load_pipeline
+    from peftbooth.models.loading import load_components, load_pipeline
 
     pipe = load_pipeline(tiny_model)
     pipe.load_lora_weights(str(repo))  # what pipe.load_lora_weights("me/dog") does with the downloaded repo

@@ -15,10 +15,6 @@ import peftbooth
 PACKAGE = "peftbooth"
 ROOT = Path(peftbooth.__file__).parent
 
-# Imports that close a cycle and are to be changed in files outside the evaluation / run-folder / CLI refactor
-# (importer, imported): the fix for each. They are left out of the graph, and a test fails once one is gone, so
-# the entry is removed with the fix. Every other cycle fails the test.
-PENDING_EDGES: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:
@@ -33,8 +29,8 @@ def modules() -> dict[str, Path]:
 
 
 def resolve(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
-    """The absolute module an ImportFrom names: 'from ..config import X' inside peftbooth.formats.common ->
-    'peftbooth.config'."""
+    """The absolute module an ImportFrom names: 'from ..config.sections import X' inside
+    peftbooth.runs.formats.common -> 'peftbooth.runs.config.sections'."""
     if node.level == 0:
         return node.module or ""
     base = importer.split(".") if is_package else importer.split(".")[:-1]
@@ -127,15 +123,7 @@ def test_cycles_are_found():
 
 def test_no_import_cycles():
     graph = import_graph()
-    for importer, imported in PENDING_EDGES:
-        graph[importer].discard(imported)
     found = cycles(graph)
     message = "\n".join(" -> ".join(one_cycle(graph, c)) + f"   (component: {', '.join(c)})" for c in found)
     assert not found, f"import cycles in peftbooth:\n{message}"
 
-
-def test_pending_edges_are_still_there():
-    """A pending import that has been fixed is taken off the list, so that it cannot come back unnoticed."""
-    graph = import_graph()
-    gone = [f"{a} -> {b}" for a, b in PENDING_EDGES if b not in graph.get(a, ())]
-    assert not gone, f"fixed, remove from PENDING_EDGES: {', '.join(gone)}"

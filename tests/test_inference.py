@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import draw_photos, tiny_config
 from PIL import Image
 
-from conftest import draw_photos, tiny_config
 from peftbooth.cli import main
-from peftbooth.inference import AdapterPipeline
-from peftbooth.train import train
+from peftbooth.inference.pipeline import AdapterPipeline
+from peftbooth.training.loop import train
 
 GEN = dict(prompt="a photo of sks dog", num_images=2, seed=3, steps=2, height=32, width=32)
 
@@ -150,7 +150,7 @@ def test_adapter_weights_that_match_no_module_are_refused(tiny_model, two_runs, 
 
     from safetensors.torch import load_file, save_file
 
-    from peftbooth.config import UsageError
+    from peftbooth.config.sections import UsageError
 
     run = tmp_path / "renamed"
     shutil.copytree(two_runs[1], run)

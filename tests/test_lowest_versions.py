@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from peftbooth import factored
+from peftbooth.adapters import factored
 from peftbooth.cli import main
-from peftbooth.models import SHAPES, build_tiny_model
-from peftbooth.train import fit, save, setup
+from peftbooth.models.tiny import SHAPES, build_tiny_model
+from peftbooth.training.loop import fit
+from peftbooth.training.saving import save
+from peftbooth.training.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,7 @@ def factored_calls(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("adapter", ["lora", "loha", "lokr"])
 def test_train_generate_export_at_sd15_width(adapter, sd15_width_model, photos, tmp_path, monkeypatch):
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     calls = factored_calls(monkeypatch)
     out = tmp_path / "run"

@@ -8,11 +8,12 @@ their photo, the same from the latent cache as from the batch) and a run that tr
 import numpy as np
 import pytest
 import torch
+from conftest import draw_photos, tiny_config
 from PIL import Image
 
-from conftest import draw_photos, tiny_config
-from peftbooth.data import DreamBoothDataset, collate, list_images, load_image, load_masks, mask_path
-from peftbooth.losses import dreambooth_loss, latent_loss_weights
+from peftbooth.data.dataset import DreamBoothDataset, collate
+from peftbooth.data.images import list_images, load_image, load_masks, mask_path
+from peftbooth.training.losses import dreambooth_loss, latent_loss_weights
 
 
 def test_latent_weights_are_the_masks_area_share_with_the_background_at_unmasked_weight():
@@ -95,8 +96,8 @@ def test_a_mask_is_cropped_and_flipped_with_its_photo(tmp_path):
 
 
 def test_the_latent_cache_serves_the_masks_the_batch_would_carry(tiny_model, tmp_path):
-    from peftbooth.cache import LatentCache
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
+    from peftbooth.training.cache import LatentCache
 
     folder = masked_folder(tmp_path / "p")
     photos = list_images(folder, "x")
@@ -111,8 +112,8 @@ def test_the_latent_cache_serves_the_masks_the_batch_would_carry(tiny_model, tmp
 
 
 def test_a_masked_run_trains_and_its_masks_are_part_of_the_photos_fingerprint(tiny_model, tmp_path):
-    from peftbooth.preflight import check_inputs
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
+    from peftbooth.training.preflight import check_inputs
 
     folder = masked_folder(tmp_path / "p")
     cfg = tiny_config(tiny_model, folder, tmp_path / "out", **{"data.masked_loss": True,
@@ -132,7 +133,7 @@ def test_masks_change_what_a_step_learns_unless_the_background_weighs_as_much(ti
     (every pixel counts fully again), where they are equal."""
     from safetensors.torch import load_file
 
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
 
     folder = masked_folder(tmp_path / "p")
     plain = train(tiny_config(tiny_model, folder, tmp_path / "plain"))

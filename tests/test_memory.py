@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import yaml
 
-from peftbooth import memory
 from peftbooth.cli import main
-from peftbooth.config import SECTIONS, TrainConfig
+from peftbooth.config.dicts import SECTIONS
+from peftbooth.config.sections import TrainConfig
+from peftbooth.training import memory
 
 GIB = 2**30
 # Parameter counts of the real models (as the SD 1.5 / SDXL-shaped builds in benchmarks/memory_estimate.py count
@@ -205,7 +206,7 @@ def test_device_memory_is_this_processs_cuda_device(monkeypatch, cuda, env, expe
 
 
 def test_check_uses_the_precision_policy_and_the_class_images_on_disk(tiny_model, tmp_path):
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     cfg = TrainConfig()
     cfg.model.model, cfg.train.output_dir = tiny_model, str(tmp_path / "out")

@@ -8,8 +8,8 @@ import yaml
 from PIL import Image
 
 from peftbooth.cli import main
-from peftbooth.model_defaults import COMMUNITY, ModelInfo, info_from_configs, model_info
-from peftbooth.validation import read_warning, step_dir, unchanged_warning, note_unchanged
+from peftbooth.models.defaults import COMMUNITY, ModelInfo, info_from_configs, model_info
+from peftbooth.training.validation import note_unchanged, read_warning, step_dir, unchanged_warning
 from peftbooth.world.recipe import LEARNING_RATES, RANKS
 
 
@@ -41,7 +41,7 @@ def test_family_and_resolution_from_the_configs(configs, family, resolution):
 
 def test_the_world_and_tiny_models_native_resolutions(tmp_path):
     assert model_info("world") == ModelInfo("world", 32)  # UNet sample 8 x VAE factor 4
-    from peftbooth.models import resolve_model
+    from peftbooth.models.loading import resolve_model
 
     assert model_info(resolve_model("tiny")) == ModelInfo("sd1", 64)  # the built folder agrees with TINY_RESOLUTION
     assert model_info("tiny") == ModelInfo("tiny", 64)
@@ -103,7 +103,7 @@ def test_the_run_prints_one_line_naming_the_defaults_it_took(capsys, tmp_path):
     capsys.readouterr()
     config_from_args(args)
     assert capsys.readouterr().err == ""  # said once the input passed train's checks (bad input: one line)
-    from peftbooth.model_defaults import announce
+    from peftbooth.models.defaults import announce
 
     announce()
     err = capsys.readouterr().err.strip().splitlines()
@@ -133,7 +133,7 @@ def test_validation_warns_when_samples_equal_the_base_models_or_stop_changing(tm
     write_step(tmp_path, 300, 140)
     assert "stopped changing: step 300 equals step 200" in unchanged_warning(tmp_path, 300)
     note_unchanged(tmp_path, 300)
-    from peftbooth.report import validation_section
+    from peftbooth.runs.report import validation_section
     from peftbooth.ui.runs import progress
 
     assert "stopped changing" in validation_section(tmp_path)  # the report says it

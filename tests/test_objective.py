@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from peftbooth.objective import LossParts, ObjectiveSettings, draw, row_generators, training_loss
+from peftbooth.training.objective import LossParts, ObjectiveSettings, draw, row_generators, training_loss
 
 
 class AffineUNet(torch.nn.Module):

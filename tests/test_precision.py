@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from peftbooth.config import UsageError
+from peftbooth.config.sections import UsageError
 from peftbooth.precision import (
     Precision, check_training, for_fuse, for_inference, for_training, place_frozen, vae_dtype,
 )
@@ -116,7 +116,7 @@ DECISION = re.compile(r"torch\.(float16|bfloat16|half)\b|\.half\(\)|is_bf16_supp
 NOT_DECISIONS = {
     "world/build.py": "the shipped world model's weights are stored in fp16 (a file format, not a compute dtype)",
     "world/evaluator.py": "the evaluator's weights are stored in fp16 (a file format)",
-    "checkpoint.py": "saves and restores the CUDA RNG states that exist",
+    "training/checkpoint.py": "saves and restores the CUDA RNG states that exist",
 }
 
 
@@ -197,11 +197,12 @@ def test_class_images_are_made_in_the_compute_dtype_and_decoded_in_bounded_chunk
     """A bf16 run makes its class images with the frozen UNet and text encoder already in bf16 (not fp32 weights
     under autocast: SDXL's would take 14 GB of a GPU), and a batch of 3 images of 32 px decodes one image per VAE
     call when a call may hold one 32-px image."""
-    import peftbooth.models as models
-    import peftbooth.sampling as sampling
     from conftest import tiny_config
 
-    from peftbooth.train import release_lock, setup
+    import peftbooth.inference.sampling as sampling
+    import peftbooth.models.vae as vae_module
+    from peftbooth.training.checkpoint import release_lock
+    from peftbooth.training.setup import setup
 
     seen, real_sample = [], sampling.sample_images
 
@@ -210,7 +211,7 @@ def test_class_images_are_made_in_the_compute_dtype_and_decoded_in_bounded_chunk
         return real_sample(pipe, prompt, seeds, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "sample_images", sample_images)
-    monkeypatch.setattr(models, "VAE_PIXELS_PER_CALL", 32 * 32)
+    monkeypatch.setattr(vae_module, "VAE_PIXELS_PER_CALL", 32 * 32)
     decoded = recording_decode(monkeypatch)
     run = setup(tiny_config(tiny_model, photos, tmp_path / "run", **{
         "train.mixed_precision": "bf16", "data.with_prior_preservation": True, "data.class_prompt": "a photo of dog",
@@ -223,14 +224,15 @@ def test_class_images_are_made_in_the_compute_dtype_and_decoded_in_bounded_chunk
 
 
 def test_vae_calls_split_large_batches_and_give_the_same_latents(tiny_model, monkeypatch):
-    import peftbooth.models as models
-    from peftbooth.models import load_components, vae_calls
+    import peftbooth.models.vae as vae_module
+    from peftbooth.models.loading import load_components
+    from peftbooth.models.vae import vae_calls
 
     vae = load_components(tiny_model).vae
     pixels = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         whole = vae.encode(pixels).latent_dist
-        monkeypatch.setattr(models, "VAE_PIXELS_PER_CALL", 2 * 32 * 32)  # two 32-px images per call
+        monkeypatch.setattr(vae_module, "VAE_PIXELS_PER_CALL", 2 * 32 * 32)  # two 32-px images per call
         decoded = recording_decode(monkeypatch)
         with vae_calls(vae):
             parts = vae.encode(pixels).latent_dist
@@ -251,8 +253,8 @@ def test_generation_keeps_an_overflowing_vae_in_fp32_beside_half_weights(tmp_pat
     """An SDXL model generating in half precision (bf16 here: the CPU's half type; fp16 on a GPU without bf16)
     loads its VAE in fp32, from the file's own weights, and decodes the half-precision latents with it."""
     from peftbooth.cli import main
-    from peftbooth.inference import AdapterPipeline
-    from peftbooth.models import load_components
+    from peftbooth.inference.pipeline import AdapterPipeline
+    from peftbooth.models.loading import load_components
 
     model = tmp_path / "tiny-sdxl"
     assert main(["tiny-model", str(model), "--kind", "sdxl"]) == 0

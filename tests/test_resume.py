@@ -13,15 +13,16 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from peftbooth.checkpoint import CheckpointError, list_checkpoints
 from peftbooth.cli import main
-from peftbooth.config import UsageError
-from peftbooth.train import TrainingInterrupted, train
+from peftbooth.config.sections import UsageError
+from peftbooth.training.checkpoint import CheckpointError, list_checkpoints
+from peftbooth.training.loop import train
+from peftbooth.training.signals import TrainingInterrupted
 
-train_module = importlib.import_module("peftbooth.train")  # the module (the package exports a function of that name)
+train_module = importlib.import_module("peftbooth.training.loop")  # the module that calls training_step
 
 
 def adapter_tensors(out):
@@ -100,7 +101,7 @@ def test_resume_with_dropout_or_data_workers_is_bitwise_identical(tiny_model, ph
     """LoRA dropout draws from the global torch RNG, so the checkpoint's RNG state must be restored (the control:
     without it the resumed run ends elsewhere); with 2 data-loader workers (random crops: pixels are loaded in the
     workers) the resumed data still matches."""
-    from peftbooth import checkpoint
+    from peftbooth.training import checkpoint
 
     settings = {"train.max_train_steps": 4, "data.random_flip": True, "train.seed": 5, **extra}
     reference = adapter_tensors(train(tiny_config(tiny_model, photos, tmp_path / "ref", **settings)))
@@ -212,7 +213,7 @@ def test_nan_loss(tiny_model, photos, tmp_path, monkeypatch, policy):
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_model, photos, tmp_path, monkeypatch):
-    from peftbooth import checkpoint
+    from peftbooth.training import checkpoint
 
     real_save, calls = torch.save, []
 
@@ -349,7 +350,7 @@ def test_a_process_added_under_resume_force_draws_from_its_own_device(tmp_path, 
     rank draws its GPU randomness from its own device, and rank 0's file holds another device's generator only
     as it was seeded, never drawn from. The added process gets rank 0's own device's state for its device, not
     that untouched one (which would repeat the run's first dropout masks)."""
-    from peftbooth import checkpoint
+    from peftbooth.training import checkpoint
 
     drawn, untouched = torch.tensor([7, 7], dtype=torch.uint8), torch.tensor([1, 1], dtype=torch.uint8)
     torch.save({**checkpoint.rng_state(), "cuda": [drawn, untouched], "cuda_device": 0}, tmp_path / "rng-0.pt")

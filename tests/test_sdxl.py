@@ -5,15 +5,20 @@ import shutil
 
 import pytest
 import torch
+from conftest import draw_photos, tiny_config
 from peft import PeftModel
 from PIL import Image
 
-from conftest import draw_photos, tiny_config
 from peftbooth.cli import main
-from peftbooth.config import UsageError
-from peftbooth.data import load_image, micro_conditioning, resize_crop_coords, tokenize
-from peftbooth.models import check_model_folder, encode_text, family_of, load_components, load_pipeline
-from peftbooth.train import fit, save, setup, training_step
+from peftbooth.config.sections import UsageError
+from peftbooth.data.dataset import tokenize
+from peftbooth.data.images import load_image
+from peftbooth.data.transforms import micro_conditioning, resize_crop_coords
+from peftbooth.models.components import encode_text
+from peftbooth.models.loading import check_model_folder, family_of, load_components, load_pipeline
+from peftbooth.training.loop import fit, training_step
+from peftbooth.training.saving import save
+from peftbooth.training.setup import setup
 
 RES = 64  # the tiny SDXL model's VAE halves the size: 64 px images, 32 px latents
 
@@ -95,7 +100,7 @@ def test_micro_conditioning_records_original_size_and_crop(tmp_path):
 
 def test_sdxl_prior_preservation_batch_2_pairs_rows_then_saves_reloads_and_generates(sdxl_model, sized_photos,
                                                                                       tmp_path):
-    from peftbooth.inference import AdapterPipeline
+    from peftbooth.inference.pipeline import AdapterPipeline
 
     cfg = sdxl_config(sdxl_model, sized_photos, tmp_path / "run", **{
         "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog", "data.num_class_images": 2,
@@ -204,7 +209,7 @@ def test_sdxl_vae_runs_in_fp32_where_its_config_says_it_overflows(sdxl_model, ph
 
 def test_sdxl_generate_cli_and_adapter_on_the_wrong_family(sdxl_model, tiny_model, sized_photos, tmp_path, capsys):
     cfg = sdxl_config(sdxl_model, sized_photos, tmp_path / "run", **{"train.train_text_encoder": True})
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
 
     out = train(cfg)
     assert main(["generate", "--model", sdxl_model, "--adapter", str(out), "--prompt", "a photo of sks dog",
@@ -221,9 +226,10 @@ def test_sdxl_resume_with_both_text_encoders_is_bitwise_identical(sdxl_model, si
     import signal
 
     from safetensors.torch import load_file
-
-    from peftbooth.train import TrainingInterrupted, train
     from test_resume import signal_at_step
+
+    from peftbooth.training.loop import train
+    from peftbooth.training.signals import TrainingInterrupted
 
     def tensors(out):
         return {f"{p}/{k}": v for p in ("unet", "text_encoder", "text_encoder_2")
@@ -263,7 +269,7 @@ def test_every_sdxl_text_encoder_adapter_weight_gets_a_gradient(sdxl_model, phot
 
 def test_fp32_vae_stays_fp32_inside_autocast(sdxl_model):
     """Validation and the proxies sample under the training autocast: an fp32 (SDXL) VAE must still run in fp32."""
-    from peftbooth.models import vae_calls
+    from peftbooth.models.vae import vae_calls
 
     vae = load_components(sdxl_model).vae
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

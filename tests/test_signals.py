@@ -5,7 +5,7 @@ import signal
 
 import torch
 
-from peftbooth.signals import SIGNAL_STEPS, TrainingInterrupted, all_true, end_training, signal_interval
+from peftbooth.training.signals import SIGNAL_STEPS, TrainingInterrupted, all_true, end_training, signal_interval
 
 
 class FakeAccelerator:

@@ -12,13 +12,16 @@ from peft import LoHaConfig, get_peft_model
 from safetensors.torch import load_file
 from test_cli import train_argv
 
-from peftbooth import adapters as ad
-from peftbooth import factored
+from peftbooth.adapters import factored
+from peftbooth.adapters.inject import attach
+from peftbooth.adapters.peft_config import UNET_PRESETS
 from peftbooth.cli import main
-from peftbooth.config import TrainConfig
-from peftbooth.models import load_components
-from peftbooth.checkpoint import release_lock
-from peftbooth.train import fit, save, setup
+from peftbooth.config.sections import TrainConfig
+from peftbooth.models.loading import load_components
+from peftbooth.training.checkpoint import release_lock
+from peftbooth.training.loop import fit
+from peftbooth.training.saving import save
+from peftbooth.training.setup import setup
 
 ADAPTERS = ["lora", "loha", "lokr"]
 # Runs that differ only in summation order are compared after 3 optimizer steps. Plain Adam would amplify the
@@ -47,7 +50,7 @@ def graphs_of(model, *inputs) -> tuple[int, int, torch.Tensor]:
 def test_unet_with_adapters_compiles_to_one_graph(adapter, tiny_model):
     cfg = TrainConfig()
     cfg.unet_adapter.adapter, cfg.unet_adapter.rank, cfg.unet_adapter.target_modules = adapter, 4, "all"
-    unet = ad.attach(load_components(tiny_model).unet, cfg.resolved().unet_adapter, ad.UNET_PRESETS, "")
+    unet = attach(load_components(tiny_model).unet, cfg.resolved().unet_adapter, UNET_PRESETS, "")
     factored.install(unet)  # as training does by default
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 4, 4, 4, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g))
@@ -306,19 +309,19 @@ def test_unet_moves_to_the_device_after_the_caches_are_built(tiny_model, photos,
     before training) and the VAE and text encoder have been moved off it: they never share the device's memory."""
     import importlib
 
-    from peftbooth.cache import LatentCache, TextCache
+    from peftbooth.training.cache import LatentCache, TextCache
 
-    train_module = importlib.import_module("peftbooth.train")  # the package exports a function of that name
+    setup_module = importlib.import_module("peftbooth.training.setup")  # the module, not its function setup()
 
     events = []
-    real_move, real_latents, real_text = train_module.place_frozen, LatentCache.build, TextCache.build
-    monkeypatch.setattr(train_module, "place_frozen",
+    real_move, real_latents, real_text = setup_module.place_frozen, LatentCache.build, TextCache.build
+    monkeypatch.setattr(setup_module, "place_frozen",
                         lambda model, *a: events.append(type(model).__name__) or real_move(model, *a))
-    monkeypatch.setattr(train_module.LatentCache, "build",
+    monkeypatch.setattr(LatentCache, "build",
                         classmethod(lambda cls, *a: events.append("latent cache") or real_latents(*a)))
-    monkeypatch.setattr(train_module.TextCache, "build",
+    monkeypatch.setattr(TextCache, "build",
                         classmethod(lambda cls, *a: events.append("text cache") or real_text(*a)))
-    monkeypatch.setattr(train_module, "offload", lambda model, device: events.append(f"offload {type(model).__name__}"))
+    monkeypatch.setattr(setup_module, "offload", lambda model, device: events.append(f"offload {type(model).__name__}"))
     setup(tiny_config(tiny_model, photos, tmp_path / "run"))
     assert events == ["CLIPTextModel", "latent cache", "offload AutoencoderKL", "text cache",
                       "offload CLIPTextModel", "PeftModel"]
@@ -334,16 +337,17 @@ def test_fp16_overflow_steps_are_neither_counted_nor_scheduled(fused, tiny_model
 
     from accelerate.optimizer import AcceleratedOptimizer
 
-    train_module = importlib.import_module("peftbooth.train")
-    real_step = train_module.training_step
+    loop = importlib.import_module("peftbooth.training.loop")  # training_step's caller
+    setup_module = importlib.import_module("peftbooth.training.setup")  # make_optimizer's caller
+    real_step = loop.training_step
 
     def fp16_step(run, batch):
         with torch.autocast("cpu", dtype=torch.float16):
             return real_step(run, batch)
 
-    monkeypatch.setattr(train_module, "training_step", fp16_step)
+    monkeypatch.setattr(loop, "training_step", fp16_step)
     if fused:
-        monkeypatch.setattr(train_module, "make_optimizer", lambda params, t, device: torch.optim.AdamW(params, fused=True))
+        monkeypatch.setattr(setup_module, "make_optimizer", lambda params, t, device: torch.optim.AdamW(params, fused=True))
     run = setup(tiny_config(tiny_model, photos, tmp_path / "run", **{
         "train.max_train_steps": 3, "train.lr_scheduler": "linear", "train.max_grad_norm": 1.0}))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # a few halvings from fp16's usable range

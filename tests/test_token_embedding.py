@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import draw_photos, tiny_config
 from safetensors.torch import load_file
 
-from conftest import draw_photos, tiny_config
+from peftbooth.adapters.token_embedding import IdentifierEmbedding, identifier_id
 from peftbooth.cli import main
-from peftbooth.config import UsageError
-from peftbooth.inference import AdapterPipeline
-from peftbooth.token_embedding import IdentifierEmbedding, identifier_id
-from peftbooth.train import train
+from peftbooth.config.sections import UsageError
+from peftbooth.inference.pipeline import AdapterPipeline
+from peftbooth.training.loop import train
 
 TOKEN = {"data.instance_prompt": "a photo of z dog", "train.train_text_encoder": True,
          "train.train_token_embedding": "z", "train.max_train_steps": 3, "train.learning_rate": 1e-2}
@@ -136,7 +136,8 @@ def test_resume_restores_the_trained_row_bitwise(tiny_model, photos, tmp_path, m
     import signal
 
     from test_resume import adapter_tensors, assert_bitwise_equal, signal_at_step
-    from peftbooth.train import TrainingInterrupted
+
+    from peftbooth.training.signals import TrainingInterrupted
 
     settings = {**TOKEN, "train.max_train_steps": 4, "train.seed": 3}
 
@@ -157,8 +158,8 @@ def test_resume_restores_the_trained_row_bitwise(tiny_model, photos, tmp_path, m
 def test_export_and_fuse_carry_the_row_or_refuse(tiny_model, token_run, tmp_path, capsys):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from peftbooth.formats import export_run
-    from peftbooth.fuse import fuse_run
+    from peftbooth.inference.fuse import fuse_run
+    from peftbooth.runs.formats import export_run
 
     peft_copy = export_run(token_run, "peft", tmp_path / "peft")
     assert (peft_copy / "token_embeddings.safetensors").read_bytes() == \
@@ -178,7 +179,7 @@ def test_export_and_fuse_carry_the_row_or_refuse(tiny_model, token_run, tmp_path
 
 
 def test_shared_repo_carries_the_row_and_no_diffusers_file(token_run, tmp_path):
-    from peftbooth.hub import stage_repo
+    from peftbooth.runs.hub import stage_repo
 
     files = stage_repo(token_run, tmp_path / "repo")
     assert "token_embeddings.safetensors" in files and "pytorch_lora_weights.safetensors" not in files

@@ -4,12 +4,14 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from peft import PeftModel
 
-from conftest import tiny_config
-from peftbooth import factored
-from peftbooth.models import load_components
-from peftbooth.train import fit, save, setup, training_step
+from peftbooth.adapters import factored
+from peftbooth.models.loading import load_components
+from peftbooth.training.loop import fit, training_step
+from peftbooth.training.saving import save
+from peftbooth.training.setup import setup
 
 ADAPTER_KEYS = ("lora_", "hada_", "lokr_")
 
@@ -201,7 +203,7 @@ def test_logged_loss_is_the_mean_over_the_logging_window(tiny_model, photos, tmp
     optimizer steps since the previous log, not the one micro-batch at a random timestep that happened to be last."""
     import importlib
 
-    train_module = importlib.import_module("peftbooth.train")
+    train_module = importlib.import_module("peftbooth.training.loop")
     real, seen = train_module.training_step, []
 
     def step(run, batch):

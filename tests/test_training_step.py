@@ -4,10 +4,11 @@ the instance rows only, and the offset noise."""
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from peftbooth.data import tokenize
-from peftbooth.train import setup, training_step
+
+from peftbooth.data.dataset import tokenize
+from peftbooth.training.loop import training_step
+from peftbooth.training.setup import setup
 
 
 class Recorder(torch.nn.Module):

@@ -19,7 +19,9 @@ from conftest import draw_photos
 from PIL import Image
 
 from peftbooth.cli import main
-from peftbooth.config import SECTIONS, UsageError, from_dict, validate
+from peftbooth.config.checks import validate
+from peftbooth.config.dicts import SECTIONS, from_dict
+from peftbooth.config.sections import UsageError
 from peftbooth.ui import files, schema
 from peftbooth.ui.runs import last_bar, state_of
 from peftbooth.ui.server import TOKEN_ENV, make_server

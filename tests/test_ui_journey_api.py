@@ -8,8 +8,8 @@ import zipfile
 from test_ui import call, png_bytes, serve  # noqa: F401 - serve is a fixture
 from test_ui_journey import FakePipe, bar, fake_run, finish, trainer  # noqa: F401 - trainer is a fixture
 
-import peftbooth.formats
-import peftbooth.fuse
+import peftbooth.inference.fuse
+import peftbooth.runs.formats
 from peftbooth.ui import tryit
 
 

@@ -12,20 +12,18 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 import torch
+from conftest import draw_photos, tiny_config
 from PIL import Image
 
-from conftest import draw_photos, tiny_config
-from peftbooth.chart import loss_curve
-from peftbooth.evaluate import write_proxies
-from peftbooth.report import loss_points, write_report
-from peftbooth import validation
-from peftbooth.train import fit, save, setup
-from peftbooth.validation import (
-    run_validation,
-    should_validate,
-    step_dir,
-    validation_schedule,
-    validation_steps_on_disk,
+from peftbooth.evaluate.proxies import write_proxies
+from peftbooth.runs.chart import loss_curve
+from peftbooth.runs.report import loss_points, write_report
+from peftbooth.training import validation
+from peftbooth.training.loop import fit
+from peftbooth.training.saving import save
+from peftbooth.training.setup import setup
+from peftbooth.training.validation import (
+    run_validation, should_validate, step_dir, validation_schedule, validation_steps_on_disk,
 )
 
 PROMPTS = ["a photo of sks dog", "a sks dog on the beach"]

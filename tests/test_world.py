@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from peftbooth.world import MODEL_DIR, configs
-from peftbooth.world.scenes import (BACKGROUNDS, CLASS_PROMPT, CLASSES, COLOURS, CONTEXTS, HELD_OUT_CONTEXTS,
-                                    INSTANCE_PROMPT, RARE_TOKENS, SUBJECT_COLOURS, draw, random_scene,
-                                    subject_prompt, vocabulary, write_subject_photos)
+from peftbooth.world.scenes import (
+    BACKGROUNDS, CLASS_PROMPT, CLASSES, CONTEXTS, HELD_OUT_CONTEXTS, INSTANCE_PROMPT, RARE_TOKENS, SUBJECT_COLOURS,
+    draw, random_scene, subject_prompt, vocabulary, write_subject_photos,
+)
 
 TEST_STEPS = 500  # the recipe's
 # measured over seeds of the recipe at TEST_STEPS (BENCHMARKS.md, "Learning quality")
@@ -92,7 +93,7 @@ def test_shipped_world_model_was_made_by_this_build_script():
 
 
 def test_world_tokenizer_and_loading():
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
 
     c = load_components("world")
     assert c.unet.dtype == c.vae.dtype == c.text_encoder.dtype == torch.float32
@@ -124,7 +125,7 @@ def test_evaluator_reads_freshly_drawn_scenes():
 
 @pytest.fixture(scope="module")
 def world_setup(tmp_path_factory):
-    from peftbooth.data import load_image
+    from peftbooth.data.images import load_image
     from peftbooth.world.evaluator import load_evaluator
     from peftbooth.world.metrics import WorldEvalSettings
 
@@ -135,7 +136,7 @@ def world_setup(tmp_path_factory):
 
 
 def train_and_measure(setup: dict, name: str, prior: bool, baseline: bool = False) -> dict:
-    from peftbooth.train import train
+    from peftbooth.training.loop import train
     from peftbooth.world.metrics import evaluate_adapter
     from peftbooth.world.recipe import world_config
 
@@ -171,7 +172,7 @@ def test_a_broken_objective_fails_the_learning_test(world_setup, monkeypatch):
     """The control: with the target replaced by the noisy input, the same run does not learn the subject."""
     import importlib
 
-    objective = importlib.import_module("peftbooth.objective")  # the training step's maths
+    objective = importlib.import_module("peftbooth.training.objective")  # the training step's maths
     monkeypatch.setattr(objective, "diffusion_target", lambda sched, latents, noise, t: sched.add_noise(
         latents, noise, t))
     broken = train_and_measure(world_setup, "lora-broken", prior=True)["lora-broken"]
@@ -197,7 +198,7 @@ def test_build_script_is_deterministic(tmp_path):
     """Two builds from the same seed (tiny settings) write identical weights; the folder loads as an SD model."""
     from safetensors.torch import load_file
 
-    from peftbooth.models import load_components
+    from peftbooth.models.loading import load_components
     from peftbooth.world.build import main
 
     small = ["--vae-steps", "2", "--vae-pool", "32", "--vae-batch", "8", "--scenes", "64", "--unet-steps", "2",

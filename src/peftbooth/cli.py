@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import (
-    MAX_RESOLUTION, MODEL_REQUIRED, RANGES, SECTIONS, TrainConfig, UsageError, from_dict, range_problem, to_dict,
-)
-from .flags import add_option_flags, add_section_flags, flag_name, options_from_args  # noqa: F401 (flag_name: old path)
-from .options import DemoOptions, GenerateOptions, PushOptions, TinyModelOptions
+from .config.checks import MAX_RESOLUTION, RANGES, range_problem
+from .config.dicts import SECTIONS, from_dict, to_dict
+from .config.flags import add_option_flags, add_section_flags, options_from_args
+from .config.options import DemoOptions, GenerateOptions, PushOptions, TinyModelOptions
+from .config.sections import MODEL_REQUIRED, TrainConfig, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,12 +45,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             section, name = dest.split(".", 1)
             setattr(getattr(cfg, section), name, value)
     # the base model's defaults (resolution, and the world's recipe) fill what was not given, as the preset does
-    from .model_defaults import apply_model_defaults, describe, pending
+    from .models.defaults import apply_model_defaults, describe, pending
 
     info, taken = apply_model_defaults(cfg, given)
     pending(describe(info, cfg, taken))  # printed by train's setup once the input passed its checks
     if cfg.train.low_memory:  # the preset fills only what was not given explicitly (flags, --config)
-        from .memory import LOW_MEMORY, apply_preset
+        from .training.memory import LOW_MEMORY, apply_preset
 
         apply_preset(cfg, LOW_MEMORY, given)
     return cfg
@@ -61,8 +61,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from .distributed import launch, world_size
-    from .train import train
+    from .training.distributed import launch, world_size
+    from .training.loop import train
 
     cfg = config_from_args(args)
     if args.print_config:
@@ -70,12 +70,12 @@ def cmd_train(args) -> int:
         return 0
     world = world_size(args)
     if world > 1 and "WORLD_SIZE" not in os.environ:  # not already a worker of torchrun / accelerate launch
-        from .train import check_inputs
+        from .training.preflight import check_inputs
 
         # bad input is reported once, here, not by every process; a checkpoint is checked against the number of
         # processes about to start, not this launcher's one
         check_inputs(cfg.resolved(), world_size=world)
-        from .models import resolve_model
+        from .models.loading import resolve_model
 
         resolve_model(cfg.model.model)  # 'tiny' is built once, here, not by N processes at the same time
         return launch(args, args.argv, Path(cfg.train.output_dir))
@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    from .prior import generate_class_images
+    from .training.prior import generate_class_images
 
     cfg = config_from_args(argparse.Namespace(config=None, **vars(args)))
     d, m = cfg.data, cfg.model
@@ -122,7 +122,8 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 
 def cmd_generate(args) -> int:
-    from .inference import AdapterPipeline, adapter_folders, base_model_for, image_grid, save_images
+    from .inference.pipeline import AdapterPipeline, adapter_folders, image_grid, save_images
+    from .runs.rundir import base_model_for
 
     args = options_from_args(GenerateOptions, args)
     adapters = parse_pairs(args.adapter, "--adapter", number=False)
@@ -177,11 +178,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import files_to_upload, push, stage_repo
+    from .runs.hub import files_to_upload, push, stage_repo
 
     args = options_from_args(PushOptions, args)
 
-    from .rundir import RunDir
+    from .runs.rundir import RunDir
 
     if not RunDir(args.run_dir).is_finished():
         raise UsageError(f"push: {args.run_dir} is not a finished run (no unet/adapter_model.safetensors)")
@@ -189,7 +190,7 @@ def cmd_push(args) -> int:
         print("\n".join(files_to_upload(args.run_dir)))
         return 0
     if args.output_dir:
-        from .formats.common import check_output
+        from .runs.formats.common import check_output
 
         out = Path(args.output_dir)
         check_output(out, overwrite=False, flag="--output-dir")
@@ -201,7 +202,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from .models import build_tiny_model
+    from .models.tiny import build_tiny_model
 
     args = options_from_args(TinyModelOptions, args)
 
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train DreamBooth adapters")
     p.add_argument("--config", help="YAML file with sections model, unet_adapter, text_encoder_adapter, data, train")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    from .distributed import add_launcher_flags
+    from .training.distributed import add_launcher_flags
 
     add_launcher_flags(p)  # --num-processes, --nnodes, --node-rank, --master-addr, --master-port
     for section in SECTIONS:
@@ -251,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
-    from .formats import add_commands
+    from .runs.formats import add_commands
 
     add_commands(sub)  # export, import, fuse
-    from .evaluate import add_commands as add_eval_commands
+    from .evaluate.command import add_commands as add_eval_commands
 
     add_eval_commands(sub)  # eval
     from .ui import add_command as add_ui_command
@@ -307,7 +308,7 @@ def format_warning(message, category, *rest, **kw) -> str:
 
 
 def translate_reference_args(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    from .reference_args import translate
+    from .config.reference_args import translate
 
     train = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
     train = train.choices["train"]
@@ -317,8 +318,8 @@ def translate_reference_args(parser: argparse.ArgumentParser, argv: list[str]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .train import TrainingInterrupted
+    from .training.checkpoint import CheckpointError
+    from .training.signals import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -30,15 +30,15 @@ def demo_rows(adapters) -> list[tuple[str, dict, str]]:
 def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, num_images: int = 4) -> dict:
     from diffusers import DPMSolverMultistepScheduler
 
-    from .inference import AdapterPipeline
-    from .train import train
-    from .sampling import grid, sample
+    from .data.images import load_image
+    from .inference.pipeline import AdapterPipeline
+    from .inference.sampling import grid, sample
+    from .training.loop import train
     from .world import MODEL_DIR, WORLD_NAME
     from .world.evaluator import load_evaluator
     from .world.metrics import WorldEvalSettings, format_world_table, pipeline_sampler, world_metrics
     from .world.recipe import world_config
     from .world.scenes import write_subject_photos
-    from .data import load_image
 
     out = Path(output_dir)
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, nu
     for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
         pipe.set_adapters(weights)
         results[name], _ = world_metrics(sample_fn, evaluator, real, settings)
-    from .rundir import write_json
+    from .runs.atomic import write_json
 
     write_json(out / "world_metrics.json", {"settings": vars(settings), "results": results})
     print("[demo] world metrics (held-out contexts; the evaluator stands in for DINO / CLIP):")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import UsageError
+from .config.sections import UsageError
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> dtype
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import UsageError
-from ..flags import add_option_flags, given_options, options_from_args
-from ..rundir import EVAL_METRICS_FILE, RunDir
+from ..config.flags import add_option_flags, given_options, options_from_args
+from ..config.sections import UsageError
+from ..runs.rundir import EVAL_METRICS_FILE, RunDir
 from ..world import is_world_model
 from .runner import EvalArgs, evaluate_run, format_table
 
@@ -27,7 +27,7 @@ def cmd_eval(args) -> int:
 
 def refresh_report(run_dir: str, output_dir: str | None) -> None:
     """The run's report.html shows RUN/eval's metrics: rebuilt when they were written there."""
-    from ..report import has_training_stats, write_report
+    from ..runs.report import has_training_stats, write_report
 
     if has_training_stats(run_dir) and not output_dir:
         print(f"report updated: {write_report(run_dir)}")

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import UsageError
+from ..config.sections import UsageError
 from .protocol import DEFAULT_CLIP, DEFAULT_DINO, metrics_from_embeddings
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # evaluator models

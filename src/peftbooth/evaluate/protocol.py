@@ -21,7 +21,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..config import UsageError
+from ..config.sections import UsageError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..rundir import CLASS_IMAGES_DIR, PROXIES_FILE, write_json
-
+from ..runs.atomic import write_json
+from ..runs.rundir import CLASS_IMAGES_DIR, PROXIES_FILE
 
 # ---------------------------------------------------------------------------------------------------------------
 # offline proxies (end of training)
@@ -38,7 +38,7 @@ def predictions(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, t
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, 4, h, w); `added`:
     SDXL's added_cond_kwargs, each (N, ...)."""
-    from ..losses import diffusion_target
+    from ..training.losses import diffusion_target
 
     def rows(s):
         return None if added is None else {k: v[s : s + chunk] for k, v in added.items()}
@@ -82,7 +82,8 @@ def adapters_disabled(*peft_models):
 def _latents(vae, images: list, resolution: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior means (not samples: the proxy must not depend on a random draw), scaled for the UNet, and
     each center crop's SDXL time ids (N, 6)."""
-    from ..data import ORIGINAL_SIZE, micro_conditioning, resize_crop_coords, to_tensor
+    from ..data.images import ORIGINAL_SIZE
+    from ..data.transforms import micro_conditioning, resize_crop_coords, to_tensor
 
     pixels, time_ids = [], []
     for img in images:
@@ -96,15 +97,15 @@ def _latents(vae, images: list, resolution: int, device, dtype) -> tuple[torch.T
 
 def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context, pooled) of prompts through the text encoders as they are now (adapters included)."""
-    from ..data import tokenize
-    from ..models import encode_text
+    from ..data.dataset import tokenize
+    from ..models.components import encode_text
 
     return encode_text(components.text_encoders, [tokenize(tok, prompts).to(device) for tok in components.tokenizers])
 
 
 def class_images_for(cfg, output_dir: Path, limit: int) -> list[Path]:
     """Readable class images of the run (its --class-data-dir, else OUTPUT/class_images), first `limit`."""
-    from ..prior import valid_class_images
+    from ..training.prior import valid_class_images
 
     folder = Path(cfg.data.class_data_dir) if cfg.data.class_data_dir else Path(output_dir) / CLASS_IMAGES_DIR
     if not folder.is_dir():
@@ -119,9 +120,10 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     all start as a zero update. Class drift needs a class prompt and class images (the run's class-image folder);
     for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
     """
-    from ..data import load_image
-    from ..models import added_conditioning, vae_calls
-    from ..sampling import eval_mode, on_device, untouched_rng
+    from ..data.images import load_image
+    from ..inference.sampling import eval_mode, on_device, untouched_rng
+    from ..models.components import added_conditioning
+    from ..models.vae import vae_calls
 
     cfg, acc, c = run.cfg, run.accelerator, run.components
     d, device = cfg.data, acc.device

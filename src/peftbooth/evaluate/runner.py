@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import UsageError, option
-from ..rundir import EVAL_METRICS_FILE, RunDir, base_model_for, write_json, write_text
+from ..config.sections import UsageError, option
+from ..runs.atomic import write_json, write_text
+from ..runs.rundir import EVAL_METRICS_FILE, RunDir, base_model_for
 from .evaluators import Evaluators
 from .protocol import (
-    CLIP_T_PROMPTS, DEFAULT_CLIP, DEFAULT_DINO, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine, identifier_from_prompt,
-    metrics_from_embeddings, protocol_templates, render,
+    CLIP_T_PROMPTS, DEFAULT_CLIP, DEFAULT_DINO, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine,
+    identifier_from_prompt, metrics_from_embeddings, protocol_templates, render,
 )
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # peftbooth eval
@@ -60,7 +60,7 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
     """Fill the defaults from the run's config.yaml and check every input; return (args, real images)."""
     from dataclasses import replace
 
-    from ..data import list_images, load_image
+    from ..data.images import list_images, load_image
 
     run = RunDir(a.run_dir)
     run.adapter_folders("RUN_DIR")
@@ -97,7 +97,7 @@ def generate_protocol_images(pipe, prompts: list[str], num_images: int, seed: in
     CPU generator per image: the same starting noise for adapter and base, on any device)."""
     import torch
 
-    from ..sampling import image_seeds, sample_images
+    from ..inference.sampling import image_seeds, sample_images
 
     with torch.inference_mode():
         return [sample_images(pipe.pipe, p, image_seeds(seed, num_images), steps, guidance_scale, resolution)
@@ -120,7 +120,7 @@ def evaluate_run(args: EvalArgs) -> dict:
     """Run the protocol on a run folder (and on the base model); write metrics.json, metrics.md, images."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from ..inference import AdapterPipeline
+    from ..inference.pipeline import AdapterPipeline
 
     a, real = resolve_eval_args(args)
     out = Path(a.output_dir) if a.output_dir else RunDir(a.run_dir).eval_dir

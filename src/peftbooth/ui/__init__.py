@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..flags import add_option_flags, options_from_args
-from ..options import UiOptions
+from ..config.flags import add_option_flags, options_from_args
+from ..config.options import UiOptions
 
 
 def add_command(subparsers) -> None:

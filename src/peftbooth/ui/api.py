@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ADAPTER_TYPES, UsageError
-from ..rundir import RunDir, read_json, write_json
+from ..config.sections import ADAPTER_TYPES, UsageError
+from ..runs.atomic import read_json, write_json
+from ..runs.rundir import RunDir
 from . import files, runs, schema, tryit
 
 FORM = "form.json"  # RUN/ui/form.json: a draft's last checked form values, so "Edit" brings them back

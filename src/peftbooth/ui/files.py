@@ -11,9 +11,9 @@ import re
 import secrets
 from pathlib import Path
 
-from ..config import UsageError
-from ..data import IMAGE_EXTENSIONS, MASK_SUFFIX, list_images, load_image, mask_path, mask_problem, photo_beside
-from ..rundir import write_text
+from ..config.sections import UsageError
+from ..data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, list_images, load_image, mask_path, mask_problem, photo_beside
+from ..runs.atomic import write_text
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # one photo; phone photos are 2-12 MB
 MAX_PHOTOS = 50  # per run

@@ -28,10 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..checkpoint import LOCK, list_checkpoints
-from ..config import UsageError
-from ..rundir import ADAPTER_WEIGHTS, RunDir
-from ..validation import read_warning, step_dir, validation_steps_on_disk
+from ..config.sections import UsageError
+from ..runs.rundir import ADAPTER_WEIGHTS, RunDir
+from ..training.checkpoint import LOCK, list_checkpoints
+from ..training.validation import read_warning, step_dir, validation_steps_on_disk
 from .files import UI_DIR, atomic_write
 
 JOB = "job.json"

@@ -14,9 +14,11 @@ import re
 import warnings
 from pathlib import Path
 
-from .. import memory
-from ..config import SECTIONS, UNET_ADAPTER_DEFAULTS, TrainConfig, UsageError, field_type, from_dict, is_list, validate
-from ..model_defaults import apply_model_defaults, describe
+from ..config.checks import validate
+from ..config.dicts import SECTIONS, field_type, from_dict, is_list
+from ..config.sections import UNET_ADAPTER_DEFAULTS, TrainConfig, UsageError
+from ..models.defaults import apply_model_defaults, describe
+from ..training import memory
 
 # Fields the UI fills itself: the run folder is the output folder, the photos are uploaded or named on the page,
 # resuming is the Resume button, and the low-memory switch writes the preset's values into the form (a
@@ -216,7 +218,7 @@ def check_run(values: dict, instance_data_dir: str | None, output_dir: str,
         return None, errors
     try:
         check_model(cfg.model.model)
-        from ..train import check_inputs
+        from ..training.preflight import check_inputs
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # skipped non-image files: the page lists the photos it found
@@ -233,7 +235,7 @@ def check_model(model: str) -> None:
     ids are looked up by the training process."""
     if model in MODEL_CHOICES:
         return
-    from ..models import resolve_model
+    from ..models.loading import resolve_model
 
     resolve_model(model)
 
@@ -242,8 +244,8 @@ def config_yaml(cfg: TrainConfig) -> str:
     """The run's config.yaml, as `peftbooth train` itself saves it (so the CLI repeats the run)."""
     import yaml
 
-    from ..config import to_dict
-    from ..train import replayable
+    from ..config.dicts import to_dict
+    from ..training.saving import replayable
 
     return yaml.safe_dump(to_dict(replayable(cfg)), sort_keys=False)
 

@@ -22,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..config import UsageError
-from ..rundir import RunDir
+from ..config.sections import UsageError
+from ..runs.rundir import RunDir
 from . import files, runs, schema, tryit
 from .api import FORM, Api
 

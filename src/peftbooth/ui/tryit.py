@@ -12,9 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import UsageError
+from ..config.sections import UsageError
+from ..runs.atomic import atomic_file, read_json, write_json
+from ..runs.rundir import RunDir
 from .files import UI_DIR
-from ..rundir import RunDir, atomic_file, read_json, write_json
 from .runs import load_config
 
 SAMPLES = "samples"
@@ -55,7 +56,7 @@ class Studio:
         model = load_config(run).get("model") or {}
         base = (model.get("model") or "tiny", model.get("revision"), model.get("variant"), model.get("vae"))
         if self.base != base:
-            from ..inference import AdapterPipeline
+            from ..inference.pipeline import AdapterPipeline
 
             self.pipe, self.loaded, self.base = None, set(), None  # the old model is freed before the new loads
             self.pipe = AdapterPipeline(base[0], base[1], base[2], vae=base[3])
@@ -138,7 +139,7 @@ def sample_history(run: Path) -> list[dict]:
 
 def export(run: Path, fmt: str) -> Path:
     """RUN/ui/exports/<fmt>/...: the file (diffusers, kohya) or, for peft, a zip of the folders."""
-    from ..formats import FORMATS, export_run
+    from ..runs.formats import FORMATS, export_run
 
     if fmt not in FORMATS:
         raise UsageError(f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
@@ -156,7 +157,7 @@ FUSED = "fused"
 def fuse(run: Path, scale: float, overwrite: bool = False) -> Path:
     """RUN/ui/fused/: a full diffusers pipeline with the adapters merged in; an earlier one is only replaced
     when asked (the page asks first)."""
-    from ..fuse import fuse_run
+    from ..inference.fuse import fuse_run
 
     target = run / UI_DIR / FUSED
     if target.exists() and not overwrite:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..rundir import atomic_dir, write_text
+from ..runs.atomic import atomic_dir, write_text
 from . import configs
 from .evaluator import load_evaluator, save_evaluator
 from .evaluator_training import evaluator_accuracy, train_evaluator
@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"evaluator accuracy {record['evaluator_accuracy']}")
     stage("evaluator", made)
 
-    from ..sampling import in_memory_pipeline
-    from ..models import Components
     from diffusers import DDPMScheduler
+
+    from ..inference.sampling import in_memory_pipeline
+    from ..models.components import Components
 
     pipe = assemble_pipeline(tokenizer, text_encoder, unet, vae)
     comps = Components(tokenizer, DDPMScheduler(**configs.scheduler_config()), vae, unet, text_encoder, "world")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     record["quality"] = quality
     log(f"world model quality {quality}")
     if a.grid:
-        from ..sampling import grid
+        from ..inference.sampling import grid
 
         rows = [r for r in (images[i * 15:(i + 1) * 15] for i in range(5)) if r]
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def world_metrics(sample_fn, evaluator, real_images: list, s: WorldEvalSettings)
 
 def pipeline_sampler(pipe, steps: int, guidance_scale: float):
     """sample_fn over a StableDiffusionPipeline: one image per seed (CPU generators), at the world's size."""
-    from ..sampling import sample
+    from ..inference.sampling import sample
 
     def sample_fn(prompt: str, seeds: list[int]) -> list:
         return sample(pipe, [prompt], seeds, SIZE, steps, guidance_scale)[0]
@@ -80,7 +80,7 @@ def evaluate_adapter(model_dir: str | Path, run_dirs: dict[str, str | Path], rea
     """World metrics of each run's adapter (and of the base model) on the world model loaded once."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from ..inference import AdapterPipeline
+    from ..inference.pipeline import AdapterPipeline
 
     s = s or WorldEvalSettings()
     pipe = AdapterPipeline(str(model_dir), device="cpu")
@@ -127,10 +127,10 @@ def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, s
     in `output_dir`. `cfg` is the run's config.yaml."""
     from dataclasses import asdict, replace
 
-    from ..config import UsageError
-    from ..data import list_images, load_image
-    from ..rundir import write_json, write_text
-    from ..sampling import grid
+    from ..config.sections import UsageError
+    from ..data.images import list_images, load_image
+    from ..inference.sampling import grid
+    from ..runs.atomic import write_json, write_text
     from . import MODEL_DIR
 
     data_cfg = cfg.get("data") or {}

@@ -8,7 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..losses import min_snr_weights, snr
+from ..training.losses import min_snr_weights, snr
 from . import configs
 from .training import cosine_lr, log
 

@@ -19,7 +19,7 @@ def quality_prompts(seed: int, n: int) -> list[tuple[str, str, str]]:
 
 
 def world_quality(pipe, net: WorldEvaluator, seed: int, n: int, steps: int = 25, guidance: float = 5.0) -> dict:
-    from ..sampling import sample
+    from ..inference.sampling import sample
 
     triples = quality_prompts(seed, n)
     images = [sample(pipe, [prompt(*tr)], [seed + i], configs.SIZE, steps, guidance)[0][0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config.sections import TrainConfig
 from . import WORLD_NAME
 from .scenes import CLASS_PROMPT, INSTANCE_PROMPT, SIZE
 

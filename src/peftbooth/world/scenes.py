@@ -203,7 +203,7 @@ def write_subject_photos(folder: str | Path, seed: int = 0, contexts=SUBJECT_PHO
     photos' grass whatever context was asked (prompt fidelity 0.0 on the held-out contexts; docs/world.md).
     With `masks`, NAME.mask.png beside each photo marks the subject, for --masked-loss (the recipe).
     """
-    from ..data import mask_path  # the trainer's naming (data imports torch; this module need not)
+    from ..data.images import mask_path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,279 @@
+"""``setup``: validate everything, then load the components, claim the output folder, make the class images,
+attach the adapters, place the weights, build the caches and the optimizer, and hand ``fit`` a :class:`Run`.
+
+Nothing is written to disk until every input has been checked (preflight.py). Dtypes and devices are
+precision.py's, compiling and the optimizer speed.py's, class images prior.py's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..adapters import factored
+from ..adapters import token_embedding as te_rows
+from ..adapters.inject import attach, check_targets, count_parameters
+from ..adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from ..config.sections import TrainConfig
+from ..data.dataset import DreamBoothDataset, EpochSampler, collate
+from ..models.components import Components
+from ..models.defaults import announce
+from ..models.loading import load_components
+from ..models.vae import vae_force_upcast
+from ..precision import Precision, for_training, place_frozen
+from ..runs.rundir import RunDir
+from .cache import LatentCache, TextCache
+from .checkpoint import CHECKPOINTS, TrainState, acquire_lock, load_checkpoint, release_lock
+from .distributed import accelerator_kwargs
+from .ema import AdapterEMA, adapter_ema
+from .memory import check_memory
+from .preflight import check_inputs, cpu_processes_from_launcher
+from .speed import make_optimizer, maybe_compile, offload
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    components: Components
+    unet: torch.nn.Module  # PeftModel around the UNet (prepared by Accelerate)
+    text_encoder: torch.nn.Module  # PeftModel when trained, else the frozen CLIPTextModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: DataLoader
+    precision: Precision  # the device and dtypes of every component (precision.for_training)
+    output_dir: Path
+    sampler: EpochSampler
+    dataset: DreamBoothDataset
+    state: TrainState  # where the loop stands (fresh, or restored from a checkpoint)
+    fingerprint: str  # of the instance photos, recorded in checkpoints
+    lock: Path | None = None
+    latent_cache: LatentCache | None = None  # VAE posteriors per (image, flip), when cached
+    text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (PeftModel when trained)
+    ema: AdapterEMA | None = None  # --ema-decay: the moving average of the adapter weights
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The frozen weights' compute dtype (--mixed-precision's)."""
+        return self.precision.compute
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        """The models with adapters, by the folder name their adapter is saved under."""
+        parts = {"unet": self.unet}
+        if self.cfg.train.train_text_encoder:
+            parts["text_encoder"] = self.text_encoder
+            if self.text_encoder_2 is not None:
+                parts["text_encoder_2"] = self.text_encoder_2
+        return parts
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Validate everything, then load, claim the output folder and build the Run."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    cfg = cfg.resolved()
+    cpu_processes_from_launcher()
+    images, prompts, fingerprint, checkpoint, masks = check_inputs(cfg)
+    t = cfg.train
+    components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant, cfg.model.vae)
+    # Check adapter targets against the loaded modules before anything is written.
+    check_targets(components.unet, cfg.unet_adapter.target_modules, UNET_PRESETS, "")
+    if t.train_text_encoder:
+        for encoder in components.text_encoders:
+            check_targets(encoder, cfg.text_encoder_adapter.target_modules, TEXT_ENCODER_PRESETS, "text-encoder-")
+    if t.train_token_embedding:
+        for tokenizer in components.tokenizers:
+            te_rows.identifier_id(tokenizer, t.train_token_embedding)
+    check_memory(cfg, components)  # on a GPU: refuse a run whose estimated peak exceeds the free memory
+    announce()  # the CLI's "defaults from the model" line, once the run is known to start (a refusal: one line)
+
+    # --- inputs are valid: from here on files are written
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        # Every optimizer step sums exactly N micro-batches. Accelerate's default also steps at the end of each
+        # pass over the data, which with 5 photos and N=4 gives every second step a quarter-size gradient.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        **accelerator_kwargs(cfg),  # DDP told of unused weights under module dropout (distributed.py)
+    )
+    lock = acquire_lock(out) if accelerator.is_main_process else None  # one lock per run, not per process
+    if checkpoint is None and accelerator.is_main_process and (out / CHECKPOINTS).exists():
+        shutil.rmtree(out / CHECKPOINTS)  # --overwrite: the old run's checkpoints must not be resumed by mistake
+    try:
+        return build_run(cfg, accelerator, components, images, prompts, fingerprint, checkpoint, lock, masks)
+    except BaseException:
+        release_lock(lock)  # a failed setup must not leave the folder looking busy
+        raise
+
+
+def build_run(cfg: TrainConfig, accelerator, components: Components, images: list, prompts: list[str],
+              fingerprint: str, checkpoint: Path | None, lock: Path | None, masks: list | None = None) -> Run:
+    """The rest of setup, once the output folder is ours: class images, adapters, dtypes, caches, optimizer."""
+    from accelerate.utils import set_seed
+
+    t, d, device = cfg.train, cfg.data, accelerator.device
+    precision = for_training(t.mixed_precision, device, components.family, vae_force_upcast(components.vae),
+                             cfg.model.upcast_vae)
+    # Frozen weights in the compute dtype from the start, still on the CPU: class images are made in it (SDXL's
+    # UNet and text encoders would take 14 GB of a GPU in fp32), and training keeps them so.
+    for model in (components.unet, *components.text_encoders):
+        model.to(dtype=precision.compute)
+    components.vae.to(dtype=precision.vae)
+    set_seed(t.seed)
+    class_paths = class_images(cfg, accelerator, components, precision) if d.with_prior_preservation else None
+    set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
+    unet, text_encoders = attach_adapters(cfg, components)
+    # Adapter weights in fp32 beside the frozen ones: the optimizer sees exact fp32 parameters and gradients while
+    # the big frozen matmuls run in half precision.
+    components.vae.to(device)
+    for model in text_encoders:
+        place_frozen(model, precision)
+    dataset, latent_cache, text_cache = dataset_and_caches(cfg, accelerator, components, text_encoders, images,
+                                                           prompts, class_paths, precision.compute, masks)
+    # The UNet goes to the device only now: the VAE encoding the photos at full resolution is the largest
+    # activation before training, and the UNet's weights (1.7 GB in bf16 for SD 1.5) need not sit beside it.
+    place_frozen(unet, precision)
+    if t.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if t.train_text_encoder:
+            for encoder in components.text_encoders:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer, lr_scheduler = optimizer_and_schedule(t, unet, text_encoders, device)
+    # the data order is a function of (seed, epoch): resumable; whole global batches: no padding by Accelerate
+    sampler = EpochSampler(len(dataset), t.seed, d.train_batch_size * accelerator.num_processes)
+    dataloader = DataLoader(
+        dataset, batch_size=d.train_batch_size, sampler=sampler, num_workers=d.dataloader_num_workers,
+        collate_fn=partial(collate, tokenizers=None if text_cache else components.tokenizers),
+        generator=torch.Generator().manual_seed(t.seed), pin_memory=device.type == "cuda",
+    )
+    trained_encoders = text_encoders if t.train_text_encoder else []  # a frozen encoder is not wrapped
+    unet, *prepared, optimizer, dataloader = accelerator.prepare(unet, *trained_encoders, optimizer, dataloader)
+    text_encoders = prepared or text_encoders
+    if t.compile:
+        unet = maybe_compile(unet, accelerator, t.compile_mode)
+    if accelerator.is_main_process and t.report_to != "none":
+        accelerator.init_trackers("peftbooth")
+    run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, precision,
+              Path(t.output_dir), sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
+              text_encoders[1] if len(text_encoders) > 1 else None)
+    run.ema = adapter_ema(run.trained(), t.ema_decay, accelerator.unwrap_model)
+    for name, model in run.trained().items():
+        trainable, total = count_parameters(model)
+        accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if checkpoint is not None:
+        run.state = load_checkpoint(run, checkpoint)
+        accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
+    return run
+
+
+def class_images(cfg: TrainConfig, accelerator, components: Components, precision: Precision) -> list[Path]:
+    """The run's class images (--class-data-dir, else OUTPUT/class_images), the missing ones made first by the
+    components in memory, in their compute dtype: called before the adapters are attached, so they are the base
+    model's images."""
+    from .prior import class_images_from_components
+
+    d, out = cfg.data, Path(cfg.train.output_dir)
+    class_dir = Path(d.class_data_dir) if d.class_data_dir else RunDir(out).class_images_dir
+    return class_images_from_components(
+        components, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
+        cfg.train.seed, precision, show_progress=accelerator.is_local_main_process,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+    )
+
+
+def attach_adapters(cfg: TrainConfig, components: Components) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(UNet with its adapter, text encoders): one (SD 1.x / 2.x) or two (SDXL); with --train-text-encoder each
+    gets its own adapter of the --text-encoder-* settings, saved as text_encoder/ and text_encoder_2/."""
+    t = cfg.train
+    if t.channels_last:
+        # before the adapters exist: only the frozen 4-D weights change layout; adapter weights stay contiguous,
+        # as safetensors needs them for saving
+        components.unet.to(memory_format=torch.channels_last)
+    unet = attach(components.unet, cfg.unet_adapter, UNET_PRESETS, "", cfg.model.model)
+    text_encoders = list(components.text_encoders)
+    if t.train_text_encoder:
+        text_encoders = [attach(m, cfg.text_encoder_adapter, TEXT_ENCODER_PRESETS, "text-encoder-",
+                                   cfg.model.model, layers=used_text_layers(components, i))
+                         for i, m in enumerate(text_encoders)]
+    if t.train_token_embedding:  # the identifier's own input vector, in every text encoder
+        for tokenizer, model in zip(components.tokenizers, text_encoders):
+            te_rows.attach(model, [te_rows.identifier_id(tokenizer, t.train_token_embedding)])
+    if t.factored_lycoris:  # LoHa/LoKr layers wide enough to gain apply their update through the factors
+        for model in (unet, *text_encoders):
+            factored.install(model)
+    return unet, text_encoders
+
+
+def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, text_encoders: list, images: list,
+                       prompts: list[str], class_paths: list[Path] | None, weight_dtype: torch.dtype,
+                       masks: list | None = None) -> tuple[DreamBoothDataset, LatentCache | None, TextCache | None]:
+    """The dataset, and the caches: the frozen VAE and text encoder give the same answer for the same input, so
+    they are asked once and then moved off the GPU."""
+    t, d, device = cfg.train, cfg.data, accelerator.device
+    cache_latents = t.cache_latents and d.center_crop
+    if t.cache_latents and not d.center_crop:
+        accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
+    dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
+                                d.class_prompt, load_pixels=not cache_latents, seed=t.seed,
+                                class_prompt_dropout=d.class_prompt_dropout if class_paths else 0.0,
+                                instance_masks=masks)
+    latent_cache = text_cache = None
+    if cache_latents:
+        latent_cache = LatentCache.build(dataset, components.vae, device, weight_dtype, d.sample_batch_size)
+        offload(components.vae, device)
+    if t.cache_text_states and not t.train_text_encoder:
+        all_prompts = prompts + ([d.class_prompt] if class_paths else []) + ([""] if d.class_prompt_dropout else [])
+        text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, device)
+        for encoder in text_encoders:
+            offload(encoder, device)
+    return dataset, latent_cache, text_cache
+
+
+def optimizer_and_schedule(t, unet: torch.nn.Module, text_encoders: list, device: torch.device):
+    """AdamW over the adapter weights (the text encoders' at --text-encoder-learning-rate) and its LR schedule,
+    which counts optimizer steps: fit steps it by hand once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    params = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
+    rows = [r.weight for m in text_encoders if (r := te_rows.trained_rows(m)) is not None]
+    if t.train_text_encoder:
+        params.append({"params": [p for m in text_encoders for p in m.parameters()
+                                  if p.requires_grad and not any(p is r for r in rows)],
+                       "lr": t.text_encoder_learning_rate or t.learning_rate})
+    if rows:  # no weight decay: it would pull the identifier's vector towards zero, away from the other words'
+        params.append({"params": rows, "weight_decay": 0.0,
+                       "lr": t.token_embedding_learning_rate or t.text_encoder_learning_rate or t.learning_rate})
+    optimizer = make_optimizer(params, t, device)
+    return optimizer, get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                    num_training_steps=t.max_train_steps)
+
+
+def used_text_layers(components: Components, index: int) -> list[int] | None:
+    """Encoder layers of text encoder `index` whose output reaches the UNet; None: all of them.
+
+    SDXL conditions on the penultimate hidden states, and takes the pooled embedding from the second encoder
+    only: the first encoder's last layer never affects the loss. An adapter there would be saved untrained, and
+    under DistributedDataParallel its missing gradients stall the gradient exchange.
+    """
+    if not components.is_sdxl or index != 0:
+        return None
+    return list(range(components.text_encoder.config.num_hidden_layers - 1))
