@@ -1,7 +1,6 @@
 """--ema-decay: the moving average of the adapter weights, what the run saves and validates, and exact resume."""
 
 import importlib
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from peftbooth.training.loop import train
 from peftbooth.training.setup import setup
 from peftbooth.training.signals import TrainingInterrupted
 
-loop = importlib.import_module("peftbooth.training.loop")  # the module whose fit calls run_validation
+loop = importlib.import_module("peftbooth.training.loop")  # the module whose fit calls validation_images
 
 
 @pytest.mark.parametrize("decay, updates, expected", [
@@ -165,7 +164,7 @@ def fit_tiny(tiny_model, photos, out, **settings):
 def test_validation_samples_the_average_and_training_goes_on_from_the_trained_weights(tiny_model, photos, tmp_path,
                                                                                      monkeypatch):
     seen, averages = [], []
-    monkeypatch.setattr(loop, "run_validation", lambda run, step: seen.append(
+    monkeypatch.setattr(loop, "validation_images", lambda run, step: seen.append(
         (step, {k: p.detach().clone() for k, p in run.ema.params.items()})))
     real_update = AdapterEMA.update
 

@@ -19,12 +19,17 @@ from peftbooth.config.sections import UsageError
 from peftbooth.evaluate.command import add_commands
 from peftbooth.evaluate.evaluators import Evaluators, protocol_metrics
 from peftbooth.evaluate.protocol import (
-    LIVE_PROMPTS, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine, identifier_from_prompt,
-    matched_mean_cosine, pairwise_mean_cosine, render,
+    LIVE_PROMPTS,
+    OBJECT_PROMPTS,
+    clip_t_text,
+    distinct_pairs_mean_cosine,
+    identifier_from_prompt,
+    matched_mean_cosine,
+    pairwise_mean_cosine,
+    render,
 )
-from peftbooth.evaluate.proxies import compute_proxies, fixed_timesteps, write_proxies
-from peftbooth.training.loop import fit
-from peftbooth.training.saving import save
+from peftbooth.training.loop import finish, fit, proxy_inputs
+from peftbooth.training.proxies import compute_proxies, fixed_timesteps, write_proxies
 from peftbooth.training.setup import setup
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ def trained_run(tiny_model, tmp_path_factory):
     photos = draw_photos(root / "photos")
     run = setup(tiny_config(tiny_model, photos, root / "run", **{"train.max_train_steps": 2}))
     stats = fit(run)
-    out = save(run, stats)
+    out = finish(run, stats)
     write_report(out, stats)
     return out, photos
 
@@ -249,8 +254,8 @@ def test_fixed_timesteps_cover_the_schedule_evenly():
 
 
 def test_predictions_do_not_depend_on_the_chunk_size(tiny_model):
-    from peftbooth.evaluate.proxies import fixed_noise, predictions
     from peftbooth.models.loading import load_components
+    from peftbooth.training.proxies import fixed_noise, predictions
 
     c = load_components(tiny_model)
     latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -269,11 +274,11 @@ def test_instance_loss_falls_after_a_short_high_lr_run(tiny_model, photos, tmp_p
     fit(run)
     flags = [m.training for m in run.unet.modules()]
     rng = torch.get_rng_state()
-    p = write_proxies(run)
+    p = write_proxies(proxy_inputs(run))
     assert p["instance"]["loss_after"] < p["instance"]["loss_before"]
     assert len(p["instance"]["per_timestep"]["after"]) == len(p["timesteps"]) == 10
     # fixed noise and timesteps: the same numbers again, and nothing about the run disturbed
-    assert compute_proxies(run)["instance"] == p["instance"]
+    assert compute_proxies(proxy_inputs(run))["instance"] == p["instance"]
     assert torch.equal(torch.get_rng_state(), rng)
     assert [m.training for m in run.unet.modules()] == flags
     assert json.loads((tmp_path / "out" / "proxies.json").read_text())["instance"] == p["instance"]
@@ -288,7 +293,7 @@ def test_class_drift_is_reported_with_and_without_prior_preservation(tiny_model,
         run = setup(tiny_config(tiny_model, photos, tmp_path / f"prior-{prior}", **common,
                                 **{"data.with_prior_preservation": prior}))
         fit(run)
-        results[prior] = write_proxies(run)
+        results[prior] = write_proxies(proxy_inputs(run))
     for prior, p in results.items():
         c = p["class"]
         assert p["with_prior_preservation"] == prior

@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 from peftbooth.adapters import factored
 from peftbooth.cli import main
 from peftbooth.models.tiny import SHAPES, build_tiny_model
-from peftbooth.training.loop import fit
-from peftbooth.training.saving import save
+from peftbooth.training.loop import finish, fit
 from peftbooth.training.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +91,7 @@ def test_train_generate_export_at_sd15_width(adapter, sd15_width_model, photos, 
     if adapter != "lora":
         # the factored maths ran in the UNet and in the text encoder (Linear and Conv2d layers)
         assert {"Linear", "Conv2d"} <= set(calls), set(calls)
-    save(run, stats)
+    finish(run, stats)
     assert (out / "unet" / "adapter_model.safetensors").is_file()
     assert (out / "text_encoder" / "adapter_model.safetensors").is_file()
 

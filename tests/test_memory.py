@@ -1,4 +1,4 @@
-"""The memory check (peftbooth.memory) and the low-memory preset: the estimate as a table, the refusal's text, and
+"""The memory check (peftbooth.training.memory) and the low-memory preset: the estimate as a table, the refusal's text, and
 `peftbooth train` refusing, before anything is written, on a faked GPU whose free memory is too small."""
 
 from __future__ import annotations

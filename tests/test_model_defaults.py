@@ -1,4 +1,4 @@
-"""Defaults that follow the base model (peftbooth.model_defaults): the family and native resolution read from the
+"""Defaults that follow the base model (peftbooth.models.defaults): the family and native resolution read from the
 model folder, the world's recipe and the community's SD settings filling only what the user did not give (flag,
 --config YAML, UI form), the one line the run prints; and the warning when validation samples stop changing."""
 
@@ -9,7 +9,8 @@ from PIL import Image
 
 from peftbooth.cli import main
 from peftbooth.models.defaults import COMMUNITY, ModelInfo, info_from_configs, model_info
-from peftbooth.training.validation import note_unchanged, read_warning, step_dir, unchanged_warning
+from peftbooth.runs.rundir import read_warning, step_dir
+from peftbooth.training.validation import note_unchanged, unchanged_warning
 from peftbooth.world.recipe import LEARNING_RATES, RANKS
 
 

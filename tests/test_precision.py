@@ -13,7 +13,13 @@ import yaml
 
 from peftbooth.config.sections import UsageError
 from peftbooth.precision import (
-    Precision, check_training, for_fuse, for_inference, for_training, place_frozen, vae_dtype,
+    Precision,
+    check_training,
+    for_fuse,
+    for_inference,
+    for_training,
+    place_frozen,
+    vae_dtype,
 )
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -16,8 +16,7 @@ from peftbooth.data.images import load_image
 from peftbooth.data.transforms import micro_conditioning, resize_crop_coords
 from peftbooth.models.components import encode_text
 from peftbooth.models.loading import check_model_folder, family_of, load_components, load_pipeline
-from peftbooth.training.loop import fit, training_step
-from peftbooth.training.saving import save
+from peftbooth.training.loop import finish, fit, training_step
 from peftbooth.training.setup import setup
 
 RES = 64  # the tiny SDXL model's VAE halves the size: 64 px images, 32 px latents
@@ -131,7 +130,7 @@ def test_sdxl_prior_preservation_batch_2_pairs_rows_then_saves_reloads_and_gener
             assert added["time_ids"][row].tolist() == expected, (row, key)
 
     stats = fit(run)
-    out = save(run, stats)
+    out = finish(run, stats)
     for part in ("unet", "text_encoder", "text_encoder_2"):
         assert (out / part / "adapter_model.safetensors").is_file()
     assert (out / "validation" / "step_2" / "grid.png").is_file()

@@ -52,14 +52,25 @@ def test_all_true_alone_and_across_processes():
     assert all_true(FakeAccelerator(2), torch.tensor(True)) is True
 
 
-def test_end_training_unwraps_before_ending_with_several_processes():
-    class Holder:
-        unet, text_encoder, text_encoder_2 = Wrapped("u"), Wrapped("t"), None
+def test_end_training_drops_the_wrappers_between_barrier_and_teardown_with_several_processes():
+    acc = FakeAccelerator(2)
+    end_training(acc, lambda: acc.events.append("release"))
+    assert acc.events == ["barrier", "release", "free", "end"]
+    alone = FakeAccelerator(1)
+    end_training(alone, lambda: alone.events.append("release"))
+    assert alone.events == ["end"]  # one process: nothing to work around
 
-    acc, holder = FakeAccelerator(2), Holder()
-    end_training(acc, holder)
-    assert (holder.unet, holder.text_encoder, holder.text_encoder_2) == ("u", "t", None)
-    assert acc.events == ["barrier", "free", "end"]
-    alone, kept = FakeAccelerator(1), Holder()
-    end_training(alone, kept)
-    assert alone.events == ["end"] and isinstance(kept.unet, Wrapped)  # one process: nothing to work around
+
+def test_a_run_drops_its_wrappers_and_keeps_the_models_they_wrap():
+    from types import SimpleNamespace
+
+    from peftbooth.training.setup import Run
+
+    run = SimpleNamespace(accelerator=FakeAccelerator(2), unet=Wrapped("u"), text_encoder=Wrapped("t"),
+                          text_encoder_2=None)
+    Run.drop_wrappers(run)
+    assert (run.unet, run.text_encoder, run.text_encoder_2) == ("u", "t", None)
+    sdxl = SimpleNamespace(accelerator=FakeAccelerator(2), unet=Wrapped("u"), text_encoder=Wrapped("t"),
+                           text_encoder_2=Wrapped("t2"))
+    Run.drop_wrappers(sdxl)
+    assert sdxl.text_encoder_2 == "t2"

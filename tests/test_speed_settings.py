@@ -19,8 +19,7 @@ from peftbooth.cli import main
 from peftbooth.config.sections import TrainConfig
 from peftbooth.models.loading import load_components
 from peftbooth.training.checkpoint import release_lock
-from peftbooth.training.loop import fit
-from peftbooth.training.saving import save
+from peftbooth.training.loop import finish, fit
 from peftbooth.training.setup import setup
 
 ADAPTERS = ["lora", "loha", "lokr"]
@@ -102,7 +101,7 @@ def train_and_load(run, folder) -> dict[str, torch.Tensor]:
     moved, so that two runs agreeing means something."""
     trainable = [p for p in run.unet.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
-    save(run, fit(run))
+    finish(run, fit(run))
     release_lock(run.lock)
     moved = max((p.detach() - b).abs().max().item() for p, b in zip(trainable, before))
     assert moved > 100 * AFTER_STEPS["atol"]

@@ -9,8 +9,7 @@ from peft import PeftModel
 
 from peftbooth.adapters import factored
 from peftbooth.models.loading import load_components
-from peftbooth.training.loop import fit, training_step
-from peftbooth.training.saving import save
+from peftbooth.training.loop import finish, fit, training_step
 from peftbooth.training.setup import setup
 
 ADAPTER_KEYS = ("lora_", "hada_", "lokr_")
@@ -47,7 +46,7 @@ def test_train_changes_only_adapters_and_reloads_exactly(tiny_model, photos, tmp
         trained_here = model is run.unet or train_text_encoder
         assert bool(changed) == trained_here
 
-    out = save(run, stats)
+    out = finish(run, stats)
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
     expected = {"config.yaml", "README.md", "unet/adapter_config.json", "unet/adapter_model.safetensors"}
     if train_text_encoder:
@@ -87,7 +86,7 @@ def test_text_encoder_adapter_may_differ_from_unet(tiny_model, photos, tmp_path)
         "train.train_text_encoder": True, "train.max_train_steps": 1,
     })
     run = setup(cfg)
-    out = save(run, fit(run))
+    out = finish(run, fit(run))
     unet_cfg = json.loads((out / "unet" / "adapter_config.json").read_text())
     te_cfg = json.loads((out / "text_encoder" / "adapter_config.json").read_text())
     assert unet_cfg["peft_type"] == "LOHA" and unet_cfg["r"] == 4
@@ -169,7 +168,7 @@ def test_tensorboard_logs_and_gradient_checkpointing(tiny_model, photos, tmp_pat
     })
     run = setup(cfg)
     assert run.components.unet.is_gradient_checkpointing
-    save(run, fit(run))
+    finish(run, fit(run))
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
 
 
@@ -189,7 +188,7 @@ def test_text_encoder_adapter_loads_through_transformers_load_adapter(tiny_model
     """
     cfg = tiny_config(tiny_model, photos, tmp_path / "out", **{"train.train_text_encoder": True})
     run = setup(cfg)
-    out = save(run, fit(run))
+    out = finish(run, fit(run))
     te = load_components(tiny_model).text_encoder
     te.load_adapter(str(out / "text_encoder"), adapter_name="dog")
     run.text_encoder.eval()

@@ -12,7 +12,6 @@ PEFTBOOTH_UPDATE_SCREENSHOT=1 refreshes docs/ui-screenshot.png in tests/test_ui_
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from PIL import Image
 from conftest import draw_photos
+from PIL import Image
 
 from peftbooth.ui.runs import alive
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 from conftest import draw_photos
+from PIL import Image
 from test_ui_browser import CHROMIUM, FLAGS, need_browser
 
 from peftbooth.ui import tryit

@@ -86,7 +86,7 @@ def test_fuse_asks_before_replacing_and_offers_a_download(serve, monkeypatch):  
         (output_dir / "unet" / "model.safetensors").write_bytes(b"w" * 1000 + bytes([len(calls)]))
         return output_dir
 
-    monkeypatch.setattr(peftbooth.fuse, "fuse_run", fake_fuse)
+    monkeypatch.setattr(peftbooth.inference.fuse, "fuse_run", fake_fuse)
     base, runs = serve()
     finish(fake_run(runs, "fin"))
     status, r, _ = call(f"{base}/api/runs/fin/fuse", "POST", {"scale": 0.8})
@@ -107,7 +107,7 @@ def test_export_download_is_named_after_the_run(serve, monkeypatch):  # noqa: F8
         (output / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
         return output / "pytorch_lora_weights.safetensors"
 
-    monkeypatch.setattr(peftbooth.formats, "export_run", fake_export)
+    monkeypatch.setattr(peftbooth.runs.formats, "export_run", fake_export)
     base, runs = serve()
     finish(fake_run(runs, "sks-dog"))
     r = call(f"{base}/api/runs/sks-dog/export", "POST", {"format": "diffusers"})[1]

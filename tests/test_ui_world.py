@@ -2,7 +2,7 @@
 Start with every other setting as the form fills it, and see the subject in the validation samples at night and
 on the road, contexts none of the photos show.
 
-The form's defaults follow the model (peftbooth.model_defaults: the world's recipe). Before, they were SD's (1e-4,
+The form's defaults follow the model (peftbooth.models.defaults: the world's recipe). Before, they were SD's (1e-4,
 rank 4, attention only, 512 px): the samples never changed and the subject never appeared. The evaluator of the
 world (peftbooth.world.evaluator, as `peftbooth eval` uses it) scores the last validation step; the threshold was
 set below the worst of seeds measured apart (docs/ui.md, "Defaults that follow the model").

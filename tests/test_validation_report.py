@@ -15,16 +15,14 @@ import torch
 from conftest import draw_photos, tiny_config
 from PIL import Image
 
-from peftbooth.evaluate.proxies import write_proxies
 from peftbooth.runs.chart import loss_curve
 from peftbooth.runs.report import loss_points, write_report
+from peftbooth.runs.rundir import step_dir, validation_steps_on_disk
 from peftbooth.training import validation
-from peftbooth.training.loop import fit
-from peftbooth.training.saving import save
+from peftbooth.training.loop import finish, fit, proxy_inputs, validation_images
+from peftbooth.training.proxies import write_proxies
 from peftbooth.training.setup import setup
-from peftbooth.training.validation import (
-    run_validation, should_validate, step_dir, validation_schedule, validation_steps_on_disk,
-)
+from peftbooth.training.validation import should_validate, validation_schedule
 
 PROMPTS = ["a photo of sks dog", "a sks dog on the beach"]
 STEPS = 2  # denoising steps: enough to exercise the sampler on the tiny model
@@ -94,10 +92,10 @@ def test_validation_uses_the_in_memory_model_with_fixed_seeds_and_restores_state
     flags = [m.training for m in run.unet.modules()] + [m.training for m in run.text_encoder.modules()]
     rng = torch.get_rng_state()
     # The same model sampled again gives the same images: fixed seeds per image index.
-    run_validation(run, 104, num_inference_steps=STEPS)
+    validation_images(run, 104, num_inference_steps=STEPS)
     # With the adapter switched off, the in-memory model is the untrained one: step 0's images come back exactly.
     with run.accelerator.unwrap_model(run.unet).disable_adapter():
-        run_validation(run, 100, num_inference_steps=STEPS)
+        validation_images(run, 100, num_inference_steps=STEPS)
     for name in ("prompt00_00.png", "prompt01_01.png"):
         assert np.array_equal(pixels(step_dir(out, 104) / name), pixels(step_dir(out, 4) / name))
         assert np.array_equal(pixels(step_dir(out, 100) / name), pixels(step_dir(out, 0) / name))
@@ -113,7 +111,7 @@ def test_validation_grid_is_logged_to_tensorboard(tiny_model, photos, tmp_path):
     run = setup(tiny_config(tiny_model, photos, tmp_path / "out", **{
         "train.validation_prompt": PROMPTS[:1], "train.num_validation_images": 2, "train.report_to": "tensorboard",
         "train.max_train_steps": 1}))
-    run_validation(run, 0, num_inference_steps=STEPS)
+    validation_images(run, 0, num_inference_steps=STEPS)
     run.accelerator.end_training()  # flushes the event file
     event_file = next((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
     events = EventAccumulator(str(event_file.parent), size_guidance={"images": 0}).Reload()
@@ -150,8 +148,8 @@ def open_source(page: Path, source: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def report(validated_run) -> Path:
     run, stats = validated_run
-    write_proxies(run)
-    out = save(run, stats)
+    write_proxies(proxy_inputs(run))
+    out = finish(run, stats)
     return write_report(out, stats)
 
 

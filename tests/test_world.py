@@ -15,8 +15,19 @@ from PIL import Image
 
 from peftbooth.world import MODEL_DIR, configs
 from peftbooth.world.scenes import (
-    BACKGROUNDS, CLASS_PROMPT, CLASSES, CONTEXTS, HELD_OUT_CONTEXTS, INSTANCE_PROMPT, RARE_TOKENS, SUBJECT_COLOURS,
-    draw, random_scene, subject_prompt, vocabulary, write_subject_photos,
+    BACKGROUNDS,
+    CLASS_PROMPT,
+    CLASSES,
+    CONTEXTS,
+    HELD_OUT_CONTEXTS,
+    INSTANCE_PROMPT,
+    RARE_TOKENS,
+    SUBJECT_COLOURS,
+    draw,
+    random_scene,
+    subject_prompt,
+    vocabulary,
+    write_subject_photos,
 )
 
 TEST_STEPS = 500  # the recipe's

@@ -1,6 +1,6 @@
 """`peftbooth` command line: parse -> call the library. Every command's flags come from dataclasses: `train`'s and
-`class-images`' from the config sections (config.py), `eval`'s from EvalArgs, the others' from options.py; see
-flags.py for how a field becomes a flag."""
+`class-images`' from the config sections (config/sections.py), `eval`'s from EvalArgs, the others' from
+config/options.py; see config/flags.py for how a field becomes a flag."""
 
 from __future__ import annotations
 
@@ -122,15 +122,15 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 
 def cmd_generate(args) -> int:
-    from .inference.pipeline import AdapterPipeline, adapter_folders, image_grid, save_images
-    from .runs.rundir import base_model_for
+    from .inference.pipeline import AdapterPipeline, image_grid, save_images
+    from .runs.rundir import RunDir, base_model_for
 
     args = options_from_args(GenerateOptions, args)
     adapters = parse_pairs(args.adapter, "--adapter", number=False)
     mix = parse_pairs(args.mix, "--mix", number=True)
     names = []
     for name, path in adapters:  # check every folder before the model is loaded
-        adapter_folders(path)
+        RunDir(path).adapter_folders("--adapter")
         names.append(name or Path(path).resolve().name)
     if len(set(names)) != len(names):
         raise UsageError(f"--adapter: two adapters are named {max(names, key=names.count)!r}; use NAME=DIR")
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
-    from .runs.formats import add_commands
+    from .runs.formats.commands import add_commands
 
     add_commands(sub)  # export, import, fuse
     from .evaluate.command import add_commands as add_eval_commands

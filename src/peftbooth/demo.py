@@ -27,7 +27,8 @@ def demo_rows(adapters) -> list[tuple[str, dict, str]]:
     return rows
 
 
-def run_demo(output_dir: str | Path = "demo-output", steps: int = DEMO_STEPS, num_images: int = 4) -> dict:
+def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, num_images: int = 4) -> dict:
+    steps = DEMO_STEPS if steps is None else steps
     from diffusers import DPMSolverMultistepScheduler
 
     from .data.images import load_image

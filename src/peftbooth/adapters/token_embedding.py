@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..config.sections import UsageError
+from ..runs.rundir import TEXT_ENCODERS
 
 # keys as the text encoders' folder names; the file's metadata names the token
-KEYS = ("text_encoder", "text_encoder_2")
+KEYS = TEXT_ENCODERS  # one tensor per text encoder, named after its adapter part
 
 
 def identifier_id(tokenizer, word: str, flag: str = "--train-token-embedding") -> int:
@@ -119,7 +120,7 @@ class IdentifierRows:
     @classmethod
     def of_pipeline(cls, pipe) -> "IdentifierRows":
         """For a StableDiffusion(XL)Pipeline: each text encoder beside its own tokenizer."""
-        pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
+        pairs = zip(KEYS, ("tokenizer", "tokenizer_2"))  # the pipeline's attribute of each encoder's tokenizer
         return cls({k: (getattr(pipe, t), getattr(pipe, k)) for k, t in pairs if getattr(pipe, k, None) is not None})
 
     def check(self, path: Path, flag: str = "--adapter") -> tuple[str, dict[str, tuple[int, torch.Tensor]]]:

@@ -9,7 +9,13 @@ import re
 
 from .dicts import SECTIONS
 from .sections import (
-    ADAPTER_TYPES, MODEL_REQUIRED, TEXT_ENCODER_PRESETS, UNET_PRESETS, AdapterArgs, TrainArgs, TrainConfig,
+    ADAPTER_TYPES,
+    MODEL_REQUIRED,
+    TEXT_ENCODER_PRESETS,
+    UNET_PRESETS,
+    AdapterArgs,
+    TrainArgs,
+    TrainConfig,
     UsageError,
 )
 

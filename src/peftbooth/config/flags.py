@@ -1,9 +1,9 @@
 """Dataclass fields -> argparse flags: how every subcommand gets its options.
 
 One field, one flag: ``output_dir`` -> ``--output-dir``, its type from the annotation, its help from the field's
-metadata (see :func:`peftbooth.config.option`). `train`'s sections (config.SECTIONS) use
+metadata (see :func:`peftbooth.config.sections.option`). `train`'s sections (dicts.SECTIONS) use
 :func:`add_section_flags`, whose flags land in a TrainConfig; every other command's options dataclass (in
-:mod:`peftbooth.options`, and :class:`peftbooth.evaluate.EvalArgs`) uses :func:`add_option_flags` and is read back
+:mod:`peftbooth.config.options`, and :class:`peftbooth.evaluate.runner.EvalArgs`) uses :func:`add_option_flags` and is read back
 with :func:`options_from_args`.
 
 Metadata a field may carry besides ``help``: ``choices``; ``positional`` (an argument, not a flag); ``required``;

@@ -1,5 +1,5 @@
-"""The options of every subcommand besides `train` (whose options are config.py's sections) and `eval` (whose
-options are :class:`peftbooth.evaluate.EvalArgs`), as dataclasses: one field per flag (see :mod:`peftbooth.flags`).
+"""The options of every subcommand besides `train` (whose options are config/sections.py's dataclasses) and `eval` (whose
+options are :class:`peftbooth.evaluate.runner.EvalArgs`), as dataclasses: one field per flag (see :mod:`peftbooth.config.flags`).
 
 One naming scheme across commands, the one `train` set: a folder written is ``--output-dir``, denoising steps are
 ``--num-inference-steps`` (``--class-image-steps`` in train), optimizer steps ``--max-train-steps``, the base model
@@ -12,10 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..world.recipe import RECIPE
 from .sections import option
-
-DEMO_STEPS = RECIPE["max_train_steps"]  # as demo.DEMO_STEPS: the world recipe's (demo.py needs train, this must not)
 
 EXPORT_FORMATS = ("diffusers", "kohya", "peft")
 TINY_KINDS = ("sd1", "sd2-v", "sdxl")
@@ -105,7 +102,8 @@ class TinyModelOptions:
 @dataclass
 class DemoOptions:
     output_dir: str = option("demo-output", "folder for the three runs and the comparison")
-    max_train_steps: int = option(DEMO_STEPS, "training steps per adapter", aliases=("--steps",))
+    max_train_steps: Optional[int] = option(None, "training steps per adapter (default: the world recipe's)",
+                                            aliases=("--steps",))
 
 
 @dataclass

@@ -44,7 +44,7 @@ def accelerate_mixed_precision(environ=None) -> str:
 
 def option(default, help: str, **kw):
     """A dataclass field with its one-line help text (shown by ``--help``); `kw` is more metadata for the flag
-    (choices; and for the other commands' options, see peftbooth.flags: positional, required, aliases, ...)."""
+    (choices; and for the other commands' options, see peftbooth.config.flags: positional, required, aliases, ...)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -148,7 +148,7 @@ class TrainArgs:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     low_memory: bool = _f(False, "the low-memory preset: --gradient-checkpointing, --mixed-precision bf16, batch "
-                          "size 1, caches on, --sample-batch-size 1 (peftbooth.memory.LOW_MEMORY); settings given "
+                          "size 1, caches on, --sample-batch-size 1 (peftbooth.training.memory.LOW_MEMORY); settings given "
                           "explicitly (flags, --config) win")
     memory_check: bool = _f(True, "on a GPU, refuse to start when the estimated peak memory exceeds the free memory "
                             "(--no-memory-check: start anyway)")

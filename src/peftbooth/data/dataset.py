@@ -2,12 +2,15 @@
 (``EpochSampler``: a permutation drawn from (seed, epoch) alone) and the batches (``collate``)."""
 
 from __future__ import annotations
+
 import hashlib
 from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
 from .images import ORIGINAL_SIZE, load_image
 from .transforms import apply_geometry, crop_geometry, crop_top_left, micro_conditioning, to_tensor
 

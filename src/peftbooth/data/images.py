@@ -2,12 +2,14 @@
 (``NAME.txt``)."""
 
 from __future__ import annotations
+
 import warnings
 from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
-from ..config.sections import UsageError
 
+from ..config.sections import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the photo's loss mask for --masked-loss (white: subject)

@@ -2,6 +2,7 @@
 SDXL's micro-conditioning from that geometry, PIL -> tensor."""
 
 from __future__ import annotations
+
 import numpy as np
 import torch
 from PIL import Image

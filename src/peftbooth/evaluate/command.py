@@ -45,7 +45,8 @@ WORLD_SETTINGS = {"num_images": "num_images", "seed": "seed", "num_inference_ste
 
 def cmd_eval_world(args) -> int:
     """A run on the world model: the world's evaluator measures what DINO and CLIP measure for real photos."""
-    from ..world.metrics import WORLD_METRICS_FILE, WorldEvalSettings, evaluate_world_run, format_world_table
+    from ..runs.rundir import WORLD_METRICS_FILE
+    from ..world.metrics import WorldEvalSettings, evaluate_world_run, format_world_table
 
     a, given = options_from_args(EvalArgs, args), given_options(EvalArgs, args)
     run = RunDir(a.run_dir)

@@ -16,8 +16,16 @@ from ..runs.atomic import write_json, write_text
 from ..runs.rundir import EVAL_METRICS_FILE, RunDir, base_model_for
 from .evaluators import Evaluators
 from .protocol import (
-    CLIP_T_PROMPTS, DEFAULT_CLIP, DEFAULT_DINO, OBJECT_PROMPTS, clip_t_text, distinct_pairs_mean_cosine,
-    identifier_from_prompt, metrics_from_embeddings, protocol_templates, render,
+    CLIP_T_PROMPTS,
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    OBJECT_PROMPTS,
+    clip_t_text,
+    distinct_pairs_mean_cosine,
+    identifier_from_prompt,
+    metrics_from_embeddings,
+    protocol_templates,
+    render,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -26,7 +34,7 @@ from .protocol import (
 
 @dataclass
 class EvalArgs:
-    """The settings of one evaluation, and the `eval` subcommand's flags (one per field, see peftbooth.flags).
+    """The settings of one evaluation, and the `eval` subcommand's flags (one per field, see peftbooth.config.flags).
     A run on the world model takes only num_images, seed, num_inference_steps, guidance_scale and baseline, and
     its own defaults for those left unset (world.metrics.WorldEvalSettings)."""
 

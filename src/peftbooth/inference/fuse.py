@@ -11,17 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.strength import set_strength
 from ..adapters.token_embedding import IdentifierRows
 from ..config.sections import UsageError
 from ..runs.formats.common import atomic_dir, check_output, read_run
 from ..runs.rundir import RunDir, base_model_for
-
-
-def set_strength(peft_model, scale: float) -> None:
-    """Scale every adapter layer's update to `scale` x its trained strength (alpha / r, or alpha / sqrt(r))."""
-    for module in peft_model.modules():
-        if hasattr(module, "set_scale"):  # LoRA, LoHa and LoKr layers
-            module.set_scale("default", scale)
 
 
 def fuse_adapters(pipe, run_dir: str | Path, scale: float = 1.0) -> dict:
@@ -47,7 +41,7 @@ def fuse_adapters(pipe, run_dir: str | Path, scale: float = 1.0) -> dict:
             raise UsageError(f"RUN_DIR {run_dir}: the {part} adapter does not fit this base model "
                              f"({first[:300]})") from e
         handles[part].eval()
-        set_strength(handles[part], scale)
+        set_strength(handles[part], {"default": scale})  # scale x the trained strength
         handles[part].merge_adapter(safe_merge=True)  # safe_merge: refuse NaN/inf weights instead of saving them
     return handles
 

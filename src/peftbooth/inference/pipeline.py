@@ -8,22 +8,10 @@ import torch
 from PIL import Image
 
 from ..adapters import factored
+from ..adapters.strength import set_strength
 from ..adapters.token_embedding import IdentifierRows
 from ..config.sections import UsageError
-from ..runs.rundir import ADAPTER_PARTS, RunDir
-
-PARTS = ADAPTER_PARTS  # the old name
-
-
-def adapter_folders(path: str | Path, flag: str = "--adapter") -> dict[str, Path]:
-    """{'unet': dir, 'text_encoder': dir?, 'text_encoder_2': dir?} of a run folder, checked
-    (:meth:`RunDir.adapter_folders`)."""
-    return RunDir(path).adapter_folders(flag)
-
-
-def recorded_base_model(run_dir: str | Path) -> tuple[str | None, Path | None]:
-    """(base model, file it was read from) of a run folder (:meth:`RunDir.recorded_base_model`)."""
-    return RunDir(run_dir).recorded_base_model()
+from ..runs.rundir import RunDir, adapter_parts
 
 
 def mismatch(error: Exception) -> str:
@@ -74,10 +62,8 @@ class AdapterPipeline:
 
     @property
     def model(self) -> dict[str, torch.nn.Module]:
-        parts = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
-        if getattr(self.pipe, "text_encoder_2", None) is not None:
-            parts["text_encoder_2"] = self.pipe.text_encoder_2
-        return parts
+        second = getattr(self.pipe, "text_encoder_2", None)
+        return adapter_parts([self.pipe.unet, self.pipe.text_encoder] + ([second] if second is not None else []))
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a run folder's adapters under `name` (default: the folder name) and make it the active one."""
@@ -86,7 +72,7 @@ class AdapterPipeline:
 
         from ..runs.formats.common import read_adapter
 
-        folders = adapter_folders(path)
+        folders = RunDir(path).adapter_folders("--adapter")
         name = name or Path(path).resolve().name
         if name in self.adapters:
             raise UsageError(f"--adapter {name}={path}: an adapter named {name!r} is already loaded")
@@ -138,10 +124,7 @@ class AdapterPipeline:
             active = [n for n in weights if part in self.adapters[n]]
             # an empty list leaves only the base weights active in this part
             peft_model.set_adapter(active, inference_mode=True)
-            for module in peft_model.modules():
-                if hasattr(module, "set_scale"):  # LoRA, LoHa and LoKr layers
-                    for n in active:
-                        module.set_scale(n, weights[n])
+            set_strength(peft_model, {n: weights[n] for n in active})
         self.active = dict(weights)
 
     def disable_adapters(self) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import torch
 from PIL import Image
 
+from ..models.pipeline import assemble
 from ..models.vae import vae_calls
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,20 +94,9 @@ def in_memory_pipeline(components):
     The scheduler is built from the model's own scheduler config, so a v-prediction model is sampled as one.
     DPM-Solver++ gives in 20-25 steps the quality DDPM needs 1000 steps for.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
-    c = components
-    scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
-    if c.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-            tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=scheduler, add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipe = assemble(components, DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -12,6 +12,7 @@ from ..config.sections import UsageError
 from ..world import MODEL_DIR as WORLD_MODEL_DIR
 from ..world import WORLD_NAME
 from .components import Components
+from .pipeline import pipeline_class
 from .tiny import build_tiny_model
 
 # Sub-folders a Stable Diffusion (1.x / 2.x) diffusers folder must hold for training; SDXL adds its second text
@@ -165,10 +166,10 @@ def vae_config_force_upcast(model: str, revision: str | None = None, vae: str | 
 def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None,
                   vae: str | None = None, vae_dtype=None):
     """The full pipeline for generation: StableDiffusionPipeline (no safety checker) or, for an SDXL model,
-    StableDiffusionXLPipeline (no watermarker). The class is chosen here from model_index.json, never by
+    StableDiffusionXLPipeline (no watermarker), the class models.pipeline chooses from model_index.json, never by
     importing whatever class the file names. `torch_dtype`: the UNet's and text encoders'; `vae_dtype`: the
     VAE's, when the precision policy keeps it apart (it is loaded on its own then, never rounded to half first)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
 
     path = resolve_model(model)
     extra = {}
@@ -177,11 +178,8 @@ def load_pipeline(model: str, revision: str | None = None, variant: str | None =
     elif vae_dtype is not None and vae_dtype != torch_dtype:
         extra["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant,
                                                      use_safetensors=True).to(vae_dtype)
-    if family_of(read_model_index(path, revision)) == "sdxl":
-        cls, extra = StableDiffusionXLPipeline, {**extra, "add_watermarker": False}
-    else:
-        cls, extra = StableDiffusionPipeline, {**extra, "safety_checker": None, "feature_extractor": None,
-                                               "requires_safety_checker": False}
+    cls, extras = pipeline_class(family_of(read_model_index(path, revision)))
+    extra = {**extra, **extras}
     try:
         with warnings.catch_warnings():
             # newer diffusers rename torch_dtype to dtype; the old name keeps older releases working

@@ -1,7 +1,14 @@
 """The one atomic writer: everything is written under a hidden name beside its destination and renamed into
-place in one step (``atomic_file``, ``atomic_dir``, ``write_text``, ``write_json``, ``replace``), so a reader
-(the UI, a second command, a resumed run) never sees half a file; ``fsync_path`` for writes that must survive a
-crash."""
+place in one step, so a reader (the UI, a second command, a resumed run) never sees half a file.
+
+* one file or folder: ``atomic_file``, ``atomic_dir`` (and ``write_text``, ``write_json`` on top of them);
+* several entries that belong together (a finished run, a checkpoint): written into a hidden folder
+  (``staging_dir``, or a folder of the caller's own when several processes fill it) and moved with ``replace``;
+* ``fsync_path`` / ``fsync_tree`` for writes that must survive a power cut, ``hide`` to take a folder away in one
+  step before it is deleted.
+
+No other module renames, replaces or fsyncs files (tests/test_structure.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import math
 import os
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +35,40 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (files before their folders), then `folder` itself."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move `src` onto `dst` in one rename. A folder at `dst` is removed first: a rename cannot replace a folder
+    that holds files, so between the two steps `dst` is briefly absent (never half-written)."""
+    if Path(dst).is_dir():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+@contextmanager
+def staging_dir(folder: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside `folder` (same file system) to write entries into before each is moved into
+    place with `replace`; removed afterwards with whatever was not moved."""
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def hide(path: Path) -> Path:
+    """Rename a folder to a fresh hidden name beside it (one step: a listing never shows half of it) and return
+    that name, for the caller to delete at leisure."""
+    hidden = _hidden_sibling(Path(path), "deleted")
+    os.replace(path, hidden)
+    return hidden
 
 
 @contextmanager

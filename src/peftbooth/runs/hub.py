@@ -18,7 +18,13 @@ import yaml
 
 from ..config.sections import TrainConfig, UsageError
 from .rundir import (
-    ADAPTER_PARTS, CHECKPOINTS_DIR, CLASS_IMAGES_DIR, CONFIG_FILE, MODEL_CARD, TOKEN_EMBEDDINGS, VALIDATION_DIR,
+    ADAPTER_PARTS,
+    CHECKPOINTS_DIR,
+    CLASS_IMAGES_DIR,
+    CONFIG_FILE,
+    MODEL_CARD,
+    TOKEN_EMBEDDINGS,
+    VALIDATION_DIR,
     RunDir,
 )
 

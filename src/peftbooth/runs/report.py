@@ -20,7 +20,7 @@ from PIL import Image
 
 from .atomic import read_json, write_json, write_text
 from .chart import data_uri, loss_curve
-from .rundir import EVAL_DIR, EVAL_METRICS_FILE, VALIDATION_DIR, RunDir
+from .rundir import EVAL_DIR, EVAL_METRICS_FILE, VALIDATION_DIR, WORLD_METRICS_FILE, RunDir, read_warning
 
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
@@ -55,7 +55,7 @@ def adapter_sizes(run_dir: Path) -> dict[str, int]:
 
 def validation_grids(run_dir: Path) -> list[tuple[int, str]]:
     """(step, relative path of grid.png) in step order."""
-    from ..training.validation import step_dir, validation_steps_on_disk
+    from .rundir import step_dir, validation_steps_on_disk
 
     rows = []
     for step in validation_steps_on_disk(run_dir):
@@ -192,7 +192,6 @@ def validation_section(run_dir: Path) -> str:
     legend = "".join(f"<li><code>{esc(p)}</code></li>" for p in prompts)
     body = (f"<p>Rows: the prompts, in order; columns: fixed seeds, identical at every step, so each column shows "
             f"what training changed.</p><ol>{legend}</ol>")
-    from ..training.validation import read_warning
 
     if read_warning(run_dir):
         body = f'<p class="warn validation-warning">{esc(read_warning(run_dir))}</p>' + body
@@ -235,7 +234,7 @@ def proxies_section(run_dir: Path) -> str:
 
 def world_metrics_section(run_dir: Path, m: dict) -> str:
     """`peftbooth eval` of a run on the world model: the world evaluator's metrics, adapter and base model."""
-    from ..world.metrics import LABELS, METRICS
+    from ..world import LABELS, METRICS
 
     rows = [[esc(LABELS.get(k, k))] + [fmt(v.get(name), 3) for name in METRICS] for k, v in m["results"].items()]
     body = table(rows, ["model", *METRICS])
@@ -257,8 +256,6 @@ def world_metrics_section(run_dir: Path, m: dict) -> str:
 
 
 def metrics_section(run_dir: Path) -> str:
-    from ..world.metrics import WORLD_METRICS_FILE
-
     run = RunDir(run_dir)
     world = run.read_eval(WORLD_METRICS_FILE)
     if world:

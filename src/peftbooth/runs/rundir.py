@@ -19,16 +19,14 @@
 A folder written by the PEFT DreamBooth example script (adapter folders, no config.yaml) is read as well: every
 reader here treats config.yaml as optional unless it is asked to be strict.
 
-Writers go through :func:`atomic_file` / :func:`atomic_dir` (and :func:`write_text`, :func:`write_json` on top of
-them): everything is written under a hidden name beside its destination and renamed into place in one step, so a
-reader (the UI, a second command, a resumed run) never sees half a file. (Checkpoints are the one exception, with
-their own writer in checkpoint.py: every process of a data-parallel run adds its RNG state to one shared temp
-folder, which is fsynced and renamed between barriers.)
+Writers go through runs/atomic.py: everything is written under a hidden name beside its destination and renamed
+into place in one step, so a reader (the UI, a second command, a resumed run) never sees half a file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from ..config.sections import UsageError
 from .atomic import read_json
 
 ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
+UNET, TEXT_ENCODERS = ADAPTER_PARTS[0], ADAPTER_PARTS[1:]  # the UNet's part; the text encoders' in model order
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKEN_EMBEDDINGS = "token_embeddings.safetensors"  # token_embedding.py writes and reads it
@@ -45,11 +44,13 @@ MODEL_CARD = "README.md"
 STATS_FILE = "train_stats.json"
 PROXIES_FILE = "proxies.json"
 REPORT_FILE = "report.html"
-VALIDATION_DIR = "validation"
+VALIDATION_DIR = "validation"  # validation/step_N/ (training.validation writes them)
+WARNING_FILE = "warning.json"  # validation/warning.json: {"step", "warning"}, read by the report and the UI's run page
 CHECKPOINTS_DIR = "checkpoints"
 CLASS_IMAGES_DIR = "class_images"
 EVAL_DIR = "eval"
-EVAL_METRICS_FILE = "metrics.json"  # the DreamBooth protocol's; a world run's is world/metrics.WORLD_METRICS_FILE
+EVAL_METRICS_FILE = "metrics.json"  # the DreamBooth protocol's
+WORLD_METRICS_FILE = "world_metrics.json"  # a world run's (world.metrics)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ class RunDir:
     def class_images_dir(self) -> Path:
         return self.path / CLASS_IMAGES_DIR
 
+    def class_images_of(self, class_data_dir: str | Path | None) -> Path:
+        """Where the run's class images are: --class-data-dir when given, else OUT/class_images."""
+        return Path(class_data_dir) if class_data_dir else self.class_images_dir
+
     @property
     def eval_dir(self) -> Path:
         return self.path / EVAL_DIR
@@ -128,14 +133,14 @@ class RunDir:
                        else f"no {ADAPTER_WEIGHTS}")
                 raise UsageError(f"{flag} {folder}: {why}; convert them to safetensors")
             found[part] = folder
-        if "unet" not in found:
+        if UNET not in found:
             raise UsageError(f"{flag} {self.path}: no unet/{ADAPTER_CONFIG}; pass a run folder written by "
                              "'peftbooth train'")
         return found
 
     def is_finished(self) -> bool:
         """unet/ is moved into place last by train.save: its weights mark a finished run."""
-        return (self.path / "unet" / ADAPTER_WEIGHTS).is_file()
+        return (self.path / UNET / ADAPTER_WEIGHTS).is_file()
 
     def adapter_config(self, part: str) -> dict | None:
         """adapter_config.json of one part as a dict; None when missing or unreadable."""
@@ -211,12 +216,12 @@ class RunDir:
                 data = yaml.safe_load(self.config_file.read_text()) or {}
             except yaml.YAMLError as e:
                 raise UsageError(f"{self.config_file}: not valid YAML ({str(e).splitlines()[0]})") from e
-            model = ((data.get("model") or {}) if isinstance(data, dict) else {}).get("model")
+            model = base_model_of(data if isinstance(data, dict) else {}, {})
             if model:
-                return str(model), self.config_file
-        model = (self.adapter_config("unet") or {}).get("base_model_name_or_path")
+                return model, self.config_file
+        model = base_model_of({}, self.adapter_config(UNET) or {})
         if model:
-            return str(model), self.adapter_dir("unet") / ADAPTER_CONFIG
+            return model, self.adapter_dir(UNET) / ADAPTER_CONFIG
         return None, None
 
     # --- the other files
@@ -250,3 +255,42 @@ def base_model_for(model: str | None, run_dirs: list[str | Path], flag: str = "-
     _, model, source = found[0]
     print(f"base model: {model} (from {source}; --model overrides)")
     return model
+
+
+def adapter_parts(models: list) -> dict:
+    """{'unet': models[0], 'text_encoder': models[1], 'text_encoder_2': models[2]}, as many as given: the UNet
+    first, then the text encoders in the model's order."""
+    if len(models) > len(ADAPTER_PARTS):
+        raise ValueError(f"{len(models)} models for the {len(ADAPTER_PARTS)} adapter parts {ADAPTER_PARTS}")
+    return dict(zip(ADAPTER_PARTS, models))
+
+
+def base_model_of(config: dict, unet_adapter_config: dict) -> str | None:
+    """The base model a run was trained on: its config.yaml's model.model, else the UNet adapter's own record
+    (PEFT's base_model_name_or_path, e.g. in a folder of the PEFT example script); None if neither has one."""
+    model = (config.get("model") or {}).get("model") or unet_adapter_config.get("base_model_name_or_path")
+    return str(model) if model else None
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    """The validation images of `step`: OUT/validation/step_N/."""
+    return Path(output_dir) / VALIDATION_DIR / f"step_{step}"
+
+
+def validation_steps_on_disk(output_dir: str | Path) -> list[int]:
+    """Steps with a validation folder in a run folder, in numeric order (step_100 after step_20)."""
+    root = Path(output_dir) / VALIDATION_DIR
+    steps = []
+    for d in root.glob("step_*") if root.is_dir() else []:
+        suffix = d.name[len("step_"):]
+        if d.is_dir() and suffix.isdigit():
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
+def read_warning(output_dir: str | Path) -> str | None:
+    """The warning validation left (samples equal to the base model's, or no longer changing), if any."""
+    try:
+        return str(json.loads((Path(output_dir) / VALIDATION_DIR / WARNING_FILE).read_text())["warning"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -3,8 +3,11 @@
 A checkpoint is a folder `OUTPUT/checkpoints/checkpoint-NNNNNN/` holding everything that determines the rest
 of the run: adapter weights (safetensors) and, with --ema-decay, their moving average; optimizer, lr scheduler
 and grad-scaler state, every RNG state, the position in the data, and the config it was made with. It is
-written into a hidden temp folder, fsynced and renamed, so a `checkpoint-N` folder is always complete; older ones
-are pruned only after a new one is complete.
+written into a hidden temp folder, fsynced and renamed (runs/atomic.py), so a `checkpoint-N` folder is always
+complete; older ones are pruned only after a new one is complete.
+
+A :class:`Checkpointer` writes a list of :class:`Stateful` components (torchtitan's shape): each saves and loads
+its own files, so the checkpoint knows no model, optimizer or average, only that they have state.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ import socket
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from ..adapters import token_embedding
 from ..config.dicts import to_dict
 from ..config.sections import TrainConfig, UsageError
-from ..runs.atomic import fsync_path
-from ..runs.rundir import CHECKPOINTS_DIR, TOKEN_EMBEDDINGS
+from ..runs.atomic import fsync_path, fsync_tree, replace
+from ..runs.rundir import CHECKPOINTS_DIR
 from . import ema as ema_file
 
 CHECKPOINTS = CHECKPOINTS_DIR  # OUT/checkpoints/ (the run folder's layout is rundir's)
@@ -207,103 +210,114 @@ def set_rng_state(state: dict) -> None:
 # writing and reading
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
-        fsync_path(path)
-    fsync_path(folder)
+class Stateful(Protocol):
+    """A component whose state a checkpoint holds, in files of its own inside the checkpoint folder."""
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
 
 
-def save_checkpoint(run, state: TrainState, fingerprint: str) -> Path:
-    """Write checkpoint-<step> atomically, then prune beyond --checkpoints-total-limit. Returns its path."""
-    acc, t = run.accelerator, run.cfg.train
-    root = run.output_dir / CHECKPOINTS
-    final = root / f"checkpoint-{state.step:06d}"
-    tmp = root / f".tmp-checkpoint-{state.step:06d}"
-    previous = list_checkpoints(run.output_dir)
-    try:
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier write of this step
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        # every process keeps its own RNG streams
-        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        if acc.is_main_process:
-            for name, model in run.trained().items():
-                acc.unwrap_model(model).save_pretrained(tmp / name, save_embedding_layers=False)
-            if run.cfg.train.train_token_embedding:
-                token_embedding.save_file(tmp / TOKEN_EMBEDDINGS, [acc.unwrap_model(m) for m in run.text_encoders],
-                                          run.cfg.train.train_token_embedding)
-            if run.ema is not None:
-                run.ema.save(tmp / ema_file.FILE)
-            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
-            scaler = getattr(acc, "scaler", None)
-            torch.save({"lr_scheduler": run.lr_scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(
-                {**asdict(state), "config": to_dict(run.cfg), "data_fingerprint": fingerprint,
-                 "num_processes": acc.num_processes}, indent=1))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_path(root)
-        # nobody leaves before the checkpoint is in place: after a stop signal a process that exits early makes
-        # torchrun send SIGTERM to the rest, the writer included
-        acc.wait_for_everyone()
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-        raise CheckpointError(f"could not write the checkpoint of step {state.step} in {root} "
-                              f"({why}); {kept}") from e
-    if acc.is_main_process and t.checkpoints_total_limit:
-        for old in list_checkpoints(run.output_dir)[: -t.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+@dataclass
+class OptimizerState:
+    """The optimizer's, the lr schedule's and the fp16 grad scaler's state (optimizer.pt, state.pt). The scaler is
+    looked up on the accelerator when saving and loading: Accelerate keeps it there."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    accelerator: object
+
+    def save(self, folder: Path) -> None:
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        scaler = getattr(self.accelerator, "scaler", None)
+        torch.save({"lr_scheduler": self.lr_scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, folder / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        # weights_only=True: these files are read without unpickling arbitrary objects; on the CPU (torch.load
+        # cannot map to "cpu:0" either): load_state_dict moves the state to its parameters' device
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        extra = torch.load(folder / "state.pt", weights_only=True)
+        self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if extra["scaler"] is not None and scaler is not None:
+            scaler.load_state_dict(extra["scaler"])
 
 
-def load_checkpoint(run, path: Path) -> TrainState:
-    """Restore adapters, optimizer, scheduler, scaler and RNG from `path`; return where the loop stands."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
+@dataclass
+class EMAState:
+    """--ema-decay's moving average (ema.safetensors)."""
 
-    acc = run.accelerator
-    for part, model in run.trained().items():
-        # read on the CPU and copied in: safetensors refuses the device "cpu:0" that the CPU processes of a
-        # multi-process run have (which no resume under the launcher reached before), and adapters are small
-        weights = load_file(path / part / "adapter_model.safetensors", device="cpu")
-        # compared as PEFT saves them: a checkpoint missing some of this model's adapter weights would leave
-        # those at their fresh initialisation, silently, as much as extra weights would be dropped
-        expected = set(get_peft_model_state_dict(acc.unwrap_model(model), adapter_name="default", unwrap_compiled=True,
-                                                save_embedding_layers=False))
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        if missing or unexpected:
-            what = f"{len(missing)} missing, e.g. {missing[0]}" if missing else \
-                f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"
-            raise UsageError(f"--resume {path}: {part} weights do not fit this model ({what})")
-        set_peft_model_state_dict(acc.unwrap_model(model), weights, adapter_name="default")
-    if run.cfg.train.train_token_embedding:
-        _, rows = token_embedding.read_file(path / TOKEN_EMBEDDINGS)
-        token_embedding.load_state([acc.unwrap_model(m) for m in run.text_encoders], rows)
-    if run.ema is not None:
-        if (path / ema_file.FILE).is_file():
-            run.ema.load(path / ema_file.FILE)
+    ema: ema_file.AdapterEMA
+
+    def save(self, folder: Path) -> None:
+        self.ema.save(folder / ema_file.FILE)
+
+    def load(self, folder: Path) -> None:
+        if (folder / ema_file.FILE).is_file():
+            self.ema.load(folder / ema_file.FILE)
         else:  # only reachable with --resume-force: the checkpoint's run had no --ema-decay
-            warnings.warn(f"--resume {path}: the checkpoint has no {ema_file.FILE}; the moving average starts "
+            warnings.warn(f"--resume {folder}: the checkpoint has no {ema_file.FILE}; the moving average starts "
                           "from its weights", stacklevel=2)
-            run.ema = ema_file.AdapterEMA(run.ema.params, run.ema.decay)
-    # weights_only=True: these files are read without unpickling arbitrary objects
-    # on the CPU (torch.load cannot map to "cpu:0" either); load_state_dict moves the state to its parameters' device
-    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    extra = torch.load(path / "state.pt", weights_only=True)
-    run.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-    if extra["scaler"] is not None and getattr(acc, "scaler", None) is not None:
-        acc.scaler.load_state_dict(extra["scaler"])
-    set_rng_state(process_rng_state(path, acc.process_index))
-    return TrainState.resumed(json.loads((path / STATE_FILE).read_text()))
+            self.ema.restart()
+
+
+@dataclass
+class Checkpointer:
+    """Writes and reads a run's checkpoints: `parts` (the components whose state continues the run: adapters,
+    their average, optimizer) are written by the main process, every process adds its own RNG streams, and
+    `record` (config, data fingerprint, number of processes) goes beside the loop's TrainState."""
+
+    accelerator: object
+    output_dir: Path
+    parts: list[Stateful]
+    record: dict
+    total_limit: int = 0  # --checkpoints-total-limit; 0 keeps them all
+
+    def save(self, state: TrainState) -> Path:
+        """Write checkpoint-<step> atomically, then prune beyond the limit. Returns its path."""
+        acc = self.accelerator
+        root = self.output_dir / CHECKPOINTS
+        final = root / f"checkpoint-{state.step:06d}"
+        tmp = root / f".tmp-checkpoint-{state.step:06d}"  # one folder that every process writes into
+        previous = list_checkpoints(self.output_dir)
+        try:
+            if acc.is_main_process:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier write of this step
+                tmp.mkdir()
+            acc.wait_for_everyone()
+            # every process keeps its own RNG streams
+            torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+            if acc.is_main_process:
+                for part in self.parts:
+                    part.save(tmp)
+                (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), **self.record}, indent=1))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                fsync_tree(tmp)
+                replace(tmp, final)
+                fsync_path(root)
+            # nobody leaves before the checkpoint is in place: after a stop signal a process that exits early
+            # makes the launcher stop the rest, the writer included
+            acc.wait_for_everyone()
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, not OSError
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            raise CheckpointError(f"could not write the checkpoint of step {state.step} in {root} "
+                                  f"({why}); {kept}") from e
+        if acc.is_main_process and self.total_limit:
+            for old in list_checkpoints(self.output_dir)[: -self.total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path) -> TrainState:
+        """Restore every part and this process's RNG streams from `path`; return where the loop stands."""
+        for part in self.parts:
+            part.load(path)
+        set_rng_state(process_rng_state(path, self.accelerator.process_index))
+        return TrainState.resumed(json.loads((path / STATE_FILE).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,6 +66,13 @@ class AdapterEMA:
             with torch.no_grad():
                 torch._foreach_copy_(self._live, kept)
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average again from the current weights, as a new AdapterEMA over them would (a resume with
+        --resume-force from a checkpoint that holds no average)."""
+        torch._foreach_copy_(self._avg, self._live)
+        self.updates = 0
+
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 

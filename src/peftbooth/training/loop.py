@@ -15,17 +15,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config.sections import TrainConfig
-from ..evaluate.proxies import write_proxies
-from .checkpoint import TrainState, list_checkpoints, release_lock, save_checkpoint
+from .checkpoint import TrainState, list_checkpoints, release_lock
 from .objective import (
-    LossParts, ObjectiveSettings, batch_conditioning, batch_loss_masks, batch_posterior, row_generators,
+    LossParts,
+    ObjectiveSettings,
+    batch_conditioning,
+    batch_loss_masks,
+    batch_posterior,
+    row_generators,
     training_loss,
 )
-from .saving import save
+from .proxies import ProxyInputs, write_proxies
+from .saving import publish, save
 from .setup import Run, setup
-from .signals import StopSignals, TrainingInterrupted, all_true, signal_interval
+from .signals import StopSignals, TrainingInterrupted, all_true, end_training, signal_interval
 from .tracking import LossWindow, RunClock, ScalerSkips, run_stats
-from .validation import run_validation, should_validate
+from .validation import ValidationPlan, run_validation, should_validate
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -34,16 +39,31 @@ def train(cfg: TrainConfig) -> Path:
     try:
         stats = fit(run)
         stats["proxies"] = proxies_or_warning(run)
-        return save(run, stats)
+        return finish(run, stats)
     finally:
         release_lock(run.lock)
+
+
+def finish(run: Run, stats: dict) -> Path:
+    """Write the finished run (saving.save), end every process's training, say where the adapters are and push
+    them when asked. Returns the output folder."""
+    out = save(run.accelerator, run.output_dir, run.adapters, run.cfg, stats, run.components.is_sdxl)
+    end_training(run.accelerator, run.drop_wrappers)
+    publish(run.accelerator, out, list(run.adapters.models), run.cfg.train.push_to_hub)
+    return out
+
+
+def proxy_inputs(run: Run) -> ProxyInputs:
+    """What the proxies read of the run: the trained models, the photos as decoded for training."""
+    return ProxyInputs(run.cfg, run.accelerator, run.components, [run.unet, *run.text_encoders], run.trained(),
+                       run.dataset.instance_images, run.dataset.instance_prompts, run.output_dir, run.weight_dtype)
 
 
 def proxies_or_warning(run: Run) -> dict | None:
     """Instance loss before/after and class drift -> OUTPUT/proxies.json. A measurement must never cost the user
     the adapter they just trained: a failure here is a warning, and saving goes on."""
     try:
-        return write_proxies(run)
+        return write_proxies(proxy_inputs(run))
     except Exception as e:  # noqa: BLE001 - anything at all: the trained adapter is saved regardless
         warnings.warn(f"proxies not computed ({type(e).__name__}: {e})", stacklevel=2)
         return None
@@ -116,7 +136,7 @@ def fit(run: Run) -> dict:
                 log_losses(run, loop)  # reading the device waits for it: only at these steps, not every step
             if checkpoint_due or stop:
                 state.seconds, state.validation_seconds = loop.clock.totals()  # carried into a resumed run
-                path = save_checkpoint(run, state, run.fingerprint)
+                path = run.checkpointer.save(state)
                 if stop:
                     loop.progress.close()
                     raise TrainingInterrupted(stop, path)
@@ -203,7 +223,13 @@ def validate(run: Run, loop: Loop) -> None:
     if not should_validate(run.cfg, run.state.step):
         return
     with loop.clock.validating(), run.ema.swapped_in() if run.ema is not None else nullcontext():
-        run_validation(run, run.state.step)
+        validation_images(run, run.state.step)
+
+
+def validation_images(run: Run, step: int, **kwargs) -> list[Path]:
+    """The run's validation samples at `step` with the models as they are now (validation.run_validation)."""
+    return run_validation(run.accelerator, run.components, [run.unet, *run.text_encoders], ValidationPlan.of(run.cfg),
+                          run.output_dir, step, **kwargs)
 
 
 def check_finite(first_bad: torch.Tensor, params: list[torch.Tensor], step: int, output_dir: Path | None = None) -> None:

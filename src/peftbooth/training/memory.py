@@ -228,15 +228,13 @@ def footprint_of(cfg, components) -> Footprint:
 
 def class_images_missing(cfg) -> bool:
     """Prior preservation with fewer class images on disk than --num-class-images (nothing is read or written)."""
-    from pathlib import Path
-
     from ..data.images import list_images
     from ..runs.rundir import RunDir
 
     d = cfg.data
     if not d.with_prior_preservation:
         return False
-    folder = Path(d.class_data_dir) if d.class_data_dir else RunDir(cfg.train.output_dir).class_images_dir
+    folder = RunDir(cfg.train.output_dir).class_images_of(d.class_data_dir)
     return not folder.is_dir() or len(list_images(folder, "--class-data-dir")) < d.num_class_images
 
 

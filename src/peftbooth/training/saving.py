@@ -1,27 +1,26 @@
 """Writing a finished run into its output folder: the adapter folders, config.yaml, README.md and the report.
 
 Everything is written complete into a hidden staging folder first and moved into place, unet/ (the finished-run
-marker) last. `run` is train.Run (not imported: train imports this module).
+marker) last, through runs/atomic.py. Each function takes what it writes: the trained adapters, the config and the
+statistics, never the training run itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from ..adapters import token_embedding
+from ..adapters.files import TrainedAdapters
 from ..config.dicts import to_dict
 from ..config.sections import TrainConfig
+from ..runs.atomic import replace, staging_dir
 from ..runs.hub import model_card, push
 from ..runs.report import write_report
-from ..runs.rundir import TOKEN_EMBEDDINGS
-from .signals import end_training
+from ..runs.rundir import CONFIG_FILE, MODEL_CARD, TEXT_ENCODERS, TOKEN_EMBEDDINGS, UNET
 
 
 def replayable(cfg: TrainConfig) -> TrainConfig:
@@ -31,10 +30,9 @@ def replayable(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, train=train_args)
 
 
-def check_ranks_agree(run) -> None:
+def check_ranks_agree(accelerator, models: list[torch.nn.Module]) -> None:
     """Data-parallel processes must end with the same adapters (only rank 0's are saved): compare exactly."""
-    acc = run.accelerator
-    models = list(run.trained().values())
+    acc = accelerator
     # one float64 checksum per adapter tensor: (P,) per process, gathered to (world * P,)
     sums = torch.stack([p.detach().double().sum() for m in models for p in m.parameters() if p.requires_grad])
     per_rank = acc.gather(sums.to(acc.device)).view(acc.num_processes, -1)
@@ -43,47 +41,38 @@ def check_ranks_agree(run) -> None:
     acc.print(f"adapter weights identical on all {acc.num_processes} processes")
 
 
-def save(run, stats: dict) -> Path:
-    """Write unet/ (and text_encoder/) adapter folders, config.yaml and README.md into the output dir.
+def save(accelerator, out: Path, adapters: TrainedAdapters, cfg: TrainConfig, stats: dict, sdxl: bool) -> Path:
+    """Write the adapter folders, config.yaml, README.md and the report into `out`.
 
     Everything is written complete into a hidden staging folder first, then moved into place one by one, unet/
     (the finished-run marker) last: no file is ever half-written, though a crash between moves can leave the new
     config.yaml beside the previous adapter.
     """
-    acc, out = run.accelerator, run.output_dir
+    acc = accelerator
     acc.wait_for_everyone()
     if acc.num_processes > 1:
-        check_ranks_agree(run)
+        check_ranks_agree(acc, list(adapters.models.values()))
     if acc.is_main_process:
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-        try:
-            # save_embedding_layers=False: no embeddings are trained, and 'auto' would look the base model up online
-            for name, model in run.trained().items():
-                acc.unwrap_model(model).save_pretrained(staging / name, save_embedding_layers=False)
-            if run.cfg.train.train_token_embedding:
-                token_embedding.save_file(staging / TOKEN_EMBEDDINGS,
-                                          [acc.unwrap_model(m) for m in run.text_encoders],
-                                          run.cfg.train.train_token_embedding)
-            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(replayable(run.cfg)), sort_keys=False))
-            (staging / "README.md").write_text(model_card(run.cfg, stats, out, sdxl=run.components.is_sdxl))
+        with staging_dir(out) as staging:
+            adapters.save(staging)
+            (staging / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(replayable(cfg)), sort_keys=False))
+            (staging / MODEL_CARD).write_text(model_card(cfg, stats, out, sdxl=sdxl))
             # config.yaml and README.md first, unet/ (the finished-run marker) last
-            for name in ["config.yaml", "README.md", "text_encoder", "text_encoder_2", TOKEN_EMBEDDINGS, "unet"]:
+            for name in [CONFIG_FILE, MODEL_CARD, *TEXT_ENCODERS, TOKEN_EMBEDDINGS, UNET]:
                 src, dst = staging / name, out / name
-                if not src.exists():
-                    if dst.is_dir() and name.startswith("text_encoder"):
-                        shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
-                    elif dst.is_file() and name == TOKEN_EMBEDDINGS:
-                        dst.unlink()  # ... or its identifier's embedding
-                    continue
-                if dst.is_dir():
-                    shutil.rmtree(dst)
-                os.replace(src, dst)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                if src.exists():
+                    replace(src, dst)
+                elif name in TEXT_ENCODERS and dst.is_dir():
+                    shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
+                elif name == TOKEN_EMBEDDINGS and dst.is_file():
+                    dst.unlink()  # ... or its identifier's embedding
         acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk
-    end_training(run.accelerator, run)
-    acc.print(f"adapters written to {out}: " + ", ".join(f"{name}/" for name in run.trained()))
-    if run.cfg.train.push_to_hub and acc.is_main_process:
-        url = push(out, run.cfg.train.push_to_hub)
-        acc.print(f"pushed to {url}")
     return out
+
+
+def publish(accelerator, out: Path, parts: list[str], push_to_hub: str | None) -> None:
+    """Say where the adapters are, and upload the run when --push-to-hub asks (main process only)."""
+    accelerator.print(f"adapters written to {out}: " + ", ".join(f"{name}/" for name in parts))
+    if push_to_hub and accelerator.is_main_process:
+        url = push(out, push_to_hub)
+        accelerator.print(f"pushed to {url}")

@@ -17,8 +17,10 @@ from torch.utils.data import DataLoader
 
 from ..adapters import factored
 from ..adapters import token_embedding as te_rows
+from ..adapters.files import TrainedAdapters
 from ..adapters.inject import attach, check_targets, count_parameters
 from ..adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from ..config.dicts import to_dict
 from ..config.sections import TrainConfig
 from ..data.dataset import DreamBoothDataset, EpochSampler, collate
 from ..models.components import Components
@@ -26,9 +28,9 @@ from ..models.defaults import announce
 from ..models.loading import load_components
 from ..models.vae import vae_force_upcast
 from ..precision import Precision, for_training, place_frozen
-from ..runs.rundir import RunDir
+from ..runs.rundir import RunDir, adapter_parts
 from .cache import LatentCache, TextCache
-from .checkpoint import CHECKPOINTS, TrainState, acquire_lock, load_checkpoint, release_lock
+from .checkpoint import CHECKPOINTS, Checkpointer, EMAState, OptimizerState, TrainState, acquire_lock, release_lock
 from .distributed import accelerator_kwargs
 from .ema import AdapterEMA, adapter_ema
 from .memory import check_memory
@@ -59,6 +61,8 @@ class Run:
     text_cache: TextCache | None = None  # text-encoder states per prompt, when the text encoder is frozen
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (PeftModel when trained)
     ema: AdapterEMA | None = None  # --ema-decay: the moving average of the adapter weights
+    adapters: TrainedAdapters | None = None  # the trained parts unwrapped: what checkpoints and the run save
+    checkpointer: Checkpointer | None = None
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -70,13 +74,15 @@ class Run:
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
     def trained(self) -> dict[str, torch.nn.Module]:
-        """The models with adapters, by the folder name their adapter is saved under."""
-        parts = {"unet": self.unet}
-        if self.cfg.train.train_text_encoder:
-            parts["text_encoder"] = self.text_encoder
-            if self.text_encoder_2 is not None:
-                parts["text_encoder_2"] = self.text_encoder_2
-        return parts
+        """The models with adapters (as prepared), by the folder name their adapter is saved under."""
+        return adapter_parts([self.unet, *(self.text_encoders if self.cfg.train.train_text_encoder else [])])
+
+    def drop_wrappers(self) -> None:
+        """Hold the models the prepared (data-parallel) ones wrap, and no wrapper (signals.end_training)."""
+        unwrap = self.accelerator.unwrap_model
+        self.unet, self.text_encoder = unwrap(self.unet), unwrap(self.text_encoder)
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2 = unwrap(self.text_encoder_2)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -175,11 +181,20 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
               Path(t.output_dir), sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
               text_encoders[1] if len(text_encoders) > 1 else None)
     run.ema = adapter_ema(run.trained(), t.ema_decay, accelerator.unwrap_model)
+    unwrap = accelerator.unwrap_model
+    run.adapters = TrainedAdapters({name: unwrap(m) for name, m in run.trained().items()}, t.train_token_embedding,
+                                   [unwrap(m) for m in run.text_encoders])
+    run.checkpointer = Checkpointer(
+        accelerator, run.output_dir,
+        [run.adapters, *([EMAState(run.ema)] if run.ema is not None else []),
+         OptimizerState(optimizer, lr_scheduler, accelerator)],
+        {"config": to_dict(cfg), "data_fingerprint": fingerprint, "num_processes": accelerator.num_processes},
+        t.checkpoints_total_limit or 0)
     for name, model in run.trained().items():
         trainable, total = count_parameters(model)
         accelerator.print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     if checkpoint is not None:
-        run.state = load_checkpoint(run, checkpoint)
+        run.state = run.checkpointer.load(checkpoint)
         accelerator.print(f"resuming from {checkpoint} at step {run.state.step}")
     return run
 
@@ -191,7 +206,7 @@ def class_images(cfg: TrainConfig, accelerator, components: Components, precisio
     from .prior import class_images_from_components
 
     d, out = cfg.data, Path(cfg.train.output_dir)
-    class_dir = Path(d.class_data_dir) if d.class_data_dir else RunDir(out).class_images_dir
+    class_dir = RunDir(out).class_images_of(d.class_data_dir)
     return class_images_from_components(
         components, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
         cfg.train.seed, precision, show_progress=accelerator.is_local_main_process,

@@ -14,10 +14,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-
-from ..runs.rundir import ADAPTER_PARTS
 
 # With several processes, agreeing on a stop signal is a gather and a host sync; the loop asks only every this
 # many optimizer steps (or fewer: at logging steps, which sync anyway, and at checkpoints), not every step.
@@ -95,11 +94,11 @@ def all_true(accelerator, flag: torch.Tensor) -> bool:
     return bool(flag)
 
 
-def end_training(accelerator, holder, names: tuple[str, ...] = ADAPTER_PARTS) -> None:
+def end_training(accelerator, release: Callable[[], None]) -> None:
     """Accelerate's end_training (trackers closed, process group destroyed), with the DDP wrappers dropped first.
 
-    `holder` (train.Run) keeps the prepared models under the attribute `names`; each is replaced by the model it
-    wraps. With several processes: DDP's Reducer holds the process group. Where the Reducer is the group's last
+    `release` drops the caller's references to the prepared (data-parallel) models, keeping the models they wrap
+    (training.setup.Run.drop_wrappers). With several processes: DDP's Reducer holds the process group. Where the Reducer is the group's last
     owner, the group's destructor waits for gloo's worker threads while holding the GIL, and a worker that needs
     the GIL to free the tensors of a finished gather never ends: seen as 1 run in 12 hanging at exit with 2 CPU
     processes (a known PyTorch pattern, pytorch/pytorch#56297). So first a barrier: every earlier collective is
@@ -111,10 +110,7 @@ def end_training(accelerator, holder, names: tuple[str, ...] = ADAPTER_PARTS) ->
     """
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
-        for name in names:
-            model = getattr(holder, name)
-            if model is not None:
-                setattr(holder, name, accelerator.unwrap_model(model))
+        release()
         accelerator.free_memory()  # Accelerate's own references to the prepared models, optimizer and data loader
         gc.collect()
     accelerator.end_training()

@@ -12,6 +12,7 @@ TensorBoard, the grid is logged under the tag ``validation``.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,8 @@ from PIL import Image
 
 from ..inference.sampling import grid, image_seeds, in_memory_pipeline, sample, sampling_state
 from ..runs.atomic import write_json
+from ..runs.rundir import VALIDATION_DIR, WARNING_FILE, step_dir, validation_steps_on_disk
 
-VALIDATION_DIR = "validation"
-WARNING_FILE = "warning.json"  # validation/warning.json: {"step", "warning"}, read by the report and the UI's run page
 # Two samples of the same seed are "the same" below this mean absolute difference (0-255 levels): a PNG round trip
 # of one image gives 0, and an adapter that learned anything moves 32-px world samples by tens of levels.
 SAME_IMAGES = 0.5
@@ -50,21 +50,6 @@ def should_validate(cfg, step: int) -> bool:
     return step % t.validation_steps == 0 or step == t.max_train_steps
 
 
-def step_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / VALIDATION_DIR / f"step_{step}"
-
-
-def validation_steps_on_disk(output_dir: str | Path) -> list[int]:
-    """Steps with a validation folder in a run folder, in numeric order (step_100 after step_20)."""
-    root = Path(output_dir) / VALIDATION_DIR
-    steps = []
-    for d in root.glob("step_*") if root.is_dir() else []:
-        suffix = d.name[len("step_"):]
-        if d.is_dir() and suffix.isdigit():
-            steps.append(int(suffix))
-    return sorted(steps)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # writing
 
@@ -88,32 +73,49 @@ def log_grid(accelerator, image: Image.Image, step: int) -> None:
             tracker.log_images({"validation": np.asarray(image)[None]}, step=step, dataformats="NHWC")
 
 
-def run_validation(run, step: int, num_inference_steps: int | None = None,
-                   guidance_scale: float | None = None) -> list[Path]:
-    """Sample every --validation-prompt --num-validation-images times with the model as it is now.
+@dataclass(frozen=True)
+class ValidationPlan:
+    """What validation samples: every prompt `num_images` times, image k from seed `seed + k`, at `resolution`;
+    the grid also goes to TensorBoard when `log`."""
 
-    `run` is train.Run. Adapters stay active; every module is in eval mode while sampling and gets its own
-    training flag back afterwards; the global RNG state is left as it was. Returns the PNGs written (the grid not
-    included); [] without validation prompts and on processes other than the main one.
+    prompts: list[str]
+    seed: int
+    num_images: int
+    resolution: int
+    log: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "ValidationPlan":
+        t = cfg.train
+        return cls(list(t.validation_prompt), t.seed, t.num_validation_images, cfg.data.resolution,
+                   t.report_to != "none")
+
+
+def run_validation(accelerator, components, models: list, plan: ValidationPlan, output_dir: str | Path, step: int,
+                   num_inference_steps: int | None = None, guidance_scale: float | None = None) -> list[Path]:
+    """Sample every prompt of `plan` with the model as it is now: `components`' modules, with the adapters that
+    `models` (the trained UNet and text encoders) hold.
+
+    Adapters stay active; every module is in eval mode while sampling and gets its own training flag back
+    afterwards; the global RNG state is left as it was. Returns the PNGs written (the grid not included); []
+    without validation prompts and on processes other than the main one.
     """
-    t, acc, c = run.cfg.train, run.accelerator, run.components
-    prompts = list(t.validation_prompt)
-    if not prompts or not acc.is_main_process:
+    acc, c = accelerator, components
+    if not plan.prompts or not acc.is_main_process:
         return []
     if step == 0:
         # a fresh run (or --overwrite): rows from an earlier run in this folder would be mixed into the report
-        shutil.rmtree(Path(run.output_dir) / VALIDATION_DIR, ignore_errors=True)
+        shutil.rmtree(Path(output_dir) / VALIDATION_DIR, ignore_errors=True)
     # the base modules: they hold the text-encoder adapter layers when those are trained
-    with sampling_state(acc.device, c.vae, [run.unet, *run.text_encoders, c.vae], [c.vae, *c.text_encoders],
-                        acc.autocast()):
+    with sampling_state(acc.device, c.vae, [*models, c.vae], [c.vae, *c.text_encoders], acc.autocast()):
         pipe = in_memory_pipeline(c)
-        rows = sample(pipe, prompts, image_seeds(t.seed, t.num_validation_images), run.cfg.data.resolution,
+        rows = sample(pipe, plan.prompts, image_seeds(plan.seed, plan.num_images), plan.resolution,
                       num_inference_steps or DEFAULT_INFERENCE_STEPS,
                       DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
-    paths = write_images(step_dir(run.output_dir, step), rows)
-    write_json(Path(run.output_dir) / VALIDATION_DIR / "prompts.json", prompts)
-    note_unchanged(run.output_dir, step)
-    if t.report_to != "none":
+    paths = write_images(step_dir(output_dir, step), rows)
+    write_json(Path(output_dir) / VALIDATION_DIR / "prompts.json", plan.prompts)
+    note_unchanged(output_dir, step)
+    if plan.log:
         log_grid(acc, grid(rows), step)
     return paths
 
@@ -162,12 +164,3 @@ def note_unchanged(output_dir: str | Path, step: int) -> None:
         write_json(path, {"step": step, "warning": warning})
     else:
         path.unlink(missing_ok=True)
-
-
-def read_warning(output_dir: str | Path) -> str | None:
-    import json
-
-    try:
-        return str(json.loads((Path(output_dir) / VALIDATION_DIR / WARNING_FILE).read_text())["warning"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

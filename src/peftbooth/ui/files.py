@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config.sections import UsageError
 from ..data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, list_images, load_image, mask_path, mask_problem, photo_beside
-from ..runs.atomic import write_text
+from ..runs.atomic import replace, write_text
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # one photo; phone photos are 2-12 MB
 MAX_PHOTOS = 50  # per run
@@ -125,7 +125,7 @@ def store_upload(folder: Path, filename: str, data: bytes) -> Path:
         if photo is not None and (problem := mask_problem(image, load_image(photo))):
             raise UsageError(f"mask {filename!r}: {problem}")
         target = mask_path(photo) if photo is not None else unique(folder, name)
-        os.replace(tmp, target)
+        replace(tmp, target)
         return target
     finally:
         tmp.unlink(missing_ok=True)

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from ..config.sections import UsageError
-from ..runs.rundir import ADAPTER_WEIGHTS, RunDir
+from ..runs.atomic import hide
+from ..runs.rundir import ADAPTER_WEIGHTS, RunDir, read_warning, step_dir, validation_steps_on_disk
 from ..training.checkpoint import LOCK, list_checkpoints
-from ..training.validation import read_warning, step_dir, validation_steps_on_disk
 from .files import UI_DIR, atomic_write
 
 JOB = "job.json"
@@ -297,8 +297,7 @@ class Queue:
             state = state_of(run)
             if state in ("running", "stopping", "queued"):
                 raise UsageError(f"run {run.name}: {state}; stop it before deleting it")
-            hidden = run.with_name(f".deleted-{run.name}-{time.time_ns()}")
-            os.replace(run, hidden)
+            hidden = hide(run)
         shutil.rmtree(hidden, ignore_errors=True)
 
     def stop(self, run: Path) -> str:

@@ -1,6 +1,6 @@
 """The new-run form, built from the config dataclasses, and the checks `peftbooth train` makes before it starts.
 
-Every field of every section in :data:`peftbooth.config.SECTIONS` becomes one form field (its help text, type,
+Every field of every section in :data:`peftbooth.config.dicts.SECTIONS` becomes one form field (its help text, type,
 default and choices come from the dataclass), so the page can never offer an option the CLI lacks or miss one it
 has. The page sends ``{"section.field": value}``; :func:`check_run` turns that into a ``TrainConfig`` through
 ``from_dict`` (the same type checks as a ``--config`` YAML file), then runs ``config.validate`` and
@@ -27,7 +27,7 @@ MANAGED = ("train.output_dir", "data.instance_data_dir", "train.resume", "train.
            "train.low_memory")
 
 # The fields shown at the top of the form: what a user must decide (the photos and the preset are above them); the
-# rest go under "Advanced", where the model's defaults (peftbooth.model_defaults) fill them. Still one list of
+# rest go under "Advanced", where the model's defaults (peftbooth.models.defaults) fill them. Still one list of
 # options: both parts are rendered from `form_fields()`.
 MAIN = ("model.model", "data.instance_prompt", "data.with_prior_preservation", "data.class_prompt",
         "data.resolution", "train.max_train_steps", "train.validation_prompt")
@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 PRESET_LABELS = {"": "the base model's defaults", "quick-look": "a quick look: 200 steps, samples every 50",
                  "more-capacity": "more capacity: rank 16 on every layer, and the text encoder"}
-# Applied on top of any preset: less memory for the same training. Its one owner is peftbooth.memory, which
+# Applied on top of any preset: less memory for the same training. Its one owner is peftbooth.training.memory, which
 # `train --low-memory` applies too.
 LOW_MEMORY = memory.LOW_MEMORY
 

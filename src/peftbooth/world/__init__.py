@@ -5,6 +5,9 @@ from pathlib import Path
 
 WORLD_NAME = "world"  # `--model world`
 MODEL_DIR = Path(__file__).parent / "model"  # written by `python -m peftbooth.world.build`
+# what world.metrics measures, in its tables' column order, and the names of the rows it compares
+METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity")
+LABELS = {"adapter": "adapter", "base": "base model (no adapter)"}
 
 
 def is_world_model(model: str | None) -> bool:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runs.rundir import WORLD_METRICS_FILE
+from . import LABELS, METRICS
 from .evaluator import judge, load_evaluator
 from .scenes import CLASS_PROMPT, COLOURS, HELD_OUT_CONTEXTS, IDENTIFIER, SIZE, SUBJECT_CLASS, subject_prompt
-
-METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity")
 
 
 @dataclass
@@ -101,8 +101,6 @@ def evaluate_adapter(model_dir: str | Path, run_dirs: dict[str, str | Path], rea
 # ---------------------------------------------------------------------------------------------------------------
 # `peftbooth eval RUN` on a run trained on the world model
 
-WORLD_METRICS_FILE = "world_metrics.json"
-LABELS = {"adapter": "adapter", "base": "base model (no adapter)"}
 
 
 def format_world_table(results: dict) -> str:

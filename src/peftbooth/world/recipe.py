@@ -26,7 +26,7 @@ RECIPE = dict(rank=RANKS, target_modules="all", learning_rate=LEARNING_RATES, ma
 
 def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = True) -> dict[str, object]:
     """The recipe as {"section.field": value}: what `--model world` takes for every setting the user does not give
-    (peftbooth.model_defaults), and what world_config builds on. The prior settings only with prior preservation,
+    (peftbooth.models.defaults), and what world_config builds on. The prior settings only with prior preservation,
     the masked loss only when every photo has its mask (write_subject_photos writes them)."""
     adapter = adapter if adapter in LEARNING_RATES else "lora"  # a bad type is refused later, naming --adapter
     values: dict[str, object] = {

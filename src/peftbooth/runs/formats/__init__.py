@@ -5,7 +5,10 @@
   A1111, Forge and ComfyUI; LoRA, LoHa, LoKr) or ``peft`` (the adapter folders as trained).
 * ``import_kohya(file, output_dir, model)``: a kohya / LyCORIS file -> PEFT adapter folders (unet/, text_encoder/,
   and text_encoder_2/ for SDXL) that ``peftbooth generate --adapter`` and ``PeftModel.from_pretrained`` load.
-* ``fuse_run(model, run_dir, output_dir, scale)`` (in :mod:`peftbooth.fuse`): a full diffusers pipeline folder.
+* ``fuse_run(model, run_dir, output_dir, scale)`` (in :mod:`peftbooth.inference.fuse`): a full diffusers pipeline
+  folder.
+
+The ``export``, ``import`` and ``fuse`` commands are :mod:`.commands`.
 
 SD 1.x / 2.x and SDXL runs and files are handled alike; SDXL adds the second text encoder (text_encoder_2) and,
 in kohya files, its own module names (see :mod:`.kohya_names`).
@@ -18,8 +21,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ...config.flags import add_option_flags, options_from_args
-from ...config.options import EXPORT_FORMATS, ExportOptions, FuseOptions, ImportOptions
+from ...config.options import EXPORT_FORMATS
 from ...config.sections import UsageError
 from ..rundir import ADAPTER_WEIGHTS, PICKLE_SUFFIXES, RunDir
 from .common import atomic_dir, atomic_file, check_output, load_safetensors, read_run, save_safetensors
@@ -101,50 +103,3 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
             f"`peftbooth generate --model {model or 'MODEL'} --adapter {output} --prompt ...`.\n"
         )
     return output
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def cmd_export(args) -> int:
-    o = options_from_args(ExportOptions, args)
-    if o.format == "kohya":  # the one format whose contents depend on the base model (block names, version)
-        from ..rundir import base_model_for
-
-        if RunDir(o.run_dir).recorded_base_model()[0]:
-            base_model_for(None, [o.run_dir], "RUN_DIR")  # says which one
-    path = export_run(o.run_dir, o.format, o.output, overwrite=o.overwrite)
-    print(f"{o.format} export written to {path}")
-    return 0
-
-
-def cmd_import(args) -> int:
-    o = options_from_args(ImportOptions, args)
-    path = import_kohya(o.file, o.output_dir, model=o.model, overwrite=o.overwrite)
-    print(f"PEFT adapters written to {path}")
-    return 0
-
-
-def cmd_fuse(args) -> int:
-    from ...inference.fuse import fuse_run
-
-    o = options_from_args(FuseOptions, args)
-    path = fuse_run(o.model, o.run_dir, o.output_dir, scale=o.scale, overwrite=o.overwrite, vae=o.vae)
-    print(f"fused Stable Diffusion pipeline written to {path}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Add the `export`, `import` and `fuse` subcommands to the main CLI's subparsers."""
-    for name, options, func, help in [
-        ("export", ExportOptions, cmd_export, "export a run's adapters for diffusers, A1111/ComfyUI/Forge or PEFT"),
-        ("import", ImportOptions, cmd_import, "convert a kohya / LyCORIS .safetensors into PEFT adapter folders"),
-        ("fuse", FuseOptions, cmd_fuse, "merge a run's adapters into the base model and save a full pipeline"),
-    ]:
-        p = subparsers.add_parser(name, help=help)
-        add_option_flags(p, options)
-        p.set_defaults(func=func)
-
-
-__all__ = ["FORMATS", "add_commands", "export_run", "import_kohya", "load_safetensors"]

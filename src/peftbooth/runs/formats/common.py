@@ -4,13 +4,12 @@ A run folder's adapters are read into :class:`Adapter` objects: the PEFT config 
 dotted module path they adapt (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` ->
 ``{'lora_A.weight': ..., 'lora_B.weight': ...}``). Every writer works from that grouping, and generation loads
 the same object into a pipeline, so the PEFT key layout is parsed in exactly one place (:func:`read_adapter`).
-Where the folders are is :class:`~peftbooth.rundir.RunDir`'s business.
+Where the folders are is :class:`~peftbooth.runs.rundir.RunDir`'s business.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -20,12 +19,12 @@ from typing import Iterator
 
 import torch
 
+from ...adapters.strength import peft_scale
 from ...config.sections import UsageError
 from ..atomic import atomic_dir as write_dir
 from ..atomic import atomic_file as write_file
-from ..rundir import ADAPTER_CONFIG, ADAPTER_PARTS, ADAPTER_WEIGHTS, PICKLE_SUFFIXES, RunDir
+from ..rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES, TEXT_ENCODERS, UNET, RunDir, base_model_of
 
-PARTS = ADAPTER_PARTS  # the old name
 PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained keys: PREFIX + module path + "." + parameter
 TEXT_MODEL_LEVEL = "text_model."  # CLIP's level that transformers 5 removed (see Adapter.state_dict_for)
 
@@ -57,11 +56,8 @@ class Adapter:
         return float(pattern_value(self.config.get("alpha_pattern") or {}, module, self.config[key]))
 
     def scale(self, module: str) -> float:
-        """The factor PEFT multiplies this module's update with (its own formula per adapter type)."""
-        r, alpha = self.rank(module), self.alpha(module)
-        if self.kind == "lora" and self.config.get("use_rslora"):
-            return alpha / math.sqrt(r)  # rank-stabilised LoRA
-        return alpha / r  # LoRA, LoHa and LoKr alike
+        """The factor PEFT multiplies this module's update with (adapters.strength.peft_scale)."""
+        return peft_scale(self.kind, self.alpha(module), self.rank(module), bool(self.config.get("use_rslora")))
 
     def peft_config(self):
         """The PEFT config object (LoraConfig, LoHaConfig, LoKrConfig), for inference."""
@@ -214,7 +210,7 @@ class RunFolder:
     @property
     def base_model(self) -> str | None:
         """The base model the adapters were trained on: config.yaml, else the adapter config's record."""
-        return self.setting("model", "model") or self.adapters["unet"].config.get("base_model_name_or_path")
+        return base_model_of(self.train_config, self.adapters[UNET].config)
 
 
 def read_run(run_dir: str | Path) -> RunFolder:
@@ -239,15 +235,15 @@ def text_model_path(module: str) -> str:
 
 # kohya prefixes of the text encoders: one CLIP in SD 1.x / 2.x, two in SDXL (sd-scripts' te1 = CLIP ViT-L =
 # diffusers' text_encoder, te2 = OpenCLIP bigG = text_encoder_2)
-KOHYA_TE_PREFIX = {"text_encoder": "lora_te_"}
-KOHYA_SDXL_TE_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+KOHYA_TE_PREFIX = {TEXT_ENCODERS[0]: "lora_te_"}
+KOHYA_SDXL_TE_PREFIX = dict(zip(TEXT_ENCODERS, ("lora_te1_", "lora_te2_")))
 
 
 def kohya_module_name(part: str, module: str, sgm=None) -> str:
     """kohya / LyCORIS name of a module: 'lora_unet_' + the UNet path, or the text encoder's prefix + its path
     from 'text_model' on, dots as underscores.
 
-    `sgm` (an :class:`~peftbooth.formats.sgm.SgmNames`) marks an SDXL model: its UNet paths are written in the
+    `sgm` (an :class:`~peftbooth.runs.formats.sgm.SgmNames`) marks an SDXL model: its UNet paths are written in the
     original SGM layout (``input_blocks_4_1_...``) and the text encoders as lora_te1_ / lora_te2_, as sd-scripts
     names them. Without it (SD 1.x / 2.x) the UNet keeps its diffusers path and the text encoder is lora_te_.
     """
@@ -278,7 +274,7 @@ def check_output(path: Path, overwrite: bool, flag: str = "--output") -> None:
 
 @contextmanager
 def atomic_file(path: Path, overwrite: bool = False, flag: str = "--output") -> Iterator[Path]:
-    """:func:`peftbooth.rundir.atomic_file` after :func:`check_output`: an existing file is only replaced when
+    """:func:`peftbooth.runs.atomic.atomic_file` after :func:`check_output`: an existing file is only replaced when
     asked."""
     check_output(path, overwrite, flag)
     with write_file(path) as tmp:
@@ -287,7 +283,7 @@ def atomic_file(path: Path, overwrite: bool = False, flag: str = "--output") -> 
 
 @contextmanager
 def atomic_dir(path: Path, overwrite: bool = False, flag: str = "--output") -> Iterator[Path]:
-    """:func:`peftbooth.rundir.atomic_dir` after :func:`check_output`."""
+    """:func:`peftbooth.runs.atomic.atomic_dir` after :func:`check_output`."""
     check_output(path, overwrite, flag)
     with write_dir(path) as tmp:
         yield tmp

@@ -8,8 +8,8 @@ for SDXL, as sd-scripts writes it).
 from __future__ import annotations
 
 import json
-import math
 
+from ...adapters.strength import kohya_alpha
 from .common import Adapter, RunFolder
 from .kohya_base import RunBase
 
@@ -19,7 +19,7 @@ NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lyc
 def exported_alpha(adapter: Adapter) -> float:
     """The alpha a module of the config's own rank is exported with (kohya metadata reports one number)."""
     r, alpha = int(adapter.config["r"]), float(adapter.config["lora_alpha" if adapter.kind == "lora" else "alpha"])
-    return alpha * math.sqrt(r) if adapter.kind == "lora" and adapter.config.get("use_rslora") else alpha
+    return kohya_alpha(adapter.kind, alpha, r, bool(adapter.config.get("use_rslora")))
 
 
 def network_args(adapter: Adapter) -> dict:

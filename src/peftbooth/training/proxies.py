@@ -1,4 +1,5 @@
-"""Offline proxies computed at the end of training (no evaluator model): ``write_proxies(run)`` -> OUT/proxies.json.
+"""Offline proxies computed at the end of training (no evaluator model): ``write_proxies(ProxyInputs)`` ->
+OUT/proxies.json.
 
 * instance loss: the denoising loss of the instance images under their prompts, before (adapters disabled, which
   is the model before training: every adapter starts as a zero update) and after, on fixed noise and timesteps;
@@ -10,13 +11,14 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..runs.atomic import write_json
-from ..runs.rundir import CLASS_IMAGES_DIR, PROXIES_FILE
+from ..runs.rundir import PROXIES_FILE, RunDir
 
 # ---------------------------------------------------------------------------------------------------------------
 # offline proxies (end of training)
@@ -38,7 +40,7 @@ def predictions(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, t
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, 4, h, w); `added`:
     SDXL's added_cond_kwargs, each (N, ...)."""
-    from ..training.losses import diffusion_target
+    from .losses import diffusion_target
 
     def rows(s):
         return None if added is None else {k: v[s : s + chunk] for k, v in added.items()}
@@ -105,16 +107,32 @@ def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torc
 
 def class_images_for(cfg, output_dir: Path, limit: int) -> list[Path]:
     """Readable class images of the run (its --class-data-dir, else OUTPUT/class_images), first `limit`."""
-    from ..training.prior import valid_class_images
+    from .prior import valid_class_images
 
-    folder = Path(cfg.data.class_data_dir) if cfg.data.class_data_dir else Path(output_dir) / CLASS_IMAGES_DIR
+    folder = RunDir(output_dir).class_images_of(cfg.data.class_data_dir)
     if not folder.is_dir():
         return []
     return valid_class_images(folder)[0][:limit]  # a corrupt file left by a crash is skipped, as in training
 
 
-def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, seed: int | None = None) -> dict:
-    """Instance loss before/after and class drift of a trained run (train.Run), on fixed noise and timesteps.
+@dataclass
+class ProxyInputs:
+    """What the proxies read of a run at the end of training."""
+
+    cfg: object  # the run's TrainConfig (data settings, seed)
+    accelerator: object
+    components: object  # models.components.Components: the frozen modules, the adapters injected into them
+    models: list[torch.nn.Module]  # the UNet and text encoders as trained (put in eval mode while measuring)
+    adapters: dict[str, torch.nn.Module]  # the trained parts, whose adapters "before" disables
+    photos: list  # the instance images, as setup decoded them for training
+    prompts: list[str]  # their prompts
+    output_dir: Path
+    weight_dtype: torch.dtype  # the frozen weights' compute dtype
+
+
+def compute_proxies(inputs: ProxyInputs, num_timesteps: int = 10, max_class_images: int = 8,
+                    seed: int | None = None) -> dict:
+    """Instance loss before/after and class drift of a trained run, on fixed noise and timesteps.
 
     "Before" is the model with its adapters disabled, which is the model before training: LoRA, LoHa and LoKr
     all start as a zero update. Class drift needs a class prompt and class images (the run's class-image folder);
@@ -125,25 +143,25 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     from ..models.components import added_conditioning
     from ..models.vae import vae_calls
 
-    cfg, acc, c = run.cfg, run.accelerator, run.components
+    cfg, acc, c = inputs.cfg, inputs.accelerator, inputs.components
     d, device = cfg.data, acc.device
     seed = cfg.train.seed if seed is None else seed
     timesteps = fixed_timesteps(c.noise_scheduler.config.num_train_timesteps, num_timesteps)
     # the photos and per-image prompts as setup decoded them for training: not read a second time
-    instance_images, instance_prompts = run.dataset.instance_images, run.dataset.instance_prompts
-    class_paths = class_images_for(cfg, run.output_dir, max_class_images) if d.class_prompt else []
-    handles = [_peft_handle(acc, m) for m in run.trained().values()]
+    instance_images, instance_prompts = inputs.photos, inputs.prompts
+    class_paths = class_images_for(cfg, inputs.output_dir, max_class_images) if d.class_prompt else []
+    handles = [_peft_handle(acc, m) for m in inputs.adapters.values()]
 
     result = {"timesteps": timesteps, "noise_seed": seed, "with_prior_preservation": d.with_prior_preservation,
               "latents": "VAE posterior mean", "class": None, "class_note": None}
-    with torch.no_grad(), untouched_rng(device), eval_mode(run.unet, *run.text_encoders, c.vae), \
+    with torch.no_grad(), untouched_rng(device), eval_mode(*inputs.models, c.vae), \
             on_device(device, c.vae, *c.text_encoders), acc.autocast(), vae_calls(c.vae):
         groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
             groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))
         runs = {}
         for name, (images, prompts) in groups.items():
-            latents, time_ids = _latents(c.vae, images, d.resolution, device, run.weight_dtype)
+            latents, time_ids = _latents(c.vae, images, d.resolution, device, inputs.weight_dtype)
             noise = fixed_noise(len(timesteps), tuple(latents.shape), seed if name == "instance" else seed + 1)
             # the prompts are encoded in each state: a trained text-encoder adapter is part of "after"
             ctx, pooled = _context(c, prompts, device)
@@ -181,13 +199,13 @@ def compute_proxies(run, num_timesteps: int = 10, max_class_images: int = 8, see
     return result
 
 
-def write_proxies(run, **kwargs) -> dict | None:
+def write_proxies(inputs: ProxyInputs, **kwargs) -> dict | None:
     """compute_proxies, written to OUTPUT/proxies.json and summed up in one line. Main process only."""
-    if not run.accelerator.is_main_process:
+    if not inputs.accelerator.is_main_process:
         return None
-    result = compute_proxies(run, **kwargs)
-    write_json(Path(run.output_dir) / PROXIES_FILE, result)
-    run.accelerator.print(proxies_summary(result))
+    result = compute_proxies(inputs, **kwargs)
+    write_json(Path(inputs.output_dir) / PROXIES_FILE, result)
+    inputs.accelerator.print(proxies_summary(result))
     return result
 
 
