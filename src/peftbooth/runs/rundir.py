@@ -139,7 +139,7 @@ class RunDir:
         return found
 
     def is_finished(self) -> bool:
-        """unet/ is moved into place last by train.save: its weights mark a finished run."""
+        """unet/ is moved into place last by training.saving.save: its weights mark a finished run."""
         return (self.path / UNET / ADAPTER_WEIGHTS).is_file()
 
     def adapter_config(self, part: str) -> dict | None:

@@ -4,7 +4,7 @@ Every field of every section in :data:`peftbooth.config.dicts.SECTIONS` becomes 
 default and choices come from the dataclass), so the page can never offer an option the CLI lacks or miss one it
 has. The page sends ``{"section.field": value}``; :func:`check_run` turns that into a ``TrainConfig`` through
 ``from_dict`` (the same type checks as a ``--config`` YAML file), then runs ``config.validate`` and
-``train.check_inputs``, and hands each problem back under the field whose flag it names.
+``training.preflight.check_inputs``, and hands each problem back under the field whose flag it names.
 """
 
 from __future__ import annotations
