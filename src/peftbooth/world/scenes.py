@@ -133,9 +133,6 @@ def draw(scene: Scene, scale: int = 4, paint: tuple | None = None) -> Image.Imag
     """The scene as a SIZE x SIZE RGB image. `paint` = (top colour, bottom colour) paints the object in two halves
     (the subject's are SUBJECT_COLOURS): the evaluator's look-alikes that are not the subject."""
     n = SIZE * scale
-    top, bottom = BACKGROUNDS[scene.context]
-    img = _background(top, bottom, n)
-    mask = np.asarray(_shape_mask(scene.cls, scene.cx, scene.cy, scene.size, scale), float)[..., None] / 255
     if scene.subject or paint is not None:
         top_colour, bottom_colour = paint or SUBJECT_COLOURS
         colour = np.empty((n, n, 3))
@@ -144,6 +141,16 @@ def draw(scene: Scene, scale: int = 4, paint: tuple | None = None) -> Image.Imag
         colour[split:] = bottom_colour
     else:
         colour = np.broadcast_to(np.array(COLOURS[scene.colour], float), (n, n, 3))
+    return composite(scene, colour, scale)
+
+
+def composite(scene: Scene, colour: np.ndarray, scale: int = 4) -> Image.Image:
+    """The scene's background with its object cut out of `colour` ((SIZE * scale, SIZE * scale, 3): the object's
+    paint over the whole canvas), lightly shaded, box-filtered down to SIZE x SIZE."""
+    n = SIZE * scale
+    top, bottom = BACKGROUNDS[scene.context]
+    img = _background(top, bottom, n)
+    mask = np.asarray(_shape_mask(scene.cls, scene.cx, scene.cy, scene.size, scale), float)[..., None] / 255
     # a light shading from the top left, so objects are not flat stickers
     yy, xx = np.mgrid[0:n, 0:n] / n
     shade = 1.0 - 0.18 * ((xx - scene.cx / SIZE) + (yy - scene.cy / SIZE))[..., None]
