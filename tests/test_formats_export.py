@@ -1,9 +1,7 @@
 """SD 1.x export to a diffusers file (one load_lora_weights call at the trained strength), and the export
 refusals: formats that cannot hold the adapter, pickle output, unknown keys, outputs that already exist.
 
-Every adapter is trained for one step and then perturbed with seeded noise (formats_helpers), so it is far from
-the identity and a wrong strength, a dropped tensor or a mis-mapped module shows up as a large output
-difference.
+The adapters carry seeded noise (formats_helpers), so a wrong strength or a dropped tensor shows up large.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """SD 1.x fuse: fused pipelines equal the adapter-wrapped model, the run's VAE is kept, and unfuse restores the
 base weights.
 
-Every adapter is trained for one step and then perturbed with seeded noise (formats_helpers), so it is far from
-the identity and a wrong strength, a dropped tensor or a mis-mapped module shows up as a large output
-difference.
+The adapters carry seeded noise (formats_helpers), so a wrong strength or a dropped tensor shows up large.
 """
 
 from __future__ import annotations

@@ -2,9 +2,7 @@
 trips (per-module ranks and alphas included), LoHa / LoKr round trips, and every module's update as a LyCORIS
 reader computes it from the file.
 
-Every adapter is trained for one step and then perturbed with seeded noise (formats_helpers), so it is far from
-the identity and a wrong strength, a dropped tensor or a mis-mapped module shows up as a large output
-difference.
+The adapters carry seeded noise (formats_helpers), so a wrong strength or a dropped tensor shows up large.
 """
 
 from __future__ import annotations

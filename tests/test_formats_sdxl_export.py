@@ -1,9 +1,7 @@
 """SDXL export: diffusers files loaded by StableDiffusionXLPipeline.load_lora_weights at the trained strength,
 export without a local base model, family mismatches, the peft copy, and a run really trained by `train`.
 
-The run folders are built the way `peftbooth train` saves them, with seeded noise on every adapter tensor
-(formats_helpers `write_run`), so a wrong strength, a dropped tensor or a mis-mapped module shows up as a
-large output difference.
+The run folders are built as `train` saves them, with seeded noise (formats_helpers `write_run`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """SDXL fuse: fused StableDiffusionXLPipeline folders equal the adapter-wrapped model, unfuse restores the base
 weights, and an SDXL run is refused on an SD 1.x model.
 
-The run folders are built the way `peftbooth train` saves them, with seeded noise on every adapter tensor
-(formats_helpers `write_run`), so a wrong strength, a dropped tensor or a mis-mapped module shows up as a
-large output difference.
+The run folders are built as `train` saves them, with seeded noise (formats_helpers `write_run`).
 """
 
 from __future__ import annotations

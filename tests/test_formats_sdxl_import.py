@@ -1,9 +1,7 @@
 """SDXL import: both UNet spellings (SGM and diffusers names), SD / SDXL family detection and the one-line
 mismatch errors (also on the command line), mixed and duplicate names, the built-in layout without a model.
 
-The run folders are built the way `peftbooth train` saves them, with seeded noise on every adapter tensor
-(formats_helpers `write_run`), so a wrong strength, a dropped tensor or a mis-mapped module shows up as a
-large output difference.
+The run folders are built as `train` saves them, with seeded noise (formats_helpers `write_run`).
 """
 
 from __future__ import annotations

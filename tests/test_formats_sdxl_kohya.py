@@ -2,9 +2,7 @@
 generation through it, kohya -> import round trips, LoHa / LoKr round trips, and every module's update as a
 LyCORIS / A1111 / ComfyUI reader computes it from the file.
 
-The run folders are built the way `peftbooth train` saves them, with seeded noise on every adapter tensor
-(formats_helpers `write_run`), so a wrong strength, a dropped tensor or a mis-mapped module shows up as a
-large output difference.
+The run folders are built as `train` saves them, with seeded noise (formats_helpers `write_run`).
 """
 
 from __future__ import annotations

@@ -180,10 +180,10 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     run = Run(cfg, accelerator, components, unet, text_encoders[0], optimizer, lr_scheduler, dataloader, precision,
               Path(t.output_dir), sampler, dataset, TrainState(), fingerprint, lock, latent_cache, text_cache,
               text_encoders[1] if len(text_encoders) > 1 else None)
-    run.ema = adapter_ema(run.trained(), t.ema_decay, accelerator.unwrap_model)
     unwrap = accelerator.unwrap_model
     run.adapters = TrainedAdapters({name: unwrap(m) for name, m in run.trained().items()}, t.train_token_embedding,
                                    [unwrap(m) for m in run.text_encoders])
+    run.ema = adapter_ema(run.adapters.models, t.ema_decay)  # keyed on the unwrapped models' parameter names
     run.checkpointer = Checkpointer(
         accelerator, run.output_dir,
         [run.adapters, *([EMAState(run.ema)] if run.ema is not None else []),
