@@ -3,6 +3,8 @@
     python benchmarks/memory_estimate.py --shape sd15 --resolution 512                 # LoRA r16 + text encoder
     python benchmarks/memory_estimate.py --shape sdxl --resolution 1024 --settings low-memory
     python benchmarks/memory_estimate.py --shape tiny --resolution 64                  # CI's smallest mode, seconds
+    python benchmarks/memory_estimate.py --sd3-table         # SD 3.5 Medium, 1024 px: the formula's table, instant
+    python benchmarks/memory_estimate.py --sd3-trace 4,2,32,333,1,1   # blocks,MMDiT-X,latents,text,checkpoint,grad
 
 Each row is one phase of a run with prior preservation and a text-encoder adapter, under one setting: `default`
 (train's defaults, at --mixed-precision) or `low-memory` (the preset, peftbooth.training.memory.LOW_MEMORY):
@@ -303,7 +305,29 @@ def main() -> None:
     p.add_argument("--vae-chunk", type=int, default=None,
                    help="images per VAE call, encode and decode (default: training's, models.vae_rows_per_call)")
     p.add_argument("--output", help="also append the JSON rows to this file")
+    p.add_argument("--sd3-table", action="store_true", help="print SD 3.5 Medium's estimate table (the formula)")
+    p.add_argument("--sd3-trace", help="BLOCKS,DUAL,LATENT,TEXT,CHECKPOINTING,GRAD: one SD3 calibration trace")
     args = p.parse_args()
+    if args.sd3_table or args.sd3_trace:
+        from memory_sd3_trace import sd3_table, sd3_trace  # this folder: SD 3.5 Medium's rows
+
+        if args.sd3_trace:
+            b, d, lat, txt, gc, grad = map(int, args.sd3_trace.split(","))
+            rows = [{"sd3_trace": args.sd3_trace, **sd3_trace(b, d, lat, txt, bool(gc), bool(grad))}]
+        else:
+            rows = sd3_table()
+        for row in rows:
+            print(json.dumps(row), flush=True)
+            if args.output:
+                with open(args.output, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if args.sd3_table:
+            print("| T5 | gradient checkpointing | caching | class images | training | peak + margin |", file=sys.stderr)
+            for r in rows:
+                print(f"| {'yes' if r['t5'] else 'no (--no-t5)'} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+                      f"{r['caching_gib']} | {r['class-images_gib']} | {r['training_gib']} | "
+                      f"{r['peak_with_margin_gib']} ({r['peak_phase']}) |", file=sys.stderr)
+        return
     resolution = args.resolution or {"sd15": 512, "sdxl": 1024}.get(args.shape, 64)
     if args.vae_chunk is None:
         from peftbooth.models.vae import vae_rows_per_call

@@ -75,3 +75,20 @@ def test_profile_adapters_one_step():
     got = rows(run([sys.executable, str(BENCH / "profile_adapters.py"), "--model", "tiny", "--steps", "1",
                     "--adapters", "lora"], 600).stdout)
     assert len(got) == 1 and got[0]["adapter"] == "lora" and got[0]["top_ops_share"]
+
+
+def test_prior_modes_one_short_run_each(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    run([sys.executable, str(BENCH / "prior_modes.py"), "--smoke", "--steps", "2", "--num-images", "1",
+         "--output", str(out)], 1200)
+    got = rows(out.read_text())
+    assert [r["prior_mode"] for r in got] == ["class-images", "base-prediction"]
+    assert got[0]["class_image_seconds"] > 0 == got[1]["class_image_seconds"]
+    assert all(0 <= r["subject_fidelity"] <= 1 and r["steps"] == 2 for r in got)
+
+
+def test_memory_estimate_sd3_table():
+    got = rows(run([sys.executable, str(BENCH / "memory_estimate.py"), "--sd3-table"], 600).stdout)
+    assert [(r["t5"], r["gradient_checkpointing"]) for r in got] == [(True, False), (True, True), (False, False),
+                                                                      (False, True)]
+    assert got[0]["peak_with_margin_gib"] > got[2]["peak_with_margin_gib"]  # T5's weights

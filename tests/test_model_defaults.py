@@ -1,6 +1,10 @@
 """Defaults that follow the base model (peftbooth.models.defaults): the family and native resolution read from the
 model folder, the world's recipe and the community's SD settings filling only what the user did not give (flag,
---config YAML, UI form), the one line the run prints; and the warning when validation samples stop changing."""
+--config YAML, UI form), the one line the run prints; SD 3 / 3.5 told apart by the transformer's config, with
+diffusers' SD3 DreamBooth LoRA recipe; and the warning when validation samples stop changing."""
+
+import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ import yaml
 from PIL import Image
 
 from peftbooth.cli import main
-from peftbooth.models.defaults import COMMUNITY, ModelInfo, info_from_configs, model_info
+from peftbooth.models.defaults import COMMUNITY, SD3_RECIPE, SD3_TARGETS, ModelInfo, info_from_configs, model_info
 from peftbooth.runs.rundir import read_warning, step_dir
 from peftbooth.training.validation import note_unchanged, unchanged_warning
 from peftbooth.world.recipe import LEARNING_RATES, RANKS
@@ -111,6 +115,125 @@ def test_the_run_prints_one_line_naming_the_defaults_it_took(capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("defaults from the world model")
     assert "--learning-rate 0.002" in err[0] and "--train-text-encoder" in err[0]
     assert "--resolution" not in err[0]  # given, so not the model's
+
+
+# SD 3 / 3.5: model_index.json names a transformer; the transformer's config tells 3 from 3.5 (SD 3.5 Medium's
+# MMDiT-X dual attention layers, 3.5's RMS qk-norm); the VAE's 4 blocks give the factor 8
+SD3_INDEX = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"]}
+SD3_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 16}
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+MMDIT = {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+         "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096}
+SD3_MEDIUM = {**MMDIT, "num_layers": 24, "pos_embed_max_size": 192}  # an older config: neither key
+SD35_MEDIUM = {**MMDIT, "num_layers": 24, "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)),
+               "qk_norm": "rms_norm"}
+SD35_LARGE = {**MMDIT, "num_layers": 38, "num_attention_heads": 38, "pos_embed_max_size": 192,
+              "dual_attention_layers": [], "qk_norm": "rms_norm"}
+
+
+@pytest.mark.parametrize("transformer, family", [(SD3_MEDIUM, "sd3"), (SD35_MEDIUM, "sd3.5"), (SD35_LARGE, "sd3.5"),
+                                                 ({**SD3_MEDIUM, "dual_attention_layers": [], "qk_norm": None}, "sd3")])
+def test_sd3_family_and_resolution_from_the_configs(transformer, family):
+    assert info_from_configs(SD3_INDEX, {}, SD3_VAE, SD3_SCHEDULER, transformer) == ModelInfo(family, 1024)
+    # no VAE config to read: SD3's VAE factor 8
+    assert info_from_configs(SD3_INDEX, {}, {}, {}, transformer) == ModelInfo(family, 1024)
+    # another transformer family (not trained here): no family, so no defaults
+    other = {**SD3_INDEX, "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    assert info_from_configs(other, {}, SD3_VAE, {}, {"_class_name": "FluxTransformer2DModel"}) is None
+
+
+def write_configs(folder, **configs):
+    """A model folder of small JSON files only (no weights): {"transformer/config.json": {...}, ...}."""
+    for name, config in configs.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(config))
+    return folder
+
+
+def test_a_hand_written_sd35_medium_folder_is_read_before_any_weights(tmp_path):
+    folder = write_configs(tmp_path / "sd35m", **{"model_index.json": SD3_INDEX,
+                                                  "transformer/config.json": SD35_MEDIUM,
+                                                  "vae/config.json": SD3_VAE,
+                                                  "scheduler/scheduler_config.json": SD3_SCHEDULER})
+    assert model_info(str(folder)) == ModelInfo("sd3.5", 1024)
+    sd3 = write_configs(tmp_path / "sd3m", **{"model_index.json": SD3_INDEX, "transformer/config.json": SD3_MEDIUM})
+    assert model_info(str(sd3)) == ModelInfo("sd3", 1024)
+
+
+@pytest.mark.parametrize("repo, family", [("stabilityai/stable-diffusion-3-medium-diffusers", "sd3"),
+                                          ("stabilityai/stable-diffusion-3.5-medium", "sd3.5"),
+                                          ("stabilityai/stable-diffusion-3.5-large", "sd3.5")])
+def test_sd3_hub_ids_offline_are_known_by_their_names(repo, family):
+    assert model_info(repo) == ModelInfo(family, 1024)  # HF_HUB_OFFLINE=1 and nothing cached: the name says
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_models(tmp_path_factory) -> dict[str, str]:
+    from peftbooth.models.tiny_sd3 import build_tiny_sd3_model
+
+    root = tmp_path_factory.mktemp("sd3-models")
+    return {shape: str(build_tiny_sd3_model(root / shape, shape=shape)) for shape in ("tiny-sd3", "tiny-sd3.5")}
+
+
+def test_tiny_sd3_folders_are_read_as_their_family_at_their_own_size(tiny_sd3_models):
+    # as the tiny SD folder reads as sd1 at 64 px: transformer sample 32 x the tiny VAE's factor 2
+    assert model_info(tiny_sd3_models["tiny-sd3"]) == ModelInfo("sd3", 64)
+    assert model_info(tiny_sd3_models["tiny-sd3.5"]) == ModelInfo("sd3.5", 64)
+
+
+def test_the_sd3_recipe_sets_only_flags_that_exist_and_its_targets_are_the_transformers():
+    from peftbooth.adapters.inject import check_targets
+    from peftbooth.config.sections import TrainConfig
+    from peftbooth.models.tiny_sd3 import random_sd3_components
+
+    cfg = TrainConfig()
+    for key in SD3_RECIPE:
+        section, name = key.split(".", 1)
+        assert name in {f.name for f in dataclasses.fields(getattr(cfg, section))}, key
+    # diffusers' default --lora_layers: both streams' attention projections; SD 3.5's extra attn2 is not among them
+    for shape in ("tiny-sd3", "tiny-sd3.5"):
+        transformer = random_sd3_components(shape)["transformer"]
+        targets = check_targets(transformer, SD3_TARGETS, {}, "")
+        assert len(targets) == 8
+        names = [n for n, _ in transformer.named_modules()]
+        hit = [n for n in names if any(n.endswith("." + t) for t in targets)]
+        assert hit and not any(".attn2." in n for n in hit)
+    assert any(".attn2." in n for n in names)  # tiny-sd3.5 has the MMDiT-X attention it leaves alone
+
+
+def test_sd3_families_get_1024_and_the_reference_scripts_recipe(capsys, tmp_path, tiny_sd3_models):
+    base = ["--instance-data-dir", tmp_path, "--instance-prompt", "a photo of sks dog", "--output-dir", tmp_path / "o"]
+    for repo in ("stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3-medium-diffusers"):
+        cfg, _ = train_config(capsys, "--model", repo, *base)
+        assert cfg["data"]["resolution"] == 1024
+        assert (cfg["unet_adapter"]["rank"], cfg["unet_adapter"]["target_modules"]) == (4, SD3_TARGETS)
+        assert (cfg["train"]["learning_rate"], cfg["train"]["max_train_steps"]) == (4e-4, 500)
+        assert cfg["model"]["max_sequence_length"] == 77
+        assert (cfg["train"]["weighting_scheme"], cfg["train"]["precondition_outputs"]) == ("logit_normal", True)
+    tiny, _ = train_config(capsys, "--model", tiny_sd3_models["tiny-sd3.5"], *base)
+    assert tiny["data"]["resolution"] == 64 and tiny["train"]["learning_rate"] == 4e-4
+    # what the user gives wins
+    mine, _ = train_config(capsys, "--model", "stabilityai/stable-diffusion-3.5-medium", "--resolution", "512",
+                           "--learning-rate", "1e-4", "--target-modules", "attn", "--max-sequence-length", "256",
+                           "--weighting-scheme", "mode", *base)
+    assert (mine["data"]["resolution"], mine["train"]["learning_rate"]) == (512, 1e-4)
+    assert (mine["unet_adapter"]["target_modules"], mine["model"]["max_sequence_length"]) == ("attn", 256)
+    assert mine["train"]["weighting_scheme"] == "mode" and mine["train"]["max_train_steps"] == 500
+
+
+def test_an_sd3_run_names_its_family_in_its_one_line(capsys, tmp_path):
+    from peftbooth.cli import build_parser, config_from_args
+    from peftbooth.models.defaults import announce
+
+    args = build_parser().parse_args(["train", "--model", "stabilityai/stable-diffusion-3.5-medium",
+                                      "--instance-data-dir", str(tmp_path), "--instance-prompt", "a photo of sks dog"])
+    config_from_args(args)
+    capsys.readouterr()
+    announce()
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("defaults from the sd3.5 model")
+    assert "--resolution 1024" in line and "--learning-rate 0.0004" in line and "--precondition-outputs" in line
 
 
 def write_step(out, step: int, shade: int, n: int = 2) -> None:

@@ -28,7 +28,7 @@ def test_layout_names_every_file_of_a_run(tmp_path):
     assert run.report_file.name == "report.html" and run.eval_dir.name == "eval"
     assert run.validation_dir.name == "validation" and run.checkpoints_dir.name == "checkpoints"
     assert run.class_images_dir.name == "class_images" and run.model_card.name == "README.md"
-    assert [run.adapter_dir(p).name for p in ADAPTER_PARTS] == ["unet", "text_encoder", "text_encoder_2"]
+    assert [run.adapter_dir(p).name for p in ADAPTER_PARTS] == ["unet", "transformer", "text_encoder", "text_encoder_2"]
     with pytest.raises(ValueError, match="no adapter part"):
         run.adapter_dir("vae")
 

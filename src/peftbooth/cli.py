@@ -123,7 +123,7 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 def cmd_generate(args) -> int:
     from .inference.pipeline import AdapterPipeline, image_grid, save_images
-    from .runs.rundir import RunDir, base_model_for
+    from .runs.rundir import RunDir, base_model_for, recorded_setting
 
     args = options_from_args(GenerateOptions, args)
     adapters = parse_pairs(args.adapter, "--adapter", number=False)
@@ -161,8 +161,12 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--output-dir {out}: already holds {existing[0]}{more}; pass --overwrite or choose "
                          "another folder")
 
-    model = base_model_for(args.model, [path for _, path in adapters])
-    pipe = AdapterPipeline(model, args.revision, args.variant, vae=args.vae)
+    run_dirs = [path for _, path in adapters]
+    model = base_model_for(args.model, run_dirs)
+    t5 = recorded_setting(run_dirs, "model", "t5", args.t5, True, "--t5 / --no-t5")
+    length = recorded_setting(run_dirs, "model", "max_sequence_length", args.max_sequence_length, 77,
+                              "--max-sequence-length")
+    pipe = AdapterPipeline(model, args.revision, args.variant, vae=args.vae, t5=t5, max_sequence_length=length)
     for (_, path), name in zip(adapters, names):
         pipe.load_adapter(path, name)
     every = []
@@ -209,6 +213,12 @@ def cmd_tiny_model(args) -> int:
     path = Path(args.dir)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"tiny-model {path}: exists and is not empty; choose a new folder")
+    if args.kind in ("sd3", "sd3.5"):
+        from .models.tiny_sd3 import build_tiny_sd3_model
+
+        build_tiny_sd3_model(path, shape=f"tiny-{args.kind}", seed=args.seed)
+        print(f"tiny Stable Diffusion {args.kind[2:]} model (flow matching) written to {path}")
+        return 0
     shape, prediction = {"sd1": ("tiny", args.prediction_type), "sd2-v": ("tiny-sd2", "v_prediction"),
                          "sdxl": ("tiny-sdxl", args.prediction_type)}[args.kind]
     build_tiny_model(path, prediction_type=prediction, seed=args.seed, shape=shape)

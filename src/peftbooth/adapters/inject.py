@@ -10,14 +10,16 @@ from .peft_config import peft_config, target_modules
 
 
 def attach(model: torch.nn.Module, a: AdapterArgs, presets: dict, flag_prefix: str, base_model: str | None = None,
-           layers: list[int] | None = None) -> PeftModel:
-    """Wrap `model` in a PeftModel with one trainable adapter named 'default' (on `layers` only, if given).
+           layers: list[int] | None = None, layers_pattern: str = "layers",
+           exclude: list[str] | None = None) -> PeftModel:
+    """Wrap `model` in a PeftModel with one trainable adapter named 'default' (on the `layers` numbered children
+    of `layers_pattern` only, if given).
 
     PEFT replaces the targeted layers in place, so `model` itself now runs with the adapter; the PeftModel is the
     handle for saving and for counting parameters.
     """
     targets = check_targets(model, a.target_modules, presets, flag_prefix)
-    peft_model = get_peft_model(model, peft_config(a, targets, layers))
+    peft_model = get_peft_model(model, peft_config(a, targets, layers, layers_pattern, exclude))
     # recorded in adapter_config.json; PEFT cannot read it off a diffusers model itself
     peft_model.peft_config["default"].base_model_name_or_path = base_model
     return peft_model

@@ -14,6 +14,7 @@ from .sections import (
     TEXT_ENCODER_PRESETS,
     UNET_PRESETS,
     AdapterArgs,
+    ModelArgs,
     TrainArgs,
     TrainConfig,
     UsageError,
@@ -27,7 +28,8 @@ RANGES = {
     "data": dict(num_class_images=(1, 1_000_000), prior_loss_weight=(0.0, None), class_prompt_dropout=(0.0, 1.0),
                  unmasked_weight=(0.0, 1.0), sample_batch_size=(1, 1024), class_image_steps=(1, 1000),
                  train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
-    "train": dict(seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
+    "model": dict(max_sequence_length=(1, 512)),
+    "train": dict(logit_std=(0.0, None), mode_scale=(0.0, None), seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
                   text_encoder_learning_rate=(0.0, 1.0), token_embedding_learning_rate=(0.0, 1.0),
                   lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
                   adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
@@ -38,7 +40,7 @@ RANGES = {
     "adapter": dict(rank=(1, 4096), alpha=(0.0, None), dropout=(0.0, 1.0), module_dropout=(0.0, 1.0)),
 }
 OPEN_LOW = {"learning_rate", "text_encoder_learning_rate", "token_embedding_learning_rate", "adam_epsilon",
-            "snr_gamma", "alpha"}
+            "snr_gamma", "alpha", "logit_std"}
 OPEN_HIGH = {"adam_beta1", "adam_beta2", "dropout", "module_dropout", "ema_decay"}  # [0, 1)
 MAX_RESOLUTION = 4096
 
@@ -79,10 +81,11 @@ def number_problems(cfg: "TrainConfig") -> list[str]:
     for section, (cls, prefix) in SECTIONS.items():
         if section == "text_encoder_adapter" and not cfg.train.train_text_encoder:
             continue
-        ranges = RANGES["adapter" if cls is AdapterArgs else section] if section != "model" else {}
+        ranges = RANGES["adapter" if cls is AdapterArgs else section]
         obj = getattr(cfg, section)
         for f in dataclasses.fields(cls):
-            if f.name == "num_class_images" and not cfg.data.with_prior_preservation:
+            if f.name == "num_class_images" and (not cfg.data.with_prior_preservation
+                                                 or cfg.data.prior_mode == "base-prediction"):
                 continue
             low, high = ranges.get(f.name, (None, None))
             problem = range_problem("--" + prefix + f.name.replace("_", "-"), f.name, getattr(obj, f.name), low, high)
@@ -126,6 +129,11 @@ def validate(cfg: "TrainConfig") -> None:
     problems += number_problems(cfg)
     if d.with_prior_preservation and not d.class_prompt:
         problems.append("--with-prior-preservation needs --class-prompt, e.g. 'a photo of a dog'")
+    if d.prior_mode != "class-images" and not d.with_prior_preservation:
+        problems.append(f"--prior-mode {d.prior_mode} needs --with-prior-preservation")
+    if d.prior_mode == "base-prediction" and d.class_data_dir:
+        problems.append("--class-data-dir: --prior-mode base-prediction uses no class images (the photos under "
+                        "--class-prompt, with the base model's prediction as the target); drop one of them")
     if d.class_prompt_dropout and not d.with_prior_preservation:
         problems.append("--class-prompt-dropout needs --with-prior-preservation "
                         "(it drops the class images' prompt)")
@@ -142,5 +150,50 @@ def validate(cfg: "TrainConfig") -> None:
         if prefix == "--text-encoder-" and not t.train_text_encoder:
             continue
         problems += adapter_problems(adapter, prefix, presets)
+    if t.target_blocks is not None:
+        try:
+            block_list(t.target_blocks)
+        except ValueError:
+            problems.append(f"--target-blocks {t.target_blocks!r}: give block numbers and ranges, e.g. '0-11' or "
+                            "'0,1,2'")
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def block_list(spec: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7] (sorted, unique); ValueError on anything else."""
+    blocks = set()
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        lo, hi = int(low), int(high or low)
+        if lo < 0 or hi < lo:
+            raise ValueError(spec)
+        blocks.update(range(lo, hi + 1))
+    if not blocks:
+        raise ValueError(spec)
+    return sorted(blocks)
+
+
+# Flags of one family's maths: (flag, field, the families they apply to). Given for another family they would do
+# nothing, so they are refused once the model's family is known (family_problems).
+FLOW_MATCHING_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
+                       "target_blocks")
+
+
+def family_problems(cfg: "TrainConfig", family: str) -> list[str]:
+    """Flags that do nothing for the model's family (read from model_index.json before any weights): Min-SNR
+    weights an ε/v-prediction loss, SD3's flags its flow-matching loss and its transformer."""
+    t, problems = cfg.train, []
+    defaults, name = TrainArgs(), {"sd": "an SD 1.x / 2.x", "sdxl": "an SDXL"}.get(family, family)
+    if family == "sd3":
+        if t.snr_gamma is not None:
+            problems.append("--snr-gamma: Min-SNR weights an epsilon/v-prediction loss; this SD3 model trains by "
+                            "flow matching: use --weighting-scheme instead")
+    else:
+        for flag in FLOW_MATCHING_FLAGS:
+            if getattr(t, flag) != getattr(defaults, flag):
+                problems.append(f"--{flag.replace('_', '-')} applies to SD3 models (flow matching, the MMDiT "
+                                f"transformer); this is {name} model")
+        if not cfg.model.t5 or cfg.model.max_sequence_length != ModelArgs().max_sequence_length:
+            problems.append(f"--no-t5 / --max-sequence-length apply to SD3 models; this is {name} model")
+    return problems

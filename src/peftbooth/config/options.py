@@ -15,7 +15,7 @@ from typing import Optional
 from .sections import option
 
 EXPORT_FORMATS = ("diffusers", "kohya", "peft")
-TINY_KINDS = ("sd1", "sd2-v", "sdxl")
+TINY_KINDS = ("sd1", "sd2-v", "sdxl", "sd3", "sd3.5")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 RUN_DIR_HELP = "run folder written by 'peftbooth train'"
@@ -44,6 +44,10 @@ class GenerateOptions:
     width: Optional[int] = option(None, "image width in pixels (default: the model's)")
     include_base: bool = option(False, "also generate with the base model alone")
     overwrite: bool = option(False, "replace images already in --output-dir")
+    t5: Optional[bool] = option(None, "SD3: load T5 (--no-t5: zeros in its place; default: as the --adapter runs "
+                                "were trained, else loaded)")
+    max_sequence_length: Optional[int] = option(None, "SD3: T5 tokens per prompt (default: the --adapter runs', "
+                                                "else 77)")
 
 
 @dataclass
@@ -93,8 +97,10 @@ class PushOptions:
 class TinyModelOptions:
     dir: str = option(None, "the new model folder", positional=True, metavar="DIR")
     kind: str = option("sd1", "sd1: SD 1.x layout; sd2-v: SD 2.x layout with v-prediction; sdxl: SDXL layout (two "
-                       "text encoders, micro-conditioning; 64 px images)", choices=TINY_KINDS)
-    prediction_type: str = option("epsilon", "scheduler prediction type of --kind sd1 and sdxl",
+                       "text encoders, micro-conditioning; 64 px images); sd3 / sd3.5: SD3's MMDiT with flow "
+                       "matching, two CLIPs and T5 (sd3.5: with attn2 and qk-norm)", choices=TINY_KINDS)
+    prediction_type: str = option("epsilon", "scheduler prediction type of --kind sd1 and sdxl (SD3 is flow "
+                                  "matching)",
                                   choices=PREDICTION_TYPES)
     seed: int = option(0, "seed of the random weights")
 

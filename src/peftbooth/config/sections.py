@@ -18,6 +18,8 @@ UNET_PRESETS = ("attn", "attn-ff", "all")
 TEXT_ENCODER_PRESETS = ("attn", "attn-mlp")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+PRIOR_MODES = ("class-images", "base-prediction")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")  # SD3 flow matching (training/flow.py)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's own
 MODEL_REQUIRED = ("--model is required: a hub id, a local diffusers folder, 'world' (the small pretrained world "
                   "model, docs/world.md) or 'tiny' (a tiny random model for trying things out)")
@@ -61,6 +63,9 @@ class ModelArgs:
                         "'madebyollin/sdxl-vae-fp16-fix'")
     upcast_vae: Optional[bool] = _f(None, "run the VAE in fp32 beside half-precision weights (default: where an "
                                     "SDXL VAE's config has force_upcast, as SDXL's own: it overflows in fp16)")
+    t5: bool = _f(True, "SD3: load the T5 text encoder (--no-t5: leave it out, its states are zeros as in the "
+                  "pipeline without it; saves SD 3.5's 4.7B T5 parameters)")
+    max_sequence_length: int = _f(77, "SD3: T5 tokens per prompt (the reference DreamBooth script's 77; up to 512)")
 
 
 @dataclass
@@ -117,6 +122,10 @@ class DataArgs:
     class_data_dir: Optional[str] = _f(None, "folder of class images (missing ones are generated); default OUTPUT/class_images")
     num_class_images: int = _f(100, "number of class images for prior preservation")
     prior_loss_weight: float = _f(1.0, "weight of the class-prior loss")
+    prior_mode: str = _f("class-images", "with --with-prior-preservation: class-images: class rows are images the "
+                         "base model drew for --class-prompt (the paper's way); base-prediction: class rows are the "
+                         "photos under --class-prompt, their target the base model's own prediction (adapters off; "
+                         "no class images to make)", choices=PRIOR_MODES)
     class_prompt_dropout: float = _f(0.0, "share of class-image rows trained on the empty prompt instead of "
                                      "--class-prompt: keeps the unguided prediction, classifier-free guidance's "
                                      "reference, the base model's (e.g. 0.5; docs/training.md)")
@@ -153,7 +162,19 @@ class TrainArgs:
     memory_check: bool = _f(True, "on a GPU, refuse to start when the estimated peak memory exceeds the free memory "
                             "(--no-memory-check: start anyway)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting with this gamma (5.0 is common); off when unset")
+    snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting with this gamma (5.0 is common); off when unset; "
+                                    "SD 1.x / 2.x / SDXL")
+    weighting_scheme: str = _f("logit_normal", "SD3 flow matching: how training timesteps are drawn and weighted "
+                               "(logit_normal and mode draw; sigma_sqrt and cosmap weight; none: uniform, "
+                               "unweighted)", choices=WEIGHTING_SCHEMES)
+    logit_mean: float = _f(0.0, "SD3, --weighting-scheme logit_normal: mean of the logit")
+    logit_std: float = _f(1.0, "SD3, --weighting-scheme logit_normal: std of the logit")
+    mode_scale: float = _f(1.29, "SD3, --weighting-scheme mode: its scale")
+    precondition_outputs: bool = _f(True, "SD3: train the preconditioned output (x0 = noisy - sigma * prediction) "
+                                    "against the latents, as the reference script; --no-precondition-outputs: the "
+                                    "velocity (noise - latents)")
+    target_blocks: Optional[str] = _f(None, "SD3: adapt only these transformer blocks, e.g. '0-11' or '0,1,2' "
+                                      "(docs/sd3.md); default: all")
     noise_offset: float = _f(0.0, "offset-noise strength (e.g. 0.05): lets the model learn very dark/bright images")
     ema_decay: float = _f(0.0, "save (and validate) a moving average of the adapter weights over about the last "
                           "1/(1-D) steps instead of the last step's, e.g. 0.99; 0: off")

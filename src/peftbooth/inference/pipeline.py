@@ -11,6 +11,7 @@ from ..adapters import factored
 from ..adapters.strength import set_strength
 from ..adapters.token_embedding import IdentifierRows
 from ..config.sections import UsageError
+from ..models.pipeline import call_kwargs, denoiser
 from ..runs.rundir import RunDir, adapter_parts
 
 
@@ -27,9 +28,11 @@ def mismatch(error: Exception) -> str:
 
 
 def load_for_inference(model: str, device: str | torch.device | None = None, revision: str | None = None,
-                       variant: str | None = None, vae: str | None = None, dtype: torch.dtype | None = None):
+                       variant: str | None = None, vae: str | None = None, dtype: torch.dtype | None = None,
+                       t5: bool = True, max_sequence_length: int = 77):
     """(pipeline, precision.Precision): `model` (with `vae` replacing its own VAE) on the device and in the dtypes
-    of the precision policy for generation; `dtype` overrides the UNet's and text encoders' dtype."""
+    of the precision policy for generation; `dtype` overrides the UNet's and text encoders' dtype. `t5` and
+    `max_sequence_length`: SD3's T5, as the run was trained (--no-t5, --max-sequence-length)."""
     from ..models.loading import family_of, load_pipeline, read_model_index, resolve_model, vae_config_force_upcast
     from ..precision import default_device, for_inference
 
@@ -38,20 +41,23 @@ def load_for_inference(model: str, device: str | torch.device | None = None, rev
     policy = for_inference(default_device(device), family, vae_config_force_upcast(path, revision, vae),
                            compute=dtype)
     pipe = load_pipeline(path, revision=revision, variant=variant, torch_dtype=policy.compute, vae=vae,
-                         vae_dtype=policy.vae)
+                         vae_dtype=policy.vae, t5=t5, max_sequence_length=max_sequence_length)
     return pipe.to(policy.device), policy
 
 
 class AdapterPipeline:
-    """A StableDiffusion(XL)Pipeline plus named PEFT adapters on its UNet and text encoder(s).
+    """A StableDiffusion(XL|3)Pipeline plus named PEFT adapters on its UNet (SD3: transformer) and CLIP text
+    encoder(s).
 
     PEFT injects adapter layers into the pipeline's own modules, so `self.pipe` runs with whatever adapters are
     active; the PeftMixedModel handles (`self._peft`) only manage them.
     """
 
     def __init__(self, model: str, revision: str | None = None, variant: str | None = None,
-                 device: str | None = None, dtype: torch.dtype | None = None, vae: str | None = None):
-        self.pipe, self.precision = load_for_inference(model, device, revision, variant, vae, dtype)
+                 device: str | None = None, dtype: torch.dtype | None = None, vae: str | None = None,
+                 t5: bool = True, max_sequence_length: int = 77):
+        self.pipe, self.precision = load_for_inference(model, device, revision, variant, vae, dtype, t5,
+                                                       max_sequence_length)
         self.device = self.precision.device
         self.pipe.set_progress_bar_config(disable=True)
         self._peft: dict[str, object] = {}  # 'unet' / 'text_encoder' -> PeftMixedModel
@@ -63,7 +69,9 @@ class AdapterPipeline:
     @property
     def model(self) -> dict[str, torch.nn.Module]:
         second = getattr(self.pipe, "text_encoder_2", None)
-        return adapter_parts([self.pipe.unet, self.pipe.text_encoder] + ([second] if second is not None else []))
+        sd3 = hasattr(self.pipe, "transformer")
+        return adapter_parts([denoiser(self.pipe), self.pipe.text_encoder] + ([second] if second is not None else []),
+                             "transformer" if sd3 else "unet")
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a run folder's adapters under `name` (default: the folder name) and make it the active one."""
@@ -79,7 +87,7 @@ class AdapterPipeline:
         extra = [part for part in folders if part not in self.model]
         if extra:  # checked before anything is loaded: no half-loaded adapter
             raise UsageError(f"--adapter {path}: has {extra[0]}/, which this base model does not have "
-                             "(an SDXL adapter on an SD 1.x/2.x model?)")
+                             "(an adapter of another model family: SDXL's, SD3's or SD 1.x/2.x's?)")
         rows_file = RunDir(path).token_embeddings_file
         rows = self.rows.check(rows_file) if rows_file.is_file() else None
         for part, folder in folders.items():
@@ -158,6 +166,7 @@ class AdapterPipeline:
             return self.pipe(
             prompt, num_images_per_prompt=num_images, generator=generator, num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+                **call_kwargs(self.pipe),
             ).images
 
 

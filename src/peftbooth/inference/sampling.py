@@ -14,7 +14,7 @@ import contextlib
 import torch
 from PIL import Image
 
-from ..models.pipeline import assemble
+from ..models.pipeline import assemble, call_kwargs
 from ..models.vae import vae_calls
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,14 +89,16 @@ def sampling_state(device: torch.device, vae: torch.nn.Module, modules: list[tor
 
 
 def in_memory_pipeline(components):
-    """A StableDiffusion(XL)Pipeline over the run's own modules (shared, not copied) with a DPM-Solver++ scheduler.
+    """A StableDiffusion(XL|3)Pipeline over the run's own modules (shared, not copied) with a DPM-Solver++ scheduler,
+    or for SD3 the model's own flow-matching Euler scheduler.
 
     The scheduler is built from the model's own scheduler config, so a v-prediction model is sampled as one.
     DPM-Solver++ gives in 20-25 steps the quality DDPM needs 1000 steps for.
     """
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-    pipe = assemble(components, DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
+    cls = FlowMatchEulerDiscreteScheduler if components.is_sd3 else DPMSolverMultistepScheduler
+    pipe = assemble(components, cls.from_config(components.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -110,7 +112,7 @@ def sample_images(pipe, prompt: str, seeds: list[int], steps: int, guidance_scal
                   size: int | None = None, generator_device: str | torch.device = "cpu") -> list[Image.Image]:
     """One image of `prompt` per seed, in one pipeline call: image i starts from the noise of seeds[i].
 
-    guidance_scale: None: the pipeline's own default (7.5 for SD 1.x / 2.x, 5.0 for SDXL).
+    guidance_scale: None: the pipeline's own default (7.5 for SD 1.x / 2.x, 5.0 for SDXL, 7.0 for SD3).
     size: height and width in pixels; None: the model's own (the UNet's sample size times the VAE's factor).
     generator_device: where each seed's generator draws; "cpu" gives the same starting noise on any device.
     Call inside `sampling_state`.
@@ -120,7 +122,7 @@ def sample_images(pipe, prompt: str, seeds: list[int], steps: int, guidance_scal
     if guidance_scale is not None:
         optional["guidance_scale"] = guidance_scale
     return pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, num_inference_steps=steps,
-                **optional).images
+                **optional, **call_kwargs(pipe)).images
 
 
 def sample(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance_scale: float

@@ -20,13 +20,25 @@ from pathlib import Path
 # run's line says what it trained with.
 COMMUNITY = {"unet_adapter.rank": 4, "unet_adapter.target_modules": "attn", "train.learning_rate": 1e-4,
              "train.max_train_steps": 500}
+# SD 3 / 3.5: diffusers' SD3 DreamBooth LoRA script (examples/dreambooth/train_dreambooth_lora_sd3.py) and its
+# README_sd3.md (LoRA section): rank 4 on the transformer's joint attention (the script's default --lora_layers,
+# both streams, so not SD 3.5's extra attn2), AdamW at 4e-4, constant schedule, 500 steps, T5 at 77 tokens, the
+# logit-normal timestep weighting and the preconditioned (x0) target. The resolution stays the model's own 1024
+# (README_sd3's LoRA command trains at 512; --resolution 512 is the user's to give).
+SD3_TARGETS = ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,"
+               "attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out")
+SD3_RECIPE = {"unet_adapter.rank": 4, "unet_adapter.target_modules": SD3_TARGETS, "train.learning_rate": 4e-4,
+              "train.max_train_steps": 500, "model.max_sequence_length": 77, "train.weighting_scheme": "logit_normal",
+              "train.precondition_outputs": True}
+SD3_FAMILIES = ("sd3", "sd3.5")
+SD3_VAE_FACTOR = 8  # every SD3 / 3.5 VAE (4 blocks); used when the VAE's config cannot be read
 TINY_RESOLUTION = 64  # the tiny random model (models.build_tiny_model, kind sd1): UNet sample 32 x VAE factor 2
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    family: str  # world | tiny | sd1 | sd2 | sd2-v | sdxl
-    resolution: int | None  # the UNet's sample_size x the VAE's downsampling factor
+    family: str  # world | tiny | sd1 | sd2 | sd2-v | sdxl | sd3 | sd3.5
+    resolution: int | None  # the UNet's (SD3: the transformer's) sample_size x the VAE's downsampling factor
 
 
 def _json(path: Path) -> dict:
@@ -36,11 +48,33 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def info_from_configs(index: dict, unet: dict, vae: dict, scheduler: dict) -> ModelInfo | None:
-    """Family and native resolution from model_index.json and the UNet, VAE and scheduler configs."""
-    if not index and not unet:
+def _vae_factor(vae: dict) -> int | None:
+    blocks = vae.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+
+
+def sd3_info(index: dict, transformer: dict, vae: dict) -> ModelInfo | None:
+    """SD 3 or 3.5 (SD 3.5 Medium's MMDiT-X dual attention layers, or 3.5's RMS qk-norm: Medium and Large);
+    None for a pipeline with another transformer (not a family here)."""
+    cls = str(transformer.get("_class_name") or (index.get("transformer") or [None, ""])[-1] or "")
+    if cls and cls != "SD3Transformer2DModel":
+        return None
+    sd35 = bool(transformer.get("dual_attention_layers")) or bool(transformer.get("qk_norm"))
+    sample = transformer.get("sample_size")
+    resolution = sample * (_vae_factor(vae) or SD3_VAE_FACTOR) if isinstance(sample, int) else None
+    return ModelInfo("sd3.5" if sd35 else "sd3", resolution)
+
+
+def info_from_configs(index: dict, unet: dict, vae: dict, scheduler: dict,
+                      transformer: dict | None = None) -> ModelInfo | None:
+    """Family and native resolution from model_index.json and the UNet (SD3: transformer), VAE and scheduler
+    configs."""
+    transformer = transformer or {}
+    if not index and not unet and not transformer:
         return None
     cls = str(index.get("_class_name", ""))
+    if cls.startswith("StableDiffusion3") or "transformer" in index or (transformer and not unet):
+        return sd3_info(index, transformer, vae)
     if "XL" in cls or unet.get("addition_embed_type") == "text_time":
         family = "sdxl"
     elif scheduler.get("prediction_type") == "v_prediction":
@@ -49,37 +83,44 @@ def info_from_configs(index: dict, unet: dict, vae: dict, scheduler: dict) -> Mo
         family = "sd2"  # SD 2.x base (epsilon, 512 px): SD 1.x's recipe
     else:
         family = "sd1"
-    sample, blocks = unet.get("sample_size"), vae.get("block_out_channels")
-    resolution = None
-    if isinstance(sample, int) and isinstance(blocks, list) and blocks:
-        resolution = sample * 2 ** (len(blocks) - 1)
+    sample, factor = unet.get("sample_size"), _vae_factor(vae)
+    resolution = sample * factor if isinstance(sample, int) and factor else None
     return ModelInfo(family, resolution)
 
 
 def read_folder(folder: Path) -> ModelInfo | None:
     return info_from_configs(_json(folder / "model_index.json"), _json(folder / "unet" / "config.json"),
                              _json(folder / "vae" / "config.json"),
-                             _json(folder / "scheduler" / "scheduler_config.json"))
+                             _json(folder / "scheduler" / "scheduler_config.json"),
+                             _json(folder / "transformer" / "config.json"))
 
 
 def read_hub(repo: str, revision: str | None) -> ModelInfo | None:
-    """The same four small files through the hub cache (offline: what is cached); None when none can be had."""
+    """The same small files through the hub cache (offline: what is cached); None when none can be had. The
+    denoiser's config is the UNet's or, where model_index.json names one (SD3), the transformer's."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         return None
-    files = {}
-    for name in ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
+
+    def get(name: str) -> dict:
         try:
-            files[name] = _json(Path(hf_hub_download(repo, name, revision=revision)))
+            return _json(Path(hf_hub_download(repo, name, revision=revision)))
         except Exception:  # offline and not cached, no such repo, no network: the name is all there is
-            files[name] = {}
-    return info_from_configs(*files.values())
+            return {}
+
+    index = get("model_index.json")
+    transformer = get("transformer/config.json") if not index or "transformer" in index else {}
+    unet = get("unet/config.json") if not transformer else {}
+    return info_from_configs(index, unet, get("vae/config.json"), get("scheduler/scheduler_config.json"),
+                             transformer)
 
 
 def guess_from_name(repo: str) -> ModelInfo | None:
     """Last resort for a hub id whose configs cannot be read: the naming the families' repos use."""
     name = repo.lower()
+    if "stable-diffusion-3" in name:  # stable-diffusion-3-medium-diffusers, stable-diffusion-3.5-medium / -large
+        return ModelInfo("sd3.5" if "stable-diffusion-3.5" in name or "stable-diffusion-3-5" in name else "sd3", 1024)
     if "xl" in name:
         return ModelInfo("sdxl", 1024)
     if "stable-diffusion-2" in name:
@@ -119,6 +160,8 @@ def family_defaults(info: ModelInfo, adapter: str | None, prior: bool, has_masks
         values.update(recipe_defaults(adapter or "lora", prior=prior, masks=has_masks))
     elif info.family in ("sd1", "sd2", "sd2-v", "sdxl"):
         values.update(COMMUNITY)
+    elif info.family in SD3_FAMILIES:
+        values.update(SD3_RECIPE)
     return values
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config.sections import UsageError
 from ..world import MODEL_DIR as WORLD_MODEL_DIR
-from ..world import WORLD_NAME
+from ..world import SD3_MODEL_DIR, WORLD_NAME, WORLD_SD3_NAME
 from .components import Components
 from .pipeline import pipeline_class
 from .tiny import build_tiny_model
@@ -19,6 +19,8 @@ from .tiny import build_tiny_model
 # encoder and tokenizer.
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_SUBFOLDERS = REQUIRED_SUBFOLDERS + ("text_encoder_2", "tokenizer_2")
+# SD3 / 3.5: an MMDiT transformer instead of the UNet; T5 (text_encoder_3/) is optional (--no-t5)
+SD3_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 TINY_NAME = "tiny"
 
 
@@ -27,18 +29,19 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """'tiny' -> the cached tiny model folder (built on first use); 'world' -> the pretrained world model shipped
-    with the package; a local folder is checked; else a hub id."""
+    """'tiny' -> the cached tiny model folder (built on first use); 'world' / 'world-sd3' -> the pretrained world
+    models shipped with the package (SD-shaped, SD3-shaped); a local folder is checked; else a hub id."""
     if model == TINY_NAME:
         path = cache_dir() / "tiny-sd"
         if not (path / "model_index.json").exists():
             build_tiny_model(path)
         return str(path)
-    if model == WORLD_NAME:
-        if not (WORLD_MODEL_DIR / "model_index.json").is_file():
-            raise UsageError(f"--model world: the world model is missing from {WORLD_MODEL_DIR}; rebuild it with "
-                             "'python -m peftbooth.world.build'")
-        return str(WORLD_MODEL_DIR)
+    if model in (WORLD_NAME, WORLD_SD3_NAME):
+        folder, build = (WORLD_MODEL_DIR, "build") if model == WORLD_NAME else (SD3_MODEL_DIR, "build_sd3")
+        if not (folder / "model_index.json").is_file():
+            raise UsageError(f"--model {model}: the world model is missing from {folder}; rebuild it with "
+                             f"'python -m peftbooth.world.{build}'")
+        return str(folder)
     if os.path.exists(model):
         check_model_folder(model)
         return model
@@ -66,7 +69,8 @@ def check_model_folder(path: str) -> None:
     if not p.is_dir():
         raise UsageError(f"--model {path}: not a folder; pass a diffusers model folder or a hub id")
     has_index = (p / "model_index.json").is_file()
-    needed = SDXL_SUBFOLDERS if has_index and family_of(read_model_index(path)) == "sdxl" else REQUIRED_SUBFOLDERS
+    family = family_of(read_model_index(path)) if has_index else "sd"
+    needed = {"sdxl": SDXL_SUBFOLDERS, "sd3": SD3_SUBFOLDERS}.get(family, REQUIRED_SUBFOLDERS)
     missing = [s for s in needed if not (p / s).is_dir()]
     if not has_index or missing:
         what = f"missing {', '.join(s + '/' for s in missing)}" if missing else "missing model_index.json"
@@ -88,11 +92,17 @@ def read_model_index(path: str, revision: str | None = None) -> dict:
 
 
 def family_of(index: dict) -> str:
-    """'sdxl' when the pipeline has a second text encoder, else 'sd' (1.x / 2.x); refiners are refused."""
+    """'sd3' when the pipeline has an SD3 transformer, 'sdxl' when it has a second text encoder, else 'sd' (1.x /
+    2.x); refiners are refused."""
     def present(name):
         value = index.get(name)
         return isinstance(value, list) and any(v is not None for v in value)
 
+    if present("transformer"):
+        if index.get("transformer")[-1] != "SD3Transformer2DModel":
+            raise UsageError(f"--model: a {index.get('_class_name', 'transformer')} model; of the transformer "
+                             "families only Stable Diffusion 3 / 3.5 (SD3Transformer2DModel) is supported")
+        return "sd3"
     if present("text_encoder_2"):
         if not present("text_encoder"):
             raise UsageError("--model: an SDXL refiner (no first text encoder) cannot be trained; use an SDXL base model")
@@ -100,15 +110,28 @@ def family_of(index: dict) -> str:
     return "sd"
 
 
+def has_t5(index: dict) -> bool:
+    """Whether an SD3 model_index.json names a T5 encoder (a folder may be saved without one)."""
+    return any(v is not None for v in (index.get("text_encoder_3") or [None]))
+
+
 def load_components(model: str, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None) -> Components:
+                    vae: str | None = None, t5: bool = True, max_sequence_length: int = 77) -> Components:
     """Tokenizer(s), training scheduler, VAE, UNet and text encoder(s), frozen; `vae` replaces the model's VAE
-    (a folder or hub id holding one AutoencoderKL, e.g. an fp16-safe SDXL VAE)."""
+    (a folder or hub id holding one AutoencoderKL, e.g. an fp16-safe SDXL VAE). An SD3 model gives its
+    transformer (as `unet`), two CLIPs and, unless `t5` is False, T5 with `max_sequence_length` tokens."""
+    path = resolve_model(model)
+    index = read_model_index(path, revision)
+    if family_of(index) == "sd3":
+        from .sd3 import load_sd3_components
+
+        # a folder saved without T5 (model_index.json names no class for it) is conditioned as with --no-t5
+        return load_sd3_components(path, model, revision, variant, None if vae is None else load_vae(vae),
+                                   t5 and has_t5(index), max_sequence_length)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    path = resolve_model(model)
-    sdxl = family_of(read_model_index(path, revision)) == "sdxl"
+    sdxl = family_of(index) == "sdxl"
     # use_safetensors: weights are never read from pickles (a model with only .bin files is refused)
     kw = dict(revision=revision)
     wkw = dict(revision=revision, variant=variant, use_safetensors=True)
@@ -164,11 +187,12 @@ def vae_config_force_upcast(model: str, revision: str | None = None, vae: str | 
 
 
 def load_pipeline(model: str, revision: str | None = None, variant: str | None = None, torch_dtype=None,
-                  vae: str | None = None, vae_dtype=None):
+                  vae: str | None = None, vae_dtype=None, t5: bool = True, max_sequence_length: int = 77):
     """The full pipeline for generation: StableDiffusionPipeline (no safety checker) or, for an SDXL model,
-    StableDiffusionXLPipeline (no watermarker), the class models.pipeline chooses from model_index.json, never by
-    importing whatever class the file names. `torch_dtype`: the UNet's and text encoders'; `vae_dtype`: the
-    VAE's, when the precision policy keeps it apart (it is loaded on its own then, never rounded to half first)."""
+    StableDiffusionXLPipeline (no watermarker) or StableDiffusion3Pipeline (without T5 when `t5` is False), the
+    class models.pipeline chooses from model_index.json, never by importing whatever class the file names.
+    `torch_dtype`: the UNet's and text encoders'; `vae_dtype`: the VAE's, when the precision policy keeps it apart
+    (it is loaded on its own then, never rounded to half first)."""
     from diffusers import AutoencoderKL
 
     path = resolve_model(model)
@@ -178,14 +202,22 @@ def load_pipeline(model: str, revision: str | None = None, variant: str | None =
     elif vae_dtype is not None and vae_dtype != torch_dtype:
         extra["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant,
                                                      use_safetensors=True).to(vae_dtype)
-    cls, extras = pipeline_class(family_of(read_model_index(path, revision)))
+    index = read_model_index(path, revision)
+    family = family_of(index)
+    cls, extras = pipeline_class(family)
     extra = {**extra, **extras}
+    # without T5, or a folder saved without it, its states are zeros, as in training
+    if family == "sd3" and not (t5 and has_t5(index)):
+        extra.update(text_encoder_3=None, tokenizer_3=None)
     try:
         with warnings.catch_warnings():
             # newer diffusers rename torch_dtype to dtype; the old name keeps older releases working
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return cls.from_pretrained(path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+            pipe = cls.from_pretrained(path, revision=revision, variant=variant, torch_dtype=torch_dtype,
                                        use_safetensors=True, **extra)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {model}: could not load ({first})") from e
+    if family == "sd3":
+        pipe.max_sequence_length = max_sequence_length  # models.pipeline.call_kwargs passes it to every call
+    return pipe

@@ -61,16 +61,19 @@ def sample_images(run_dir: Path) -> list[str]:
     return sorted(p.relative_to(run_dir).as_posix() for p in found)
 
 
-def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False) -> str:
-    """README.md with YAML front matter in the Hub's model-card convention, then the settings and samples."""
+def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, family: str = "sd") -> str:
+    """README.md with YAML front matter in the Hub's model-card convention, then the settings and samples.
+    `family`: the base model's (models.components.FAMILIES)."""
     u, te, d, t = cfg.unet_adapter, cfg.text_encoder_adapter, cfg.data, cfg.train
-    family = "stable-diffusion-xl" if sdxl else "stable-diffusion"
+    sdxl, sd3 = family == "sdxl", family == "sd3"
+    denoiser = "transformer" if sd3 else "unet"
+    tag = {"sdxl": "stable-diffusion-xl", "sd3": "sd3"}.get(family, "stable-diffusion")
     meta = {
         **({"base_model": hub_id_or_none(cfg.model.model)} if hub_id_or_none(cfg.model.model) else {}),
         "library_name": "peft",
         "license": "other",  # placeholder: the base model's license applies; set it before sharing
         "instance_prompt": d.instance_prompt,
-        "tags": ["text-to-image", family, "diffusers", "dreambooth", u.adapter, "peftbooth"],
+        "tags": ["text-to-image", tag, "diffusers", "dreambooth", u.adapter, "peftbooth"],
     }
     lines = [
         "---",
@@ -84,13 +87,15 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
         "## Settings",
         "",
         f"- base model: `{cfg.model.model}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
-        f"- UNet adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets `{u.target_modules}`",
+        f"- {'transformer' if sd3 else 'UNet'} adapter: {u.adapter}, rank {u.rank}, alpha {u.alpha}, targets "
+        f"`{u.target_modules}`" + (f", blocks {t.target_blocks}" if sd3 and t.target_blocks else ""),
     ]
     if t.train_token_embedding:
         lines.append(f"- the identifier `{t.train_token_embedding}`'s input embedding, trained: "
                      f"`{TOKEN_EMBEDDINGS}` (peftbooth generate and fuse apply it)")
     if t.train_text_encoder:
-        lines.append(f"- text-encoder adapter{'s (both SDXL text encoders)' if sdxl else ''}: {te.adapter}, "
+        both = " (both SDXL text encoders)" if sdxl else " (both CLIP text encoders; T5 is not trained)" if sd3 else ""
+        lines.append(f"- text-encoder adapter{'s' + both if both else ''}: {te.adapter}, "
                      f"rank {te.rank}, alpha {te.alpha}, targets `{te.target_modules}`")
     if d.with_prior_preservation:
         lines.append(f"- prior preservation: `{d.class_prompt}`, {d.num_class_images} class images, "
@@ -111,8 +116,8 @@ def model_card(cfg: TrainConfig, stats: dict, run_dir: Path, sdxl: bool = False)
          f"{run_dir.name}.safetensors   # A1111 / ComfyUI / Forge"),
         "```",
         "",
-        f"`unet/`, `text_encoder/`{' and `text_encoder_2/`' if sdxl else ''} are PEFT adapter folders: "
-        "`PeftModel.from_pretrained(unet, 'unet')` loads them.",
+        f"`{denoiser}/`, `text_encoder/`{' and `text_encoder_2/`' if sdxl or sd3 else ''} are PEFT adapter "
+        f"folders: `PeftModel.from_pretrained({denoiser}, '{denoiser}')` loads them.",
         "",
     ]
     if u.adapter == "lora" and (not t.train_text_encoder or te.adapter == "lora"):

@@ -4,9 +4,10 @@
 
     OUT/config.yaml              the run's config, replayable with `train --config` (CONFIG_FILE)
     OUT/README.md                the model card
-    OUT/unet/                    PEFT adapter folders (adapter_config.json + adapter_model.safetensors), one per
-    OUT/text_encoder/            adapted part (ADAPTER_PARTS); unet/ is written last, so it marks a finished run;
-    OUT/text_encoder_2/          text_encoder_2/ is SDXL's second text encoder
+    OUT/unet/ or transformer/    PEFT adapter folders (adapter_config.json + adapter_model.safetensors), one per
+    OUT/text_encoder/            adapted part (ADAPTER_PARTS); the denoiser's (unet/, or transformer/ for SD3) is
+    OUT/text_encoder_2/          written last, so it marks a finished run; text_encoder_2/ is SDXL's and SD3's
+                                 second text encoder (SD3's third, T5, is never trained)
     OUT/token_embeddings.safetensors   the identifier's trained input embedding, with --train-token-embedding
     OUT/train_stats.json         fit()'s statistics, so the report can be rebuilt without the training process
     OUT/proxies.json             the offline proxies computed at the end of training
@@ -33,8 +34,12 @@ from pathlib import Path
 from ..config.sections import UsageError
 from .atomic import read_json
 
-ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")  # adapter folders of a run; text_encoder_2: SDXL only
-UNET, TEXT_ENCODERS = ADAPTER_PARTS[0], ADAPTER_PARTS[1:]  # the UNet's part; the text encoders' in model order
+# adapter folders of a run: the denoiser's (the UNet's; SD3's MMDiT transformer's), then the text encoders' in model
+# order (text_encoder_2: SDXL's and SD3's second CLIP)
+ADAPTER_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+DENOISERS = ADAPTER_PARTS[:2]  # a run has exactly one of them
+UNET, TRANSFORMER = DENOISERS
+TEXT_ENCODERS = ADAPTER_PARTS[2:]
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKEN_EMBEDDINGS = "token_embeddings.safetensors"  # token_embedding.py writes and reads it
@@ -133,14 +138,23 @@ class RunDir:
                        else f"no {ADAPTER_WEIGHTS}")
                 raise UsageError(f"{flag} {folder}: {why}; convert them to safetensors")
             found[part] = folder
-        if UNET not in found:
-            raise UsageError(f"{flag} {self.path}: no unet/{ADAPTER_CONFIG}; pass a run folder written by "
-                             "'peftbooth train'")
+        denoisers = [p for p in DENOISERS if p in found]
+        if not denoisers:
+            raise UsageError(f"{flag} {self.path}: no unet/{ADAPTER_CONFIG} (or transformer/ for SD3); pass a run "
+                             "folder written by 'peftbooth train'")
+        if len(denoisers) > 1:
+            raise UsageError(f"{flag} {self.path}: holds both unet/ and transformer/ adapters; a run adapts one "
+                             "denoiser, remove the folder that does not belong")
         return found
 
+    def denoiser_part(self) -> str:
+        """'transformer' when the run has an SD3 transformer adapter folder, else 'unet' (unchecked)."""
+        return TRANSFORMER if (self.path / TRANSFORMER / ADAPTER_CONFIG).is_file() else UNET
+
     def is_finished(self) -> bool:
-        """unet/ is moved into place last by training.saving.save: its weights mark a finished run."""
-        return (self.path / UNET / ADAPTER_WEIGHTS).is_file()
+        """The denoiser's folder is moved into place last by training.saving.save: its weights mark a finished
+        run."""
+        return any((self.path / p / ADAPTER_WEIGHTS).is_file() for p in DENOISERS)
 
     def adapter_config(self, part: str) -> dict | None:
         """adapter_config.json of one part as a dict; None when missing or unreadable."""
@@ -219,9 +233,10 @@ class RunDir:
             model = base_model_of(data if isinstance(data, dict) else {}, {})
             if model:
                 return model, self.config_file
-        model = base_model_of({}, self.adapter_config(UNET) or {})
+        denoiser = self.denoiser_part()
+        model = base_model_of({}, self.adapter_config(denoiser) or {})
         if model:
-            return model, self.adapter_dir(UNET) / ADAPTER_CONFIG
+            return model, self.adapter_dir(denoiser) / ADAPTER_CONFIG
         return None, None
 
     # --- the other files
@@ -257,12 +272,25 @@ def base_model_for(model: str | None, run_dirs: list[str | Path], flag: str = "-
     return model
 
 
-def adapter_parts(models: list) -> dict:
-    """{'unet': models[0], 'text_encoder': models[1], 'text_encoder_2': models[2]}, as many as given: the UNet
-    first, then the text encoders in the model's order."""
-    if len(models) > len(ADAPTER_PARTS):
-        raise ValueError(f"{len(models)} models for the {len(ADAPTER_PARTS)} adapter parts {ADAPTER_PARTS}")
-    return dict(zip(ADAPTER_PARTS, models))
+def recorded_setting(run_dirs: list[str | Path], section: str, name: str, given, default, flag: str):
+    """`given` if not None; else the value the run folders' config.yaml record (they must agree: a UsageError
+    naming `flag` if they do not), else `default`."""
+    if given is not None:
+        return given
+    values = {repr(v): v for v in (RunDir(r).setting(section, name) for r in run_dirs) if v is not None}
+    if len(values) > 1:
+        raise UsageError(f"{flag}: the --adapter runs were trained with different values ({', '.join(values)}); "
+                         f"pass {flag}")
+    return next(iter(values.values()), default)
+
+
+def adapter_parts(models: list, denoiser: str = UNET) -> dict:
+    """{'unet': models[0], 'text_encoder': models[1], 'text_encoder_2': models[2]}, as many as given: the denoiser
+    first (under `denoiser`: 'unet', or 'transformer' for SD3), then the text encoders in the model's order."""
+    parts = (denoiser, *TEXT_ENCODERS)
+    if denoiser not in DENOISERS or len(models) > len(parts):
+        raise ValueError(f"{len(models)} models for the adapter parts {parts}")
+    return dict(zip(parts, models))
 
 
 def base_model_of(config: dict, unet_adapter_config: dict) -> str | None:

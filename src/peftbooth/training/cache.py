@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..data.dataset import DreamBoothDataset, tokenize
-from ..models.components import encode_text
+from ..models.components import T5Conditioning, encode_text
 
 
 class LatentCache:
@@ -57,7 +57,7 @@ class LatentCache:
 
 
 class TextCache:
-    """The frozen text encoders' output per distinct prompt: the context (77, D) and, for SDXL, the pooled
+    """The frozen text encoders' output per distinct prompt: the context (L, D) and, for SDXL and SD3, the pooled
     embedding (P,)."""
 
     def __init__(self, states: dict[str, torch.Tensor], pooled: dict[str, torch.Tensor] | None = None):
@@ -65,13 +65,14 @@ class TextCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, prompts: list[str], tokenizers: list, text_encoders: list, device) -> "TextCache":
+    def build(cls, prompts: list[str], tokenizers: list, text_encoders: list, device,
+              t5: T5Conditioning | None = None) -> "TextCache":
         unique = list(dict.fromkeys(prompts))
         ids = [tokenize(tok, unique).to(device) for tok in tokenizers]
-        context, pooled = encode_text(text_encoders, ids)  # (P, 77, D), (P, D2) or None
+        context, pooled = encode_text(text_encoders, ids, t5)  # (P, L, D), (P, D2) or None
         return cls(dict(zip(unique, context)), None if pooled is None else dict(zip(unique, pooled)))
 
     def lookup(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, 77, D) states and (N, P) pooled embeddings (None unless SDXL) for a batch's prompts, in order."""
+        """(N, L, D) states and (N, P) pooled embeddings (None for SD 1.x / 2.x) for a batch's prompts, in order."""
         pooled = None if self.pooled is None else torch.stack([self.pooled[p] for p in prompts])
         return torch.stack([self.states[p] for p in prompts]), pooled

@@ -30,13 +30,13 @@ import torch
 from ..config.dicts import to_dict
 from ..config.sections import TrainConfig, UsageError
 from ..runs.atomic import fsync_path, fsync_tree, replace
-from ..runs.rundir import CHECKPOINTS_DIR
+from ..runs.rundir import ADAPTER_WEIGHTS, CHECKPOINTS_DIR, DENOISERS
 from . import ema as ema_file
 
 CHECKPOINTS = CHECKPOINTS_DIR  # OUT/checkpoints/ (the run folder's layout is rundir's)
 NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"  # written last inside the temp folder
-REQUIRED = ("unet/adapter_model.safetensors", "optimizer.pt", "state.pt", STATE_FILE)
+REQUIRED = ("optimizer.pt", "state.pt", STATE_FILE)  # and the denoiser's adapter weights (is_complete)
 LOCK = ".peftbooth.lock"
 
 # Config fields that may change between a run and its resume without changing what is trained.
@@ -118,7 +118,15 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if all((p / r).is_file() for r in REQUIRED)]
+    return [p for _, p in sorted(found) if not missing_files(p)]
+
+
+def missing_files(path: Path) -> list[str]:
+    """What a complete checkpoint folder has and `path` lacks: the denoiser's adapter (unet/, or transformer/ for
+    SD3), the optimizer, the RNG and loop state."""
+    denoiser = [f"{d}/{ADAPTER_WEIGHTS}" for d in DENOISERS]
+    missing = [r for r in REQUIRED if not (path / r).is_file()]
+    return missing + ([] if any((path / d).is_file() for d in denoiser) else [" or ".join(denoiser)])
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:
@@ -133,7 +141,7 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
                 warnings.warn(f"--resume latest: skipping unreadable checkpoint {path}", stacklevel=2)
         raise UsageError(f"--resume latest: no complete checkpoint in {output_dir / CHECKPOINTS}")
     path = Path(resume)
-    missing = [r for r in REQUIRED if not (path / r).is_file()]
+    missing = missing_files(path)
     if not path.is_dir() or missing:
         raise UsageError(f"--resume {resume}: not a complete peftbooth checkpoint"
                          + (f" (missing {', '.join(missing)})" if path.is_dir() else " (no such folder)"))

@@ -22,10 +22,13 @@ from .objective import (
     batch_conditioning,
     batch_loss_masks,
     batch_posterior,
+    call_denoiser,
+    flow_matching_loss,
+    rows_of,
     row_generators,
     training_loss,
 )
-from .proxies import ProxyInputs, write_proxies
+from .proxies import ProxyInputs, adapters_disabled, peft_handle, write_proxies
 from .saving import publish, save
 from .setup import Run, setup
 from .signals import StopSignals, TrainingInterrupted, all_true, end_training, signal_interval
@@ -47,7 +50,7 @@ def train(cfg: TrainConfig) -> Path:
 def finish(run: Run, stats: dict) -> Path:
     """Write the finished run (saving.save), end every process's training, say where the adapters are and push
     them when asked. Returns the output folder."""
-    out = save(run.accelerator, run.output_dir, run.adapters, run.cfg, stats, run.components.is_sdxl)
+    out = save(run.accelerator, run.output_dir, run.adapters, run.cfg, stats, run.components.family)
     end_training(run.accelerator, run.drop_wrappers)
     publish(run.accelerator, out, list(run.adapters.models), run.cfg.train.push_to_hub)
     return out
@@ -75,11 +78,38 @@ def training_step(run: Run, batch: dict) -> LossParts:
     c, device = run.components, run.accelerator.device
     mean, std = batch_posterior(batch, c.vae, run.latent_cache, device, run.weight_dtype)
     context, added = batch_conditioning(batch, run.text_encoders, run.text_cache, run.latent_cache, device,
-                                        run.cfg.train.train_text_encoder, c.is_sdxl)
+                                        run.cfg.train.train_text_encoder, c.family, c.t5)
     generators = row_generators(batch["seeds"], device)
+    settings, masks = ObjectiveSettings.from_config(run.cfg), batch_loss_masks(batch, run.latent_cache)
+    prior = base_prediction(run, batch)
+    if c.is_sd3:
+        return flow_matching_loss(run.unet, c.noise_scheduler, mean, std, context, added, generators,
+                                  batch["num_instance"], c.latent_scale, c.latent_shift, settings, masks, prior)
     return training_loss(run.unet, c.noise_scheduler, mean, std, context, added, generators, batch["num_instance"],
-                         c.latent_scale, ObjectiveSettings.from_config(run.cfg),
-                         batch_loss_masks(batch, run.latent_cache))
+                         c.latent_scale, settings, masks, prior)
+
+
+def base_prediction(run: Run, batch: dict):
+    """--prior-mode base-prediction: the class rows' target, (noisy, timesteps, context, added) -> the base model's
+    prediction: the denoiser with its adapter off and, when the text encoders are trained, the class prompts
+    encoded again with theirs off. None in the other modes."""
+    d = run.cfg.data
+    if not (d.with_prior_preservation and d.prior_mode == "base-prediction"):
+        return None
+    c, acc = run.components, run.accelerator
+    denoiser = peft_handle(acc, run.unet)
+    encoders = [peft_handle(acc, m) for m in run.text_encoders] if run.cfg.train.train_text_encoder else []
+
+    def target(noisy, timesteps, context, added):
+        with adapters_disabled(denoiser, *encoders):
+            if encoders:  # the frozen encoders' states of the class prompts (they were encoded with adapters on)
+                n = batch["num_instance"]
+                context, added = batch_conditioning(batch, run.text_encoders, None, run.latent_cache, acc.device,
+                                                    False, c.family, c.t5)
+                context, added = context[n:], rows_of(added, n)
+            return call_denoiser(denoiser, noisy, timesteps, context, added)
+
+    return target
 
 
 @dataclass

@@ -74,17 +74,19 @@ def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
 def dreambooth_loss(
     pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float,
     instance_weights: torch.Tensor | None = None, instance_pixel_weights: torch.Tensor | None = None,
+    prior_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, instance_loss, prior_loss) for a batch whose first `num_instance` rows are instance images.
 
     pred, target: (B_inst + B_class, C, h, w); instance_weights: optional (B_inst,) per-row weights (Min-SNR) of
     the instance rows; instance_pixel_weights: optional (B_inst, 1, h, w) weights per latent pixel (--masked-loss,
     from latent_loss_weights). loss = weighted MSE(instance) + prior_loss_weight * MSE(class). The class (prior) rows are
-    never weighted, as in the diffusers DreamBooth scripts: --prior-loss-weight keeps its meaning with Min-SNR on.
+    not Min-SNR weighted, as in the diffusers DreamBooth scripts: --prior-loss-weight keeps its meaning with Min-SNR
+    on; prior_weights (B_class,) are SD3's per-sigma weights, which its reference script applies to both halves.
     Computed in fp32 so a bf16/fp16 forward does not lose the small differences the MSE is made of.
     """
     instance_loss = _mse(pred[:num_instance], target[:num_instance], instance_weights, instance_pixel_weights)
     if pred.shape[0] == num_instance:
         return instance_loss, instance_loss, None
-    prior_loss = _mse(pred[num_instance:], target[num_instance:], None)
+    prior_loss = _mse(pred[num_instance:], target[num_instance:], prior_weights)
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .memory_sd3 import T5_ACTIVATION, DiT, sample_activation, train_activation
+
 # The low-memory preset: the same training in less memory. Gradient checkpointing recomputes the UNet's (and a
 # trained text encoder's) activations in backward; bf16 frozen weights halve them (and are safe: bf16 needs no
 # loss scaling); one image per step; the VAE and frozen text encoders asked once and moved off the GPU; class
@@ -45,6 +47,7 @@ TRAIN_ACTIVATION = {
 # at most 20.8 kB per latent pixel per row. SDXL's decode (3072 MiB, fp32) is the larger term in its trace, which
 # bounds its UNet call by 3109 MiB for 8 rows of 128 x 128 latents: 24 kB.
 SAMPLE_ACTIVATION = {"sd": 20_800, "sdxl": 24_000}
+# SD3 / 3.5 ("sd3"): an MMDiT's activations go by token, not latent pixel: memory_sd3 (its constants and method).
 # The VAE at full resolution, bytes per image pixel. Encoding (the latent cache, no autocast): 643 per byte of
 # the VAE's dtype (SD 1.5 bf16, 4 x 512 px: 1286 MiB; SDXL fp32, 1 x 1024 px: 2572 MiB). Decoding (class
 # images): a half VAE under autocast keeps its norms' fp32 outputs, 2560 per pixel; an fp32 VAE 3072.
@@ -59,12 +62,14 @@ MARGIN_FACTOR, MARGIN_BYTES = 1.10, 256 * 2**20
 class Footprint:
     """What the estimate needs to know of the loaded model: parameter counts, not modules."""
 
-    family: str  # "sd" (SD 1.x / 2.x) or "sdxl"
-    unet: int
-    text_encoders: tuple[int, ...]
+    family: str  # "sd" (SD 1.x / 2.x), "sdxl" or "sd3"
+    unet: int  # the denoiser's parameters and buffers (SD3: the transformer, its 384^2 position table included)
+    text_encoders: tuple[int, ...]  # the CLIPs
     vae: int
     unet_adapter: int  # trainable parameters the UNet's adapter adds
     text_adapter: int = 0  # and the text encoders' (with --train-text-encoder)
+    t5: int = 0  # SD3: T5's parameters when it is loaded (0 with --no-t5); never trained
+    dit: DiT | None = None  # SD3: the transformer's shape, for its activations by token
 
 
 @dataclass(frozen=True)
@@ -95,22 +100,27 @@ def estimate(fp: Footprint, p: Plan) -> dict[str, int]:
     latent_px = (p.resolution // 8) ** 2  # (H/8) x (W/8) latents
     image_px = p.resolution**2
     scale = p.compute_bytes / 2
-    text = sum(fp.text_encoders) * p.compute_bytes
+    text = (sum(fp.text_encoders) + fp.t5) * p.compute_bytes
+    text_act = TEXT_ACTIVATION + (T5_ACTIVATION if fp.t5 else 0)
     vae = fp.vae * p.vae_bytes
     from ..models.vae import vae_rows_per_call
 
     chunk = min(p.sample_batch_size, vae_rows_per_call(p.resolution, p.resolution))  # images per VAE call
-    phases = {"caching": vae + text + max(TEXT_ACTIVATION, VAE_ENCODE * p.vae_bytes * image_px * chunk)}
-    if p.class_images:
-        unet_call = SAMPLE_ACTIVATION[fp.family] * scale * 2 * p.sample_batch_size * latent_px  # 2: guidance
+    phases = {"caching": vae + text + max(text_act, VAE_ENCODE * p.vae_bytes * image_px * chunk)}
+    if p.class_images:  # 2: guidance
+        per_row = sample_activation(fp.dit, p.resolution) if fp.dit else SAMPLE_ACTIVATION[fp.family] * latent_px
+        unet_call = per_row * scale * 2 * p.sample_batch_size
         decode = VAE_DECODE[p.vae_bytes] * image_px * chunk
-        phases["class-images"] = fp.unet * p.compute_bytes + text + vae + max(unet_call, decode, TEXT_ACTIVATION)
+        phases["class-images"] = fp.unet * p.compute_bytes + text + vae + max(unet_call, decode, text_act)
     # fp32 adapter weights and gradients, AdamW's two moments (fp32, or 1 byte each in 8-bit)
     adapter = (fp.unet_adapter + fp.text_adapter) * (8 + (2 if p.use_8bit_adam else 8))
     train = fp.unet * p.compute_bytes + adapter
-    train += TRAIN_ACTIVATION[fp.family][p.gradient_checkpointing] * scale * p.rows * latent_px
-    if p.train_text_encoder or not p.cache_text_states:
-        train += text + TEXT_ACTIVATION
+    if fp.dit:  # SD3: by token (memory_sd3)
+        train += train_activation(fp.dit, p.resolution, p.gradient_checkpointing) * scale * p.rows
+    else:
+        train += TRAIN_ACTIVATION[fp.family][p.gradient_checkpointing] * scale * p.rows * latent_px
+    if p.train_text_encoder or not p.cache_text_states:  # the text states are then encoded every step (T5 too)
+        train += text + text_act
     if not p.cache_latents:  # the VAE stays and encodes every step's rows
         train += vae + VAE_ENCODE * p.vae_bytes * image_px * min(p.rows, chunk)
     phases["training"] = train
@@ -210,20 +220,25 @@ def adapter_size(model, targets: list[str], rank: int, kind: str) -> int:
 
 def footprint_of(cfg, components) -> Footprint:
     """Parameter counts of the loaded components and of the adapters `cfg` (resolved) will attach."""
-    from ..adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS, target_modules
+    from ..adapters.peft_config import TEXT_ENCODER_PRESETS, denoiser_presets, target_modules
+    from .memory_sd3 import dit_of
 
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
+    def count(m):  # buffers too: they are on the device (SD3's position table: 226 M values)
+        return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
 
     u, te = cfg.unet_adapter, cfg.text_encoder_adapter
     text_adapter = 0
     if cfg.train.train_text_encoder:
         targets = target_modules(te.target_modules, TEXT_ENCODER_PRESETS)
         text_adapter = sum(adapter_size(m, targets, te.rank, te.adapter) for m in components.text_encoders)
+    t5 = getattr(components, "text_encoder_3", None)
+    sd3 = components.family == "sd3"
     return Footprint(components.family, count(components.unet), tuple(count(m) for m in components.text_encoders),
                      count(components.vae),
-                     adapter_size(components.unet, target_modules(u.target_modules, UNET_PRESETS), u.rank, u.adapter),
-                     text_adapter)
+                     adapter_size(components.unet, target_modules(u.target_modules, denoiser_presets(components.family)),
+                                  u.rank, u.adapter),
+                     text_adapter, count(t5) if sd3 and t5 is not None else 0,
+                     dit_of(components.unet, components.max_sequence_length) if sd3 else None)
 
 
 def class_images_missing(cfg) -> bool:

@@ -86,8 +86,10 @@ def generate_class_images(
         from ..models.vae import vae_calls
 
         pipe, _ = load_for_inference(model, device, revision=revision, variant=variant, vae=vae)
-        # DPM-Solver++ gives class images of the quality DDPM needs 1000 steps for in 20-25 steps.
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        # DPM-Solver++ gives class images of the quality DDPM needs 1000 steps for in 20-25 steps; SD3 keeps its
+        # own flow-matching Euler sampler
+        if not hasattr(pipe, "transformer"):
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         try:
             with torch.inference_mode(), vae_calls(pipe.vae):
@@ -116,7 +118,7 @@ def class_images_from_components(
     from ..inference.sampling import in_memory_pipeline, sampling_state
 
     c, device = components, precision.device
-    modules = [c.unet, c.vae, *c.text_encoders]
+    modules = [c.unet, c.vae, *c.text_encoders, *([c.text_encoder_3] if c.text_encoder_3 is not None else [])]
 
     @contextlib.contextmanager
     def pipeline():

@@ -36,25 +36,34 @@ def fixed_noise(k: int, shape: tuple, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predictions(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, timesteps: list[int],
-                noise: torch.Tensor, added: dict | None = None, chunk: int = 8
+                noise: torch.Tensor, added: dict | None = None, chunk: int = 8, flow_matching: bool = False
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, 4, h, w); `added`:
-    SDXL's added_cond_kwargs, each (N, ...)."""
+    """(predictions, targets) per fixed timestep, fp32 on the latents' device. latents (N, C, h, w); `added`:
+    SDXL's added_cond_kwargs or SD3's pooled_projections, each (N, ...). `flow_matching` (SD3): timestep t is the
+    point sigma = t / T of the line from the latents to the noise, and the target the velocity noise - latents."""
+    from .flow import flow_target, noisy_latents
     from .losses import diffusion_target
+    from .objective import call_denoiser
 
     def rows(s):
         return None if added is None else {k: v[s : s + chunk] for k, v in added.items()}
 
     preds, targets = [], []
+    num_train_timesteps = scheduler.config.num_train_timesteps
     for k, t in enumerate(timesteps):
-        tt = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        tt = torch.full((latents.shape[0],), t, device=latents.device,
+                        dtype=latents.dtype if flow_matching else torch.long)
         eps = noise[k].to(latents.device, latents.dtype)
-        noisy = scheduler.add_noise(latents, eps, tt)
+        if flow_matching:
+            noisy = noisy_latents(latents, eps, tt.float() / num_train_timesteps)
+        else:
+            noisy = scheduler.add_noise(latents, eps, tt)
         # in chunks: a folder of 20 photos at 768 px is one UNet batch too many on a small GPU
-        preds.append(torch.cat([unet(noisy[s : s + chunk], tt[s : s + chunk], context[s : s + chunk],
-                                     added_cond_kwargs=rows(s)).sample.float()
+        preds.append(torch.cat([call_denoiser(unet, noisy[s : s + chunk], tt[s : s + chunk], context[s : s + chunk],
+                                              rows(s)).float()
                                 for s in range(0, latents.shape[0], chunk)]))
-        targets.append(diffusion_target(scheduler, latents, eps, tt).float())
+        target = flow_target(latents, eps, False) if flow_matching else diffusion_target(scheduler, latents, eps, tt)
+        targets.append(target.float())
     return preds, targets
 
 
@@ -66,7 +75,7 @@ def mean_square(a: list[torch.Tensor]) -> float:
     return float(torch.stack([x.pow(2).mean() for x in a]).mean())
 
 
-def _peft_handle(accelerator, module):
+def peft_handle(accelerator, module):
     """The PeftModel under Accelerate's and torch.compile's wrappers (for disable_adapter)."""
     module = accelerator.unwrap_model(module)
     return getattr(module, "_orig_mod", module)
@@ -93,8 +102,9 @@ def _latents(vae, images: list, resolution: int, device, dtype) -> tuple[torch.T
         pixels.append(to_tensor(crop))
         time_ids.append(micro_conditioning(img.info.get(ORIGINAL_SIZE, img.size), top_left, resolution))
     # in the VAE's own dtype and in bounded chunks: the caller runs this inside models.vae_calls
-    means = vae.encode(torch.stack(pixels).to(device)).latent_dist.mean  # (N, 4, h, w)
-    return (means * float(vae.config.scaling_factor)).to(dtype), torch.stack(time_ids).to(device)
+    means = vae.encode(torch.stack(pixels).to(device)).latent_dist.mean  # (N, C, h, w)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # SD3's VAE: (z - shift) * scale
+    return ((means - shift) * float(vae.config.scaling_factor)).to(dtype), torch.stack(time_ids).to(device)
 
 
 def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,7 +112,15 @@ def _context(components, prompts: list[str], device) -> tuple[torch.Tensor, torc
     from ..data.dataset import tokenize
     from ..models.components import encode_text
 
-    return encode_text(components.text_encoders, [tokenize(tok, prompts).to(device) for tok in components.tokenizers])
+    ids = [tokenize(tok, prompts).to(device) for tok in components.tokenizers]
+    return encode_text(components.text_encoders, ids, components.t5)
+
+
+def _added(components, pooled: torch.Tensor | None, time_ids: torch.Tensor) -> dict | None:
+    """The denoiser's added conditioning: SD3's pooled projections, SDXL's pooled embedding and time ids."""
+    from ..models.components import added_conditioning
+
+    return {"pooled_projections": pooled} if components.is_sd3 else added_conditioning(pooled, time_ids)
 
 
 def class_images_for(cfg, output_dir: Path, limit: int) -> list[Path]:
@@ -140,7 +158,6 @@ def compute_proxies(inputs: ProxyInputs, num_timesteps: int = 10, max_class_imag
     """
     from ..data.images import load_image
     from ..inference.sampling import eval_mode, on_device, untouched_rng
-    from ..models.components import added_conditioning
     from ..models.vae import vae_calls
 
     cfg, acc, c = inputs.cfg, inputs.accelerator, inputs.components
@@ -150,12 +167,13 @@ def compute_proxies(inputs: ProxyInputs, num_timesteps: int = 10, max_class_imag
     # the photos and per-image prompts as setup decoded them for training: not read a second time
     instance_images, instance_prompts = inputs.photos, inputs.prompts
     class_paths = class_images_for(cfg, inputs.output_dir, max_class_images) if d.class_prompt else []
-    handles = [_peft_handle(acc, m) for m in inputs.adapters.values()]
+    handles = [peft_handle(acc, m) for m in inputs.adapters.values()]
 
     result = {"timesteps": timesteps, "noise_seed": seed, "with_prior_preservation": d.with_prior_preservation,
               "latents": "VAE posterior mean", "class": None, "class_note": None}
     with torch.no_grad(), untouched_rng(device), eval_mode(*inputs.models, c.vae), \
-            on_device(device, c.vae, *c.text_encoders), acc.autocast(), vae_calls(c.vae):
+            on_device(device, c.vae, *c.text_encoders, *([c.text_encoder_3] if c.text_encoder_3 is not None else [])), \
+            acc.autocast(), vae_calls(c.vae):
         groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
             groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))
@@ -166,11 +184,11 @@ def compute_proxies(inputs: ProxyInputs, num_timesteps: int = 10, max_class_imag
             # the prompts are encoded in each state: a trained text-encoder adapter is part of "after"
             ctx, pooled = _context(c, prompts, device)
             after = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise,  # (preds, targets)
-                                added_conditioning(pooled, time_ids))
+                                _added(c, pooled, time_ids), flow_matching=c.is_sd3)
             with adapters_disabled(*handles):
                 ctx, pooled = _context(c, prompts, device)
                 before = predictions(c.unet, c.noise_scheduler, latents, ctx, timesteps, noise,
-                                     added_conditioning(pooled, time_ids))
+                                     _added(c, pooled, time_ids), flow_matching=c.is_sd3)
             runs[name] = (before, after, len(images), prompts)
 
     def losses(before, after):

@@ -20,7 +20,7 @@ from ..config.sections import TrainConfig
 from ..runs.atomic import replace, staging_dir
 from ..runs.hub import model_card, push
 from ..runs.report import write_report
-from ..runs.rundir import CONFIG_FILE, MODEL_CARD, TEXT_ENCODERS, TOKEN_EMBEDDINGS, UNET
+from ..runs.rundir import CONFIG_FILE, DENOISERS, MODEL_CARD, TEXT_ENCODERS, TOKEN_EMBEDDINGS
 
 
 def replayable(cfg: TrainConfig) -> TrainConfig:
@@ -41,11 +41,11 @@ def check_ranks_agree(accelerator, models: list[torch.nn.Module]) -> None:
     acc.print(f"adapter weights identical on all {acc.num_processes} processes")
 
 
-def save(accelerator, out: Path, adapters: TrainedAdapters, cfg: TrainConfig, stats: dict, sdxl: bool) -> Path:
+def save(accelerator, out: Path, adapters: TrainedAdapters, cfg: TrainConfig, stats: dict, family: str) -> Path:
     """Write the adapter folders, config.yaml, README.md and the report into `out`.
 
-    Everything is written complete into a hidden staging folder first, then moved into place one by one, unet/
-    (the finished-run marker) last: no file is ever half-written, though a crash between moves can leave the new
+    Everything is written complete into a hidden staging folder first, then moved into place one by one, the
+    denoiser's folder (unet/ or transformer/: the finished-run marker) last: no file is ever half-written, though a crash between moves can leave the new
     config.yaml beside the previous adapter.
     """
     acc = accelerator
@@ -56,14 +56,14 @@ def save(accelerator, out: Path, adapters: TrainedAdapters, cfg: TrainConfig, st
         with staging_dir(out) as staging:
             adapters.save(staging)
             (staging / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(replayable(cfg)), sort_keys=False))
-            (staging / MODEL_CARD).write_text(model_card(cfg, stats, out, sdxl=sdxl))
-            # config.yaml and README.md first, unet/ (the finished-run marker) last
-            for name in [CONFIG_FILE, MODEL_CARD, *TEXT_ENCODERS, TOKEN_EMBEDDINGS, UNET]:
+            (staging / MODEL_CARD).write_text(model_card(cfg, stats, out, family))
+            # config.yaml and README.md first, the denoiser's folder (the finished-run marker) last
+            for name in [CONFIG_FILE, MODEL_CARD, *TEXT_ENCODERS, TOKEN_EMBEDDINGS, *DENOISERS]:
                 src, dst = staging / name, out / name
                 if src.exists():
                     replace(src, dst)
-                elif name in TEXT_ENCODERS and dst.is_dir():
-                    shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder
+                elif name in (*TEXT_ENCODERS, *DENOISERS) and dst.is_dir():
+                    shutil.rmtree(dst)  # an --overwrite of a run that did train the text encoder, or another family
                 elif name == TOKEN_EMBEDDINGS and dst.is_file():
                     dst.unlink()  # ... or its identifier's embedding
         acc.print(f"report: {write_report(out, stats)}")  # after the move: it reads the adapter sizes from disk

@@ -19,13 +19,15 @@ from ..adapters import factored
 from ..adapters import token_embedding as te_rows
 from ..adapters.files import TrainedAdapters
 from ..adapters.inject import attach, check_targets, count_parameters
-from ..adapters.peft_config import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from ..adapters.peft_config import TEXT_ENCODER_PRESETS, denoiser_presets
+from ..config.checks import block_list, family_problems
 from ..config.dicts import to_dict
-from ..config.sections import TrainConfig
+from ..config.sections import TrainConfig, UsageError
 from ..data.dataset import DreamBoothDataset, EpochSampler, collate
+from ..data.images import list_images
 from ..models.components import Components
 from ..models.defaults import announce
-from ..models.loading import load_components
+from ..models.loading import family_of, load_components, read_model_index, resolve_model
 from ..models.vae import vae_force_upcast
 from ..precision import Precision, for_training, place_frozen
 from ..runs.rundir import RunDir, adapter_parts
@@ -45,7 +47,7 @@ class Run:
     cfg: TrainConfig
     accelerator: object
     components: Components
-    unet: torch.nn.Module  # PeftModel around the UNet (prepared by Accelerate)
+    unet: torch.nn.Module  # PeftModel around the denoiser, the UNet or SD3's transformer (prepared by Accelerate)
     text_encoder: torch.nn.Module  # PeftModel when trained, else the frozen CLIPTextModel
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -75,7 +77,8 @@ class Run:
 
     def trained(self) -> dict[str, torch.nn.Module]:
         """The models with adapters (as prepared), by the folder name their adapter is saved under."""
-        return adapter_parts([self.unet, *(self.text_encoders if self.cfg.train.train_text_encoder else [])])
+        return adapter_parts([self.unet, *(self.text_encoders if self.cfg.train.train_text_encoder else [])],
+                             self.components.denoiser_part)
 
     def drop_wrappers(self) -> None:
         """Hold the models the prepared (data-parallel) ones wrap, and no wrapper (signals.end_training)."""
@@ -93,10 +96,14 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = cfg.resolved()
     cpu_processes_from_launcher()
     images, prompts, fingerprint, checkpoint, masks = check_inputs(cfg)
-    t = cfg.train
-    components = load_components(cfg.model.model, cfg.model.revision, cfg.model.variant, cfg.model.vae)
+    t, m = cfg.train, cfg.model
+    problems = family_problems(cfg, family_of(read_model_index(resolve_model(m.model), m.revision)))
+    if problems:  # from model_index.json alone: before any weights are loaded
+        raise UsageError("; ".join(problems))
+    components = load_components(m.model, m.revision, m.variant, m.vae, m.t5, m.max_sequence_length)
     # Check adapter targets against the loaded modules before anything is written.
-    check_targets(components.unet, cfg.unet_adapter.target_modules, UNET_PRESETS, "")
+    check_targets(components.unet, cfg.unet_adapter.target_modules, denoiser_presets(components.family), "")
+    target_blocks(cfg, components)
     if t.train_text_encoder:
         for encoder in components.text_encoders:
             check_targets(encoder, cfg.text_encoder_adapter.target_modules, TEXT_ENCODER_PRESETS, "text-encoder-")
@@ -140,17 +147,23 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
                              cfg.model.upcast_vae)
     # Frozen weights in the compute dtype from the start, still on the CPU: class images are made in it (SDXL's
     # UNet and text encoders would take 14 GB of a GPU in fp32), and training keeps them so.
-    for model in (components.unet, *components.text_encoders):
+    for model in (components.unet, *components.text_encoders, *frozen_t5(components)):
         model.to(dtype=precision.compute)
     components.vae.to(dtype=precision.vae)
     set_seed(t.seed)
-    class_paths = class_images(cfg, accelerator, components, precision) if d.with_prior_preservation else None
+    class_paths = None
+    if d.with_prior_preservation and d.prior_mode == "base-prediction":
+        # the photos themselves are the class rows, under --class-prompt; the loss compares them with the base
+        # model's own prediction (training.objective's prior_target), so there is nothing to generate
+        class_paths = list_images(d.instance_data_dir, "--instance-data-dir")
+    elif d.with_prior_preservation:
+        class_paths = class_images(cfg, accelerator, components, precision)
     set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
     unet, text_encoders = attach_adapters(cfg, components)
     # Adapter weights in fp32 beside the frozen ones: the optimizer sees exact fp32 parameters and gradients while
     # the big frozen matmuls run in half precision.
     components.vae.to(device)
-    for model in text_encoders:
+    for model in (*text_encoders, *frozen_t5(components)):
         place_frozen(model, precision)
     dataset, latent_cache, text_cache = dataset_and_caches(cfg, accelerator, components, text_encoders, images,
                                                            prompts, class_paths, precision.compute, masks)
@@ -223,7 +236,9 @@ def attach_adapters(cfg: TrainConfig, components: Components) -> tuple[torch.nn.
         # before the adapters exist: only the frozen 4-D weights change layout; adapter weights stay contiguous,
         # as safetensors needs them for saving
         components.unet.to(memory_format=torch.channels_last)
-    unet = attach(components.unet, cfg.unet_adapter, UNET_PRESETS, "", cfg.model.model)
+    unet = attach(components.unet, cfg.unet_adapter, denoiser_presets(components.family), "", cfg.model.model,
+                  layers=target_blocks(cfg, components), layers_pattern="transformer_blocks",
+                  exclude=unused_denoiser_modules(components))
     text_encoders = list(components.text_encoders)
     if t.train_text_encoder:
         text_encoders = [attach(m, cfg.text_encoder_adapter, TEXT_ENCODER_PRESETS, "text-encoder-",
@@ -257,8 +272,8 @@ def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, te
         offload(components.vae, device)
     if t.cache_text_states and not t.train_text_encoder:
         all_prompts = prompts + ([d.class_prompt] if class_paths else []) + ([""] if d.class_prompt_dropout else [])
-        text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, device)
-        for encoder in text_encoders:
+        text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, device, components.t5)
+        for encoder in (*text_encoders, *frozen_t5(components)):
             offload(encoder, device)
     return dataset, latent_cache, text_cache
 
@@ -282,11 +297,39 @@ def optimizer_and_schedule(t, unet: torch.nn.Module, text_encoders: list, device
                                     num_training_steps=t.max_train_steps)
 
 
+def frozen_t5(components: Components) -> list[torch.nn.Module]:
+    """SD3's T5 when it is loaded (it is never trained, but placed and offloaded as the frozen encoders are)."""
+    return [components.text_encoder_3] if components.text_encoder_3 is not None else []
+
+
+def target_blocks(cfg: TrainConfig, components: Components) -> list[int] | None:
+    """--target-blocks as block indices, checked against SD3's transformer (None: every block)."""
+    spec = cfg.train.target_blocks
+    if spec is None:
+        return None
+    blocks, count = block_list(spec), len(components.unet.transformer_blocks)
+    if blocks[-1] >= count:
+        raise UsageError(f"--target-blocks {spec}: this transformer has blocks 0-{count - 1}")
+    return blocks
+
+
+def unused_denoiser_modules(components: Components) -> list[str] | None:
+    """Modules of the denoiser whose output never reaches the loss, so an adapter on them would stay untrained
+    (and stall DistributedDataParallel's gradient exchange): SD3's last block is 'context pre-only', it drops
+    the text stream after attending, so the query of that stream (attn.add_q_proj) is computed for nothing."""
+    if not components.is_sd3:
+        return None
+    last = len(components.unet.transformer_blocks) - 1
+    if not components.unet.transformer_blocks[last].context_pre_only:
+        return None
+    return [f"transformer_blocks.{last}.attn.add_q_proj"]
+
+
 def used_text_layers(components: Components, index: int) -> list[int] | None:
     """Encoder layers of text encoder `index` whose output reaches the UNet; None: all of them.
 
     SDXL conditions on the penultimate hidden states, and takes the pooled embedding from the second encoder
-    only: the first encoder's last layer never affects the loss. An adapter there would be saved untrained, and
+    only: the first encoder's last layer never affects the loss (SD3 takes both pooled embeddings: all are used). An adapter there would be saved untrained, and
     under DistributedDataParallel its missing gradients stall the gradient exchange.
     """
     if not components.is_sdxl or index != 0:

@@ -107,7 +107,8 @@ def run_validation(accelerator, components, models: list, plan: ValidationPlan, 
         # a fresh run (or --overwrite): rows from an earlier run in this folder would be mixed into the report
         shutil.rmtree(Path(output_dir) / VALIDATION_DIR, ignore_errors=True)
     # the base modules: they hold the text-encoder adapter layers when those are trained
-    with sampling_state(acc.device, c.vae, [*models, c.vae], [c.vae, *c.text_encoders], acc.autocast()):
+    t5 = [c.text_encoder_3] if c.text_encoder_3 is not None else []  # SD3's, offloaded after caching as the CLIPs
+    with sampling_state(acc.device, c.vae, [*models, c.vae], [c.vae, *c.text_encoders, *t5], acc.autocast()):
         pipe = in_memory_pipeline(c)
         rows = sample(pipe, plan.prompts, image_seeds(plan.seed, plan.num_images), plan.resolution,
                       num_inference_steps or DEFAULT_INFERENCE_STEPS,

@@ -28,7 +28,7 @@ class Api:
     def api_schema(self, query):
         self.send_json({"fields": schema.form_fields(), "presets": schema.PRESETS, "preset_labels": schema.PRESET_LABELS,
                         "low_memory": schema.LOW_MEMORY,
-                        "models": list(schema.MODEL_CHOICES), "adapters": list(ADAPTER_TYPES),
+                        "models": [*schema.MODEL_CHOICES, *schema.HUB_MODELS], "adapters": list(ADAPTER_TYPES),
                         "limits": {"photo_bytes": files.MAX_UPLOAD_BYTES, "photos": files.MAX_PHOTOS,
                                    "min_photos": files.MIN_PHOTOS, "best_photos": list(files.BEST_PHOTOS),
                                    "photo_rule": files.PHOTO_RULE}})

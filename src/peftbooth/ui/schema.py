@@ -44,6 +44,10 @@ LABELS = {
 
 # Base models offered by name; any hub id or local diffusers folder can be typed instead.
 MODEL_CHOICES = ("tiny", "world")
+# Hub ids offered beside them (the page's model list): SDXL and SD 3.5 Medium, whose defaults follow the model as
+# any other's (peftbooth.models.defaults: family sdxl / sd3.5, 1024 px, each family's recipe). Downloaded by the
+# training process, as any typed hub id.
+HUB_MODELS = ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-3.5-medium")
 
 # Values, not options: each preset sets fields that exist in the dataclasses (checked by the tests). They leave
 # the learning rate alone: that is the model's (the world learns nothing at SD's 1e-4). No preset: the model's

@@ -5,6 +5,8 @@ from pathlib import Path
 
 WORLD_NAME = "world"  # `--model world`
 MODEL_DIR = Path(__file__).parent / "model"  # written by `python -m peftbooth.world.build`
+WORLD_SD3_NAME = "world-sd3"  # `--model world-sd3`: the SD3-shaped world (flow matching; docs/world_sd3.md)
+SD3_MODEL_DIR = Path(__file__).parent / "model_sd3"  # written by `python -m peftbooth.world.build_sd3`
 # what world.metrics measures, in its tables' column order, and the names of the rows it compares
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity")
 LABELS = {"adapter": "adapter", "base": "base model (no adapter)"}

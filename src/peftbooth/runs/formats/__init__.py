@@ -1,7 +1,7 @@
 """Adapters that load everywhere: export a run, import a kohya / LyCORIS file, fuse into the base model.
 
 * ``export_run(run_dir, fmt, output)``: ``diffusers`` (one pytorch_lora_weights.safetensors for
-  ``StableDiffusion(XL)Pipeline.load_lora_weights``; LoRA only), ``kohya`` (one LyCORIS-style .safetensors for
+  ``StableDiffusion(XL|3)Pipeline.load_lora_weights``; LoRA only), ``kohya`` (one LyCORIS-style .safetensors for
   A1111, Forge and ComfyUI; LoRA, LoHa, LoKr) or ``peft`` (the adapter folders as trained).
 * ``import_kohya(file, output_dir, model)``: a kohya / LyCORIS file -> PEFT adapter folders (unet/, text_encoder/,
   and text_encoder_2/ for SDXL) that ``peftbooth generate --adapter`` and ``PeftModel.from_pretrained`` load.
@@ -11,7 +11,10 @@
 The ``export``, ``import`` and ``fuse`` commands are :mod:`.commands`.
 
 SD 1.x / 2.x and SDXL runs and files are handled alike; SDXL adds the second text encoder (text_encoder_2) and,
-in kohya files, its own module names (see :mod:`.kohya_names`).
+in kohya files, its own module names (see :mod:`.kohya_names`). An SD3 / SD 3.5 run (a transformer/ adapter) exports
+as diffusers (``StableDiffusion3Pipeline.load_lora_weights``) or as the sd-scripts / ComfyUI single file with the
+MMDiT's fused qkv layers, and such a file imports back into transformer/ and text_encoder*/ folders (needs --model);
+see :mod:`.sd3` for what is exact and what is refused (LoHa / LoKr on q / k / v).
 
 Every output is written beside its destination and renamed into place; only safetensors files are ever read.
 """
@@ -82,7 +85,8 @@ def import_kohya(file: str | Path, output_dir: str | Path, model: str | None = N
 
     Module names and shapes are checked against `model` (a diffusers folder, hub id or 'tiny'); without it, against
     the published SD 1.x, SD 2.x or SDXL configs (picked from the file's keys, header or shapes). An SDXL file given
-    an SD 1.x / 2.x model, or the reverse, is refused naming both. Nothing is downloaded.
+    an SD 1.x / 2.x model, or the reverse, is refused naming both. An SD3 file (MMDiT names) needs `model` and gives
+    transformer/ (fused qkv split into to_q / to_k / to_v, see :mod:`.sd3`). Nothing is downloaded.
     """
     from .kohya import kohya_to_peft
 

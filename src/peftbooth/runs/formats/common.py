@@ -23,7 +23,8 @@ from ...adapters.strength import peft_scale
 from ...config.sections import UsageError
 from ..atomic import atomic_dir as write_dir
 from ..atomic import atomic_file as write_file
-from ..rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES, TEXT_ENCODERS, UNET, RunDir, base_model_of
+from ..rundir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DENOISERS, PICKLE_SUFFIXES, TEXT_ENCODERS, RunDir,
+                      base_model_of)
 
 PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained keys: PREFIX + module path + "." + parameter
 TEXT_MODEL_LEVEL = "text_model."  # CLIP's level that transformers 5 removed (see Adapter.state_dict_for)
@@ -41,7 +42,7 @@ PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
 class Adapter:
     """One PEFT adapter (of the UNet or of a text encoder), grouped by adapted module."""
 
-    part: str  # 'unet' | 'text_encoder' | 'text_encoder_2' (SDXL)
+    part: str  # 'unet' | 'transformer' (SD3) | 'text_encoder' | 'text_encoder_2' (SDXL, SD3)
     kind: str  # 'lora' | 'loha' | 'lokr'
     config: dict  # the adapter_config.json contents
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module path -> {param: tensor}
@@ -196,7 +197,7 @@ class RunFolder:
     """A run's adapters as read and checked by :func:`read_run` (the folder's layout is :class:`RunDir`'s)."""
 
     path: Path
-    adapters: dict[str, Adapter]  # 'unet' -> Adapter, optional 'text_encoder' and (SDXL) 'text_encoder_2'
+    adapters: dict[str, Adapter]  # 'unet' (or SD3's 'transformer') -> Adapter, optional text encoders
     train_config: dict  # config.yaml as a dict ({} if the folder has none, e.g. the PEFT example's layout)
 
     @property
@@ -208,9 +209,14 @@ class RunFolder:
         return default if value is None else value
 
     @property
+    def denoiser(self) -> str:
+        """'unet', or 'transformer' for an SD3 run (read_run has checked that there is exactly one)."""
+        return next(p for p in DENOISERS if p in self.adapters)
+
+    @property
     def base_model(self) -> str | None:
-        """The base model the adapters were trained on: config.yaml, else the adapter config's record."""
-        return base_model_of(self.train_config, self.adapters[UNET].config)
+        """The base model the adapters were trained on: config.yaml, else the denoiser adapter config's record."""
+        return base_model_of(self.train_config, self.adapters[self.denoiser].config)
 
 
 def read_run(run_dir: str | Path) -> RunFolder:

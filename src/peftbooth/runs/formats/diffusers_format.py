@@ -1,7 +1,9 @@
 """Export LoRA adapters as one diffusers ``pytorch_lora_weights.safetensors``.
 
 ``StableDiffusionPipeline.load_lora_weights(path)`` splits the file on the ``unet.`` / ``text_encoder.`` key prefixes
-(``StableDiffusionXLPipeline`` also on ``text_encoder_2.``) and builds each part's ``LoraConfig``. Without further
+(``StableDiffusionXLPipeline`` also on ``text_encoder_2.``; ``StableDiffusion3Pipeline`` on ``transformer.``,
+``text_encoder.`` and ``text_encoder_2.``, the transformer keyed by its diffusers module paths, to_q / to_k / to_v
+unfused, exactly as PEFT saved them) and builds each part's ``LoraConfig``. Without further
 information it guesses ``lora_alpha = r`` (strength off whenever alpha != rank) and knows nothing of rsLoRA.
 diffusers therefore also reads a JSON object stored in the safetensors header under ``lora_adapter_metadata``: keys
 ``"<part>.<LoraConfig field>"``, passed straight to ``LoraConfig(**fields)`` for that part. Writing the run's own
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 
 from ...config.sections import UsageError
+from ..rundir import DENOISERS, TEXT_ENCODERS
 from .common import Adapter, RunFolder, text_model_path
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -33,7 +36,7 @@ def module_key(part: str, module: str) -> str:
     # the text encoders are written with their 'text_model.' root, the spelling every diffusers release understands
     # (newer ones strip it again when transformers' CLIPTextModel is flattened; SDXL's CLIPTextModelWithProjection
     # keeps it)
-    return module if part == "unet" else text_model_path(module)
+    return module if part in DENOISERS else text_model_path(module)
 
 
 def te_uses_linear_layer_names(adapter: Adapter) -> bool:
@@ -54,7 +57,7 @@ def param_key(param: str, linear_layer_names: bool) -> str:
 
 
 def lora_state_dict(adapter: Adapter) -> dict:
-    linear_layer_names = adapter.part != "unet" and te_uses_linear_layer_names(adapter)
+    linear_layer_names = adapter.part in TEXT_ENCODERS and te_uses_linear_layer_names(adapter)
     return {
         f"{adapter.part}.{module_key(adapter.part, module)}.{param_key(param, linear_layer_names)}": tensor
         for module, params in adapter.modules.items()

@@ -38,7 +38,7 @@ def network_args(adapter: Adapter) -> dict:
 
 def kohya_metadata(run: RunFolder, output_name: str, base: RunBase) -> dict[str, str]:
     """The ss_* header fields A1111 / Forge / ComfyUI and model sites read from kohya files (strings only)."""
-    unet = run.adapters["unet"]
+    unet = run.adapters[run.denoiser]  # the UNet's, or SD3's transformer's
     res = run.setting("data", "resolution")
     meta = {
         "ss_network_module": NETWORK_MODULE[unet.kind],
@@ -49,7 +49,7 @@ def kohya_metadata(run: RunFolder, output_name: str, base: RunBase) -> dict[str,
         "ss_output_name": output_name,
         "ss_sd_model_name": str(run.base_model or ""),
         "ss_training_comment": "exported by peftbooth from PEFT adapters",
-        "ss_network_train_unet_only": str(set(run.adapters) == {"unet"}),
+        "ss_network_train_unet_only": str(set(run.adapters) == {run.denoiser}),
     }
     if base.v_prediction is not None:
         meta["ss_v_parameterization"] = str(base.v_prediction)
