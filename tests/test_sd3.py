@@ -268,3 +268,15 @@ def test_factored_lycoris_on_the_transformer_gives_peft_s_output(sd35_model, tmp
         assert factored.install(model) > 0
         got = c.unet(**args).sample
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_sd3_identifier_embedding_is_trained_in_both_clips_and_not_in_t5(sd3_model, tmp_path):
+    """--train-token-embedding on SD3: the identifier's row in CLIP-L and CLIP-G (T5, never trained, is not asked)."""
+    from safetensors.torch import load_file as load
+
+    photos = draw_photos(tmp_path / "photos", n=2, size=(64, 64))
+    out = train(sd3_config(sd3_model, photos, tmp_path / "run", **{
+        "data.instance_prompt": "a photo of x dog", "train.train_text_encoder": True,
+        "train.train_token_embedding": "x"}))
+    rows = load(out / "token_embeddings.safetensors")
+    assert len(rows) == 2 and all(v.abs().sum() > 0 for v in rows.values())

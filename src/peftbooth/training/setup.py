@@ -107,8 +107,8 @@ def setup(cfg: TrainConfig) -> Run:
     if t.train_text_encoder:
         for encoder in components.text_encoders:
             check_targets(encoder, cfg.text_encoder_adapter.target_modules, TEXT_ENCODER_PRESETS, "text-encoder-")
-    if t.train_token_embedding:
-        for tokenizer in components.tokenizers:
+    if t.train_token_embedding:  # the CLIP tokenizers' (SD3's T5 is never trained)
+        for tokenizer in components.tokenizers[: len(components.text_encoders)]:
             te_rows.identifier_id(tokenizer, t.train_token_embedding)
     check_memory(cfg, components)  # on a GPU: refuse a run whose estimated peak exceeds the free memory
     announce()  # the CLI's "defaults from the model" line, once the run is known to start (a refusal: one line)

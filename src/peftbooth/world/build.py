@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import time
 from pathlib import Path
@@ -30,12 +29,12 @@ from . import configs
 from .evaluator import load_evaluator, save_evaluator
 from .evaluator_training import evaluator_accuracy, train_evaluator
 from .pretrain_unet import train_unet
-from .pretrain_vae import train_vae, vae_mse
+from .pretrain_vae import reconstruction_mse, train_vae
 from .quality import world_quality
 from .scene_dataset import build_dataset, load_tensors, save_tensors
-from .scenes import draw, general_image, prompt, random_scene, vocabulary
+from .scenes import prompt, vocabulary
 from .tokenizer import write_tokenizer
-from .training import log
+from .training import StageClock, log
 
 DEFAULTS = dict(vae_steps=800, vae_batch=32, vae_pool=6000, scenes=40000, unet_steps=3000, unet_batch=128, unet_lr=1e-3,
                 evaluator_steps=1200, evaluator_batch=128, evaluator_pool=8000, quality_prompts=150, quality_steps=25,
@@ -88,16 +87,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: getattr(a, k) for k in DEFAULTS}, "seconds": {}}
     start = time.perf_counter()
 
-    def stage(name, made: bool = True):
-        """Record a stage's time; one loaded from --work-dir reports the time it took when it was made there."""
-        seconds = round(time.perf_counter() - stage.t, 1)
-        kept = work / f"{name}.seconds"
-        if made or not kept.exists():
-            kept.write_text(f"{seconds}\n")
-        record["seconds"][name] = float(kept.read_text())
-        stage.t = time.perf_counter()
-        log(f"stage {name} done in {seconds:.0f} s")
-    stage.t = start
+    stage = StageClock(work, record)
 
     tok_dir = work / "tokenizer"
     tokenizer = write_tokenizer(tok_dir, vocabulary())
@@ -109,16 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vae = train_vae(a.seed, a.vae_steps, a.vae_batch, a.vae_pool)
         vae.save_pretrained(str(work / "vae"))
-    rng = random.Random(a.seed + 99)
-    record["vae_mse"] = {"world": round(vae_mse(vae, [draw(random_scene(rng)) for _ in range(256)]), 5),
-                         "general": round(vae_mse(vae, [general_image(rng) for _ in range(256)]), 5),
-                         "subject": round(vae_mse(vae, [draw(random_scene(rng, subject=True)) for _ in range(256)]), 5)}
+    record["vae_mse"] = reconstruction_mse(vae, a.seed)
     record["vae_scaling_factor"] = vae.config.scaling_factor
     log(f"vae reconstruction mse {record['vae_mse']}")
     stage("vae", made)
 
     if a.only == "evaluator":
-        stage.t = time.perf_counter()
+        stage.restart()
         save_evaluator(train_evaluator(vae, a.seed, a.evaluator_steps, a.evaluator_batch, a.evaluator_pool),
                        work / "evaluator")
         stage("evaluator")

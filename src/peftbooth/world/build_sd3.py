@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
@@ -27,12 +26,12 @@ from ..runs.rundir import TEXT_ENCODERS
 from . import configs_sd3
 from .evaluator import load_evaluator
 from .pretrain_sd3 import set_latent_stats, train_transformer, train_vae_sd3
-from .pretrain_vae import vae_mse
+from .pretrain_vae import reconstruction_mse
 from .quality import world_quality
 from .scene_dataset import build_dataset, load_tensors, save_tensors
-from .scenes import draw, general_image, prompt, random_scene, vocabulary
+from .scenes import prompt, vocabulary
 from .tokenizer import write_tokenizer
-from .training import log
+from .training import StageClock, log
 
 SD_WORLD = Path(__file__).parent / "model"
 DEFAULTS = dict(vae_steps=250, vae_batch=32, vae_pool=4000, scenes=10000, transformer_steps=1700,
@@ -98,15 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: getattr(a, k) for k in DEFAULTS}, "seconds": {}, "started": time.strftime("%F %T")}
     start = time.perf_counter()
 
-    def stage(name, made: bool = True):
-        seconds = round(time.perf_counter() - stage.t, 1)
-        kept = work / f"{name}.seconds"
-        if made or not kept.exists():
-            kept.write_text(f"{seconds}\n")
-        record["seconds"][name] = float(kept.read_text())
-        stage.t = time.perf_counter()
-        log(f"stage {name} done in {seconds:.0f} s")
-    stage.t = start
+    stage = StageClock(work, record)
 
     tok_dir = work / "tokenizer"
     tokenizer = write_tokenizer(tok_dir, vocabulary())
@@ -131,11 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         record["latent_stats"] = set_latent_stats(vae, torch.from_numpy(data["mean"][:4096]))
         vae.save_pretrained(str(work / "vae"))
     record["latent_stats"] = {k: vae.config[k] for k in ("shift_factor", "scaling_factor")}
-    rng = random.Random(a.seed + 99)
     vae.half().float()  # stored as fp16: measure what ships
-    record["vae_mse"] = {"world": round(vae_mse(vae, [draw(random_scene(rng)) for _ in range(256)]), 5),
-                         "general": round(vae_mse(vae, [general_image(rng) for _ in range(256)]), 5),
-                         "subject": round(vae_mse(vae, [draw(random_scene(rng, subject=True)) for _ in range(256)]), 5)}
+    record["vae_mse"] = reconstruction_mse(vae, a.seed)
     log(f"vae {record['latent_stats']} reconstruction mse {record['vae_mse']}")
     stage("dataset", made_data)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 
 def log(msg: str) -> None:
@@ -16,3 +17,23 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: floa
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StageClock:
+    """A build's stage times: `clock(name, made)` records the seconds since the last stage in record["seconds"];
+    a stage loaded from --work-dir (made False) reports the time it took when it was made there (NAME.seconds)."""
+
+    def __init__(self, work: Path, record: dict):
+        self.work, self.record, self.t = work, record, time.perf_counter()
+
+    def restart(self) -> None:
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str, made: bool = True) -> None:
+        seconds = round(time.perf_counter() - self.t, 1)
+        kept = self.work / f"{name}.seconds"
+        if made or not kept.exists():
+            kept.write_text(f"{seconds}\n")
+        self.record["seconds"][name] = float(kept.read_text())
+        self.t = time.perf_counter()
+        log(f"stage {name} done in {seconds:.0f} s")
