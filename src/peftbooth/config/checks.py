@@ -29,7 +29,8 @@ RANGES = {
                  unmasked_weight=(0.0, 1.0), sample_batch_size=(1, 1024), class_image_steps=(1, 1000),
                  train_batch_size=(1, 1024), dataloader_num_workers=(0, 256)),
     "model": dict(max_sequence_length=(1, 512)),
-    "train": dict(logit_std=(0.0, None), mode_scale=(0.0, None), seed=(0, 2**32 - 1), max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
+    "train": dict(logit_std=(0.0, None), mode_scale=(0.0, None), seed=(0, 2**32 - 1),
+                  max_train_steps=(1, MAX_STEPS), learning_rate=(0.0, 1.0),
                   text_encoder_learning_rate=(0.0, 1.0), token_embedding_learning_rate=(0.0, 1.0),
                   lr_warmup_steps=(0, MAX_STEPS), adam_beta1=(0.0, 1.0),
                   adam_beta2=(0.0, 1.0), adam_weight_decay=(0.0, None), adam_epsilon=(0.0, 1.0),
@@ -160,13 +161,16 @@ def validate(cfg: "TrainConfig") -> None:
         raise UsageError("; ".join(problems))
 
 
+MAX_BLOCK = 999  # far past any real transformer (SD 3.5 Large has 38 blocks); a typo must not build a huge set
+
+
 def block_list(spec: str) -> list[int]:
     """'0-3,7' -> [0, 1, 2, 3, 7] (sorted, unique); ValueError on anything else."""
     blocks = set()
     for part in spec.split(","):
         low, _, high = part.strip().partition("-")
         lo, hi = int(low), int(high or low)
-        if lo < 0 or hi < lo:
+        if lo < 0 or hi < lo or hi > MAX_BLOCK:
             raise ValueError(spec)
         blocks.update(range(lo, hi + 1))
     if not blocks:
@@ -174,7 +178,7 @@ def block_list(spec: str) -> list[int]:
     return sorted(blocks)
 
 
-# Flags of one family's maths: (flag, field, the families they apply to). Given for another family they would do
+# The fields of SD3's flags (flow matching, its transformer's blocks). Given for another family they would do
 # nothing, so they are refused once the model's family is known (family_problems).
 FLOW_MATCHING_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
                        "target_blocks")
