@@ -11,6 +11,7 @@ density, or uniform; u indexes the scheduler's shifted sigma table, as diffusers
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +30,7 @@ def density_sample(scheme: str, generator: torch.Generator, device, logit_mean: 
     return r
 
 
+@functools.lru_cache(maxsize=8)  # built once per (T, shift), not every step; callers only index it
 def shifted_sigmas(num_train_timesteps: int, shift: float) -> torch.Tensor:
     """The training sigma table of FlowMatchEulerDiscreteScheduler, (T,), from 1 down to 1/T: s = (T - i) / T,
     shifted towards noise as shift * s / (1 + (shift - 1) * s) (SD3's shift is 3.0: more training at high noise,
