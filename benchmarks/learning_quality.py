@@ -1,14 +1,18 @@
-"""Learning quality on the world model: does each adapter learn the subject, follow new contexts, and does prior
-preservation keep "a ball" meaning any ball?
+"""Learning quality on the world model, per subject of the family: does each adapter learn its subject, draw it in
+contexts its photos never showed, follow the prompt, and does prior preservation keep "a <class>" meaning any one?
 
-For LoRA, LoHa and LoKr, each with and without prior preservation and with and without the text-encoder adapter,
-train the world recipe (peftbooth/world/recipe.py) on the subject's photos and print one JSON row per run: the
-world metrics (docs/world.md) of the adapter and of the base model, steps and seconds. --prior-seeds repeats the
-LoRA runs with and without prior preservation over more seeds, for the spread of the paper's central claim, and
-the recipe's LoHa and LoKr runs over the same seeds.
+For each subject of --subjects (default: the test subjects, src/peftbooth/world/subjects.py), each adapter and
+each seed, train the world recipe (peftbooth/world/recipe.py) on the subject's photos and print one JSON row: the
+world metrics (docs/world.md: in-context and held-out-context fidelity by the judge, prompt fidelity, class drift,
+diversity) and the training seconds. The base model is measured once per subject (adapter "base"). --summarize
+prints the per-subject table and the aggregate over subjects and seeds (mean ± spread).
 
-    .venv/bin/python benchmarks/learning_quality.py --output benchmarks/results/learning_quality.jsonl
+    .venv/bin/python benchmarks/learning_quality.py --subjects test --seeds 3 \\
+        --output benchmarks/results/learning_quality.jsonl
+    .venv/bin/python benchmarks/learning_quality.py --summarize benchmarks/results/learning_quality.jsonl
 
+--ablations instead runs the older grid on one subject: each adapter with and without prior preservation and with
+and without the text-encoder adapter (seed 0), and LoRA with and without prior preservation over --seeds.
 Runs go --jobs at a time (default 2), one CPU thread each; the rows come out in the grid's order.
 """
 
@@ -26,69 +30,71 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+COLUMNS = ("in_context_fidelity", "subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity",
+           "diversity", "train_seconds")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--subjects", default="test", help="test | tuning | all | comma-separated subject names")
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--adapters", default="lora,loha,lokr")
-    p.add_argument("--prior-seeds", type=int, default=3, help="seeds of the LoRA with/without prior runs")
     p.add_argument("--num-images", type=int, default=8, help="images per evaluation prompt")
-    p.add_argument("--prior-loss-weight", type=float, default=None, help="instead of the recipe's")
-    p.add_argument("--class-prompt-dropout", type=float, default=None, help="instead of the recipe's (0)")
+    p.add_argument("--ablations", action="store_true", help="the prior x text-encoder grid on the first subject")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at once, one CPU thread each (default: 2, or 1 on a one-core machine)")
     p.add_argument("--output", default=None, help="also append the JSON rows to this file")
-    p.add_argument("--smoke", action="store_true", help="only the first run of the grid (the first adapter with "
-                   "prior preservation and the text encoder, seed 0), 2 class images, one job: CI's smallest mode")
+    p.add_argument("--save-images", metavar="DIR", help="keep every sample: DIR/SUBJECT/RUN/PROMPT_SEED.png (for the "
+                   "judge's hand labels, benchmarks/judge_labels.py)")
+    p.add_argument("--smoke", action="store_true", help="the first subject, the first adapter, one seed, 2 class "
+                   "images, one job: CI's smallest mode")
     p.add_argument("--summarize", metavar="JSONL", help="print the Markdown tables of a results file and exit")
+    p.add_argument("--rescore", nargs=2, metavar=("JSONL", "IMAGES"), help="the rows of JSONL measured again from "
+                   "the samples its run kept in IMAGES (--save-images), with the current judge; to --output or stdout")
     a = p.parse_args()
     if a.summarize:
         print(summarize([json.loads(line) for line in open(a.summarize) if line.strip()]))
         return 0
+    if a.rescore:
+        rows = rescore([json.loads(line) for line in open(a.rescore[0]) if line.strip()], Path(a.rescore[1]))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if a.output:
+            Path(a.output).write_text(text)
+        else:
+            print(text, end="")
+        return 0
 
     import torch
 
-    from peftbooth.models.loading import load_components
-    from peftbooth.models.vae import vae_force_upcast
-    from peftbooth.precision import for_training
-    from peftbooth.training.prior import class_images_from_components
-    from peftbooth.world import WORLD_NAME
-    from peftbooth.world.metrics import WorldEvalSettings, world_metrics
-    from peftbooth.world.recipe import RECIPE
-    from peftbooth.world.scenes import CLASS_PROMPT, write_subject_photos
+    from peftbooth.world.subjects import split
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # each run on one core: on 2 cores two one-thread runs beat one two-thread run
+    tuning, test = split()
+    chosen = {"test": test, "tuning": tuning, "all": tuning + test}.get(a.subjects)
+    names = [s.name for s in chosen] if chosen else a.subjects.split(",")
+    adapters = a.adapters.split(",")
+    if a.smoke:
+        names, adapters, a.seeds, a.jobs = names[:1], adapters[:1], 1, 1
     work = Path(tempfile.mkdtemp(prefix="peftbooth-lq-"))
-    write_subject_photos(work / "photos")
-    settings = WorldEvalSettings(num_images=a.num_images)
-    # the class images every run shares, made first (as the first seed-0 run would) so that no two runs race
-    world = load_components(WORLD_NAME)
-    cpu_fp32 = for_training("no", torch.device("cpu"), world.family, vae_force_upcast(world.vae))  # as a run here
-    num_class_images = 2 if a.smoke else RECIPE["num_class_images"]
-    class_images_from_components(world, CLASS_PROMPT, work / "class_images", num_class_images, 4,
-                                 RECIPE["class_image_steps"], 0, cpu_fp32, show_progress=False)
-    init_worker(work, settings)  # this process measures the base model
-    base, _ = world_metrics(WORKER["sample_fn"], WORKER["evaluator"], WORKER["real"], settings)
+    num_class_images = prepare(work, names, 2 if a.smoke else None)
+    if a.ablations:
+        grid = [(names[0], ad, prior, te, 0) for ad, prior, te in itertools.product(adapters, (True, False),
+                                                                                   (True, False))]
+        grid += [(names[0], "lora", prior, True, seed) for seed in range(1, a.seeds) for prior in (True, False)]
+    else:
+        grid = [(n, "base", False, False, 0) for n in names]
+        grid += [(n, ad, True, True, seed) for n in names for ad in adapters for seed in range(a.seeds)]
+    if a.smoke:
+        grid = grid[:2] if not a.ablations else grid[:1]
+    jobs = [(k, *run, a.steps, num_class_images) for k, run in enumerate(grid)]
     out = open(a.output, "a") if a.output else None
-
-    grid = [(ad, prior, te, 0) for ad, prior, te in itertools.product(a.adapters.split(","), (True, False),
-                                                                        (True, False))]
-    grid += [("lora", prior, True, seed) for seed in range(1, a.prior_seeds) for prior in (True, False)]
-    # the recipe (prior preservation + text-encoder adapter) of the other adapters over the same seeds
-    grid += [(ad, True, True, seed) for seed in range(1, a.prior_seeds) for ad in a.adapters.split(",") if ad != "lora"]
-    changes = {k: v for k, v in [("prior_loss_weight", a.prior_loss_weight),
-                                 ("class_prompt_dropout", a.class_prompt_dropout)] if v is not None}
-    if a.smoke:  # plumbing, not learning: one run, 2 class images
-        grid, a.jobs, changes["num_class_images"] = grid[:1], 1, num_class_images
-    recipe = {**RECIPE, **changes}
-    jobs = [(k, *run, a.steps, changes) for k, run in enumerate(grid)]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
-    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker, initargs=(work, settings)) as pool:
-        for metrics in pool.map(one_run, jobs):  # in grid order, whatever order they finish in
-            row = {**metrics, "base": base, "recipe": recipe, "eval": vars(settings), "jobs": a.jobs}
-            line = json.dumps(row, default=list)
+    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
+                             initargs=(work, a.num_images, a.save_images)) as pool:
+        for row in pool.map(one_run, jobs):  # in grid order, whatever order they finish in
+            line = json.dumps({**row, "jobs": a.jobs}, default=list)
             print(line, flush=True)
             if out:
                 out.write(line + "\n")
@@ -97,88 +103,168 @@ def main() -> int:
     return 0
 
 
-WORKER: dict = {}  # per process: the base pipeline, its sampler, the evaluator and the real photos
+def prepare(work: Path, names: list[str], num_class_images: int | None) -> int:
+    """Each subject's photos (work/photos/NAME) and each class's class images (work/class/CLASS), made once here
+    so that no two runs race to make them."""
+    import torch
+
+    from peftbooth.models.loading import load_components
+    from peftbooth.models.vae import vae_force_upcast
+    from peftbooth.precision import for_training
+    from peftbooth.training.prior import class_images_from_components
+    from peftbooth.world import WORLD_NAME
+    from peftbooth.world.recipe import RECIPE
+    from peftbooth.world.scenes import prompt
+    from peftbooth.world.subjects import by_name, write_photos
+
+    world = load_components(WORLD_NAME)
+    cpu_fp32 = for_training("no", torch.device("cpu"), world.family, vae_force_upcast(world.vae))  # as a run here
+    n = num_class_images or RECIPE["num_class_images"]
+    for cls in dict.fromkeys(by_name(name).cls for name in names):
+        class_images_from_components(world, prompt(cls), work / "class" / cls, n, 4, RECIPE["class_image_steps"],
+                                     0, cpu_fp32, show_progress=False)
+    for name in names:
+        write_photos(by_name(name), work / "photos" / name)
+    return n
 
 
-def init_worker(work: Path, settings) -> None:
+WORKER: dict = {}  # per process: the base pipeline, its sampler, the evaluator and judge, the work folder
+
+
+def init_worker(work: Path, num_images: int, save_images: str | None = None) -> None:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from peftbooth.data.images import list_images, load_image
     from peftbooth.inference.pipeline import AdapterPipeline
     from peftbooth.world import MODEL_DIR, WORLD_NAME
-    from peftbooth.world.evaluator import load_evaluator
-    from peftbooth.world.metrics import pipeline_sampler
+    from peftbooth.world.metrics import WorldEvalSettings, load_instruments, pipeline_sampler
 
     torch.set_num_threads(1)
     pipe = AdapterPipeline(WORLD_NAME, device="cpu")
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
-    WORKER.update(work=work, settings=settings, pipe=pipe, evaluator=load_evaluator(MODEL_DIR),
-                  sample_fn=pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale),
-                  real=[load_image(x) for x in list_images(work / "photos", "photos")])  # not their masks
+    settings = WorldEvalSettings(num_images=num_images, in_context=True)
+    WORKER.update(work=work, settings=settings, pipe=pipe, instruments=load_instruments(MODEL_DIR), save=save_images,
+                  sample_fn=pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale))
+
+
+def measure(subject: str, adapter_run: str | None = None, label: str = "base") -> dict:
+    """The world metrics of the base model (no run) or of a run's adapter, for `subject`; its samples kept under
+    the worker's save folder as SUBJECT/LABEL/ when it has one."""
+    from dataclasses import replace
+
+    from peftbooth.data.images import list_images, load_image
+    from peftbooth.world.metrics import world_metrics
+
+    w = WORKER
+    real = [load_image(x) for x in list_images(w["work"] / "photos" / subject, "photos")]  # not their masks
+    if adapter_run:
+        w["pipe"].load_adapter(adapter_run, "run")
+        w["pipe"].set_adapters({"run": 1.0})
+    else:
+        w["pipe"].set_adapters({})
+    try:
+        metrics, images = world_metrics(w["sample_fn"], w["instruments"], real,
+                                        replace(w["settings"], subject=subject))
+    finally:
+        if adapter_run:
+            w["pipe"].unload("run")
+    if w.get("save"):
+        folder = Path(w["save"]) / subject / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for prompt, ims in images.items():
+            for i, im in enumerate(ims):
+                im.save(folder / f"{prompt.replace(' ', '_')}_{i}.png")
+    return metrics
 
 
 def one_run(job: tuple) -> dict:
-    """Train one configuration of the grid and measure it: (k, adapter, prior, text encoder, seed, steps, changes
-    to the recipe's data settings) -> row."""
+    """Train one configuration of the grid and measure it: (k, subject, adapter, prior, text encoder, seed, steps,
+    class images) -> row. Adapter "base": the base model, nothing trained."""
     from peftbooth.training.loop import train
-    from peftbooth.world.metrics import world_metrics
     from peftbooth.world.recipe import world_config
+    from peftbooth.world.subjects import by_name
 
-    k, adapter, prior, te, seed, steps, changes = job
+    k, subject, adapter, prior, te, seed, steps, num_class_images = job
     w = WORKER
-    cfg = world_config(w["work"] / "photos", w["work"] / f"run{k}", adapter, prior=prior, text_encoder=te,
-                       steps=steps, seed=seed, class_data_dir=w["work"] / "class_images")
+    row = {"subject": subject, "adapter": adapter, "prior_preservation": prior, "text_encoder": te, "seed": seed}
+    if adapter == "base":
+        return {**row, "steps": 0, "train_seconds": 0.0, **measure(subject)}
+    s = by_name(subject)
+    cfg = world_config(w["work"] / "photos" / subject, w["work"] / f"run{k}", adapter, prior=prior, text_encoder=te,
+                       steps=steps, seed=seed, class_data_dir=w["work"] / "class" / s.cls, subject=s)
     if prior:
-        for name, value in changes.items():
-            setattr(cfg.data, name, value)
+        cfg.data.num_class_images = num_class_images
     t0 = time.perf_counter()
     run = train(cfg)
     seconds = time.perf_counter() - t0
-    name = f"run{k}"
-    w["pipe"].load_adapter(run, name)
-    w["pipe"].set_adapters({name: 1.0})
-    metrics, _ = world_metrics(w["sample_fn"], w["evaluator"], w["real"], w["settings"])
-    w["pipe"].unload(name)
-    return {"adapter": adapter, "prior_preservation": prior, "text_encoder": te, "seed": seed,
-            "steps": cfg.train.max_train_steps, "train_seconds": round(seconds, 1), **metrics}
+    metrics = measure(subject, run, run_label(row))
+    return {**row, "steps": cfg.train.max_train_steps, "train_seconds": round(seconds, 1), **metrics}
+
+
+def run_label(row: dict) -> str:
+    """The folder of a row's samples under --save-images: base, lora-seed0, lora-seed0-prior0-te1 (ablations)."""
+    if row["adapter"] == "base":
+        return "base"
+    extra = "" if row["prior_preservation"] and row["text_encoder"] else \
+        f"-prior{int(row['prior_preservation'])}-te{int(row['text_encoder'])}"
+    return f"{row['adapter']}-seed{row['seed']}{extra}"
+
+
+def rescore(rows: list[dict], images: Path) -> list[dict]:
+    """The rows' metrics again, from the samples a --save-images run kept, with the world's current judge and
+    evaluator: a new judge is measured on the same images, no run retrained. The photos are not kept, so
+    subject_similarity stays as measured."""
+    from PIL import Image
+
+    from peftbooth.world import MODEL_DIR
+    from peftbooth.world.metrics import WorldEvalSettings, load_instruments, world_metrics
+    from peftbooth.world.subjects import by_name
+
+    instruments = load_instruments(MODEL_DIR)
+    out = []
+    for r in rows:
+        folder = images / r["subject"] / run_label(r)
+        held = by_name(r["subject"]).prompt(by_name(r["subject"]).held_out_contexts[0])
+        num_images = len(list(folder.glob(f"{held.replace(' ', '_')}_*.png")))
+        if not num_images:
+            raise SystemExit(f"--rescore: no samples of {r['subject']} / {run_label(r)} in {images}")
+
+        def saved(prompt: str, seeds: list[int], folder=folder) -> list:
+            return [Image.open(folder / f"{prompt.replace(' ', '_')}_{i}.png").convert("RGB")
+                    for i in range(len(seeds))]
+
+        settings = WorldEvalSettings(num_images=num_images, in_context=True, subject=r["subject"])
+        metrics, _ = world_metrics(saved, instruments, [], settings)
+        out.append({**r, **{k: v for k, v in metrics.items() if k != "subject_similarity"}})
+    return out
+
+
+def spread(values: list[float]) -> str:
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}"
 
 
 def summarize(rows: list[dict]) -> str:
-    """One table row per configuration (seed 0), then the recipe and the prior-preservation claim over seeds."""
-    import statistics
-
-    def f(x: float) -> str:
-        return f"{x + 0.0:.2f}".replace("-0.00", "0.00")  # an entropy of -1e-17 is 0
-
-    cols = ["subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity"]
-    out = ["| adapter | prior | text encoder | " + " | ".join(cols) + " | train s |",
-           "|---" * (len(cols) + 4) + "|"]
-    base = rows[0]["base"]
-    out.append("| base model | - | - | " + " | ".join(f(base[c]) for c in cols) + " | - |")
+    """Per subject and adapter (mean ± spread over seeds), then per adapter over every subject and seed."""
+    head = "| subject | adapter | runs | " + " | ".join(COLUMNS) + " |"
+    out = [head, "|---" * (len(COLUMNS) + 3) + "|"]
+    groups: dict = {}
     for r in rows:
-        if r["seed"] == 0:
-            out.append(f"| {r['adapter']} | {'yes' if r['prior_preservation'] else 'no'} | "
-                       f"{'yes' if r['text_encoder'] else 'no'} | " + " | ".join(f(r[c]) for c in cols)
-                       + f" | {r['train_seconds']:.0f} |")
-    out += ["", "| the recipe (prior + text encoder), seeds | adapter | " + " | ".join(cols[:3]) + " |", "|---" * 5 + "|"]
-    for adapter in dict.fromkeys(r["adapter"] for r in rows):
-        group = [r for r in rows if r["adapter"] == adapter and r["text_encoder"] and r["prior_preservation"]]
-        cells = []
-        for c in cols[:3]:
-            v = [r[c] for r in group]
-            cells.append(f"{f(statistics.mean(v))} ± {f(statistics.pstdev(v))} ({', '.join(f(x) for x in v)})")
-        out.append(f"| {len(group)} | {adapter} | " + " | ".join(cells) + " |")
-    out += ["", "| LoRA + text encoder, seeds | prior | " + " | ".join(cols[:5]) + " |", "|---" * 7 + "|"]
-    for prior in (True, False):
-        group = [r for r in rows if r["adapter"] == "lora" and r["text_encoder"] and r["prior_preservation"] == prior]
-        if not group:
-            continue
-        cells = []
-        for c in cols[:5]:
-            v = [r[c] for r in group]
-            cells.append(f"{f(statistics.mean(v))} ± {f(statistics.pstdev(v))} ({', '.join(f(x) for x in v)})")
-        out.append(f"| {len(group)} | {'yes' if prior else 'no'} | " + " | ".join(cells) + " |")
+        if r["adapter"] == "base" or (r["prior_preservation"] and r["text_encoder"]):
+            groups.setdefault((r["subject"], r["adapter"]), []).append(r)
+    for (subject, adapter), group in groups.items():
+        out.append(f"| {subject} | {adapter} | {len(group)} | "
+                   + " | ".join(spread([r[c] for r in group]) for c in COLUMNS) + " |")
+    out += ["", "| adapter | subjects | runs | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for adapter in dict.fromkeys(a for _, a in groups):
+        group = [r for (s, a), g in groups.items() if a == adapter for r in g]
+        subjects = len({r["subject"] for r in group})
+        out.append(f"| {adapter} | {subjects} | {len(group)} | "
+                   + " | ".join(spread([r[c] for r in group]) for c in COLUMNS) + " |")
     return "\n".join(out)
 
 

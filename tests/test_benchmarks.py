@@ -8,6 +8,7 @@ forward), memory_check.py, class_images.py and lycoris_layers.py; the other scri
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -65,10 +66,34 @@ def test_memory_estimate_small_shape(tmp_path):
 def test_learning_quality_one_short_run(tmp_path):
     out = tmp_path / "rows.jsonl"
     run([sys.executable, str(BENCH / "learning_quality.py"), "--smoke", "--steps", "2", "--num-images", "1",
-         "--output", str(out)], 1200)
-    (row,) = rows(out.read_text())
+         "--output", str(out), "--save-images", str(tmp_path / "samples")], 1200)
+    base, row = rows(out.read_text())  # the base model first, then the one adapter run, on the first test subject
+    assert base["adapter"] == "base" and base["steps"] == 0 and base["subject"] == row["subject"]
     assert (row["adapter"], row["prior_preservation"], row["text_encoder"], row["steps"]) == ("lora", True, True, 2)
-    assert 0 <= row["subject_fidelity"] <= 1 and "base" in row
+    assert all(0 <= r[k] <= 1 for r in (base, row) for k in ("subject_fidelity", "in_context_fidelity"))
+    # measured again from the kept samples with the same judge: the same figures (what --rescore is for: a new
+    # judge on the same images)
+    again = rows(run([sys.executable, str(BENCH / "learning_quality.py"), "--rescore", str(out),
+                      str(tmp_path / "samples")], 600).stdout)
+    assert again == [base, row]
+    # the hand-label tool picks from those samples (one per stratum: base / adapter x held-out / in-context /
+    # class), writes the sheet, the CSV and unlabelled views, and scores the judge once the labels are filled in
+    labels = tmp_path / "judge"
+    run([sys.executable, str(BENCH / "judge_labels.py"), "pick", str(tmp_path / "samples"), "--out", str(labels),
+         "--per-subject", "6", "--views", str(tmp_path / "views")], 600)
+    with open(labels / "labels.csv") as fh:
+        picked = list(csv.DictReader(fh))
+    assert {(r["model"] == "base", r["kind"]) for r in picked} == {
+        (b, k) for b in (True, False) for k in ("held-out", "in-context", "class")}
+    assert (tmp_path / "views" / "view_000.png").is_file() and all(r["label"] == "" for r in picked)
+    for r in picked:
+        r["label"] = "1" if r["model"] != "base" and r["kind"] != "class" else "0"
+    with open(labels / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(picked[0]))
+        w.writeheader()
+        w.writerows(picked)
+    scored = rows(run([sys.executable, str(BENCH / "judge_labels.py"), "score", str(labels)], 600).stdout)[0]
+    assert scored["positives"] == 2 and scored["all"]["n"] == 6 and 0 <= scored["agreement"] <= 1
 
 
 def test_profile_adapters_one_step():

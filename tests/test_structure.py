@@ -106,8 +106,8 @@ STAGES = [
     ("config", ["config", "precision"]),
     ("run folder", ["runs", "runs.rundir", "runs.atomic"]),
     ("data", ["data"]),
-    ("the world's description", ["world", "world.scenes", "world.tokenizer", "world.configs", "world.configs_sd3",
-                                 "world.recipe"]),
+    ("the world's description", ["world", "world.scenes", "world.subjects", "world.tokenizer", "world.configs",
+                                 "world.configs_sd3", "world.recipe"]),
     ("models", ["models"]),
     ("adapters", ["adapters"]),
     ("adapter files", ["runs.formats"]),
@@ -116,7 +116,7 @@ STAGES = [
     ("training", ["training"]),
     ("measuring", ["evaluate", "world.build", "world.metrics", "world.evaluator", "world.evaluator_training",
                    "world.pretrain_unet", "world.pretrain_vae", "world.quality", "world.scene_dataset",
-                   "world.training", "world.build_sd3", "world.pretrain_sd3"]),
+                   "world.training", "world.build_sd3", "world.pretrain_sd3", "world.judge", "world.judge_training"]),
     ("faces", ["cli", "__main__", "demo", "ui", "evaluate.command", "runs.formats.commands"]),
 ]
 

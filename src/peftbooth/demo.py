@@ -36,8 +36,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     from .inference.sampling import grid, sample
     from .training.loop import train
     from .world import MODEL_DIR, WORLD_NAME
-    from .world.evaluator import load_evaluator
-    from .world.metrics import WorldEvalSettings, format_world_table, pipeline_sampler, world_metrics
+    from .world.metrics import WorldEvalSettings, format_world_table, load_instruments, pipeline_sampler, world_metrics
     from .world.recipe import world_config
     from .world.scenes import write_subject_photos
 
@@ -67,14 +66,14 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     sheet.resize((sheet.width * 3, sheet.height * 3), 0).save(samples / "before_after.png")
     (samples / "before_after.txt").write_text("\n".join(labels) + "\n")
 
-    evaluator = load_evaluator(MODEL_DIR)
+    instruments = load_instruments(MODEL_DIR)
     real = [load_image(p) for p in photos]
     settings = WorldEvalSettings()
     sample_fn = pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale)
     results = {}
     for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
         pipe.set_adapters(weights)
-        results[name], _ = world_metrics(sample_fn, evaluator, real, settings)
+        results[name], _ = world_metrics(sample_fn, instruments, real, settings)
     from .runs.atomic import write_json
 
     write_json(out / "world_metrics.json", {"settings": vars(settings), "results": results})

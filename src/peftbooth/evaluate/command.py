@@ -40,7 +40,7 @@ def base_model_of_run(run_dir: str, model: str | None) -> str | None:
 
 # EvalArgs field -> WorldEvalSettings field: the settings a world run takes from the command line
 WORLD_SETTINGS = {"num_images": "num_images", "seed": "seed", "num_inference_steps": "steps",
-                  "guidance_scale": "guidance_scale"}
+                  "guidance_scale": "guidance_scale", "world_subject": "subject"}
 
 
 def cmd_eval_world(args) -> int:

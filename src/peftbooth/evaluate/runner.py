@@ -35,8 +35,8 @@ from .protocol import (
 @dataclass
 class EvalArgs:
     """The settings of one evaluation, and the `eval` subcommand's flags (one per field, see peftbooth.config.flags).
-    A run on the world model takes only num_images, seed, num_inference_steps, guidance_scale and baseline, and
-    its own defaults for those left unset (world.metrics.WorldEvalSettings)."""
+    A run on the world model takes only num_images, seed, num_inference_steps, guidance_scale, baseline and
+    world_subject, and its own defaults for those left unset (world.metrics.WorldEvalSettings)."""
 
     run_dir: str = option(None, "run folder written by 'peftbooth train'", positional=True, metavar="RUN_DIR")
     class_name: Optional[str] = option(None, "class noun of the subject, e.g. dog (required, except for a run on "
@@ -62,6 +62,9 @@ class EvalArgs:
     max_prompts: Optional[int] = option(None, "only the first K prompts (a quick look, not the protocol)")
     output_dir: Optional[str] = option(None, "where metrics.json and the images go (default: RUN_DIR/eval)")
     device: Optional[str] = option(None, "cuda | cpu (default: cuda when available)")
+    world_subject: Optional[str] = option(None, "world runs: the family subject its photos show, e.g. "
+                                          "box-halves-pink-teal (docs/world.md; default: the ball, "
+                                          "ball-halves-magenta-cyan)")
 
 
 def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:

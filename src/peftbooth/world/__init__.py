@@ -8,7 +8,8 @@ MODEL_DIR = Path(__file__).parent / "model"  # written by `python -m peftbooth.w
 WORLD_SD3_NAME = "world-sd3"  # `--model world-sd3`: the SD3-shaped world (flow matching; docs/world_sd3.md)
 SD3_MODEL_DIR = Path(__file__).parent / "model_sd3"  # written by `python -m peftbooth.world.build_sd3`
 # what world.metrics measures, in its tables' column order, and the names of the rows it compares
-METRICS = ("subject_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity", "subject_similarity")
+METRICS = ("subject_fidelity", "in_context_fidelity", "prompt_fidelity", "class_drift", "class_fidelity", "diversity",
+           "subject_similarity")
 LABELS = {"adapter": "adapter", "base": "base model (no adapter)"}
 
 

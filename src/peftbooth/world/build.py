@@ -6,12 +6,13 @@ result; the CPU run is deterministic with one thread):
   dataset    world scenes (never the subject) and their VAE posteriors
   unet       UNet + CLIP text encoder trained jointly (Min-SNR, EMA), captions re-drawn each time
   evaluator  the WorldEvaluator on scenes, subjects and look-alikes, half of them through the VAE
+  judge      the SubjectJudge (any subject, given its description) and its calibration
   quality    samples for many prompts judged by the evaluator; a grid for docs/
   write      the diffusers folder (fp16 weights), evaluator.safetensors and build.json
 
 This module is the command line and the order of the stages, and writes the result; each stage's work lives in its
-own module: pretrain_vae, scene_dataset, pretrain_unet, evaluator_training and quality (training.py: the log and the
-learning-rate schedule they share).
+own module: pretrain_vae, scene_dataset, pretrain_unet, evaluator_training, judge_training and quality (training.py:
+the log and the learning-rate schedule they share).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..runs.atomic import atomic_dir, write_text
 from . import configs
 from .evaluator import load_evaluator, save_evaluator
 from .evaluator_training import evaluator_accuracy, train_evaluator
+from .judge import load_judge, save_judge
+from .judge_training import judge_calibration, train_judge
 from .pretrain_unet import train_unet
 from .pretrain_vae import reconstruction_mse, train_vae
 from .quality import world_quality
@@ -38,7 +41,7 @@ from .training import StageClock, log
 
 DEFAULTS = dict(vae_steps=800, vae_batch=32, vae_pool=6000, scenes=40000, unet_steps=3000, unet_batch=128, unet_lr=1e-3,
                 evaluator_steps=1200, evaluator_batch=128, evaluator_pool=8000, quality_prompts=150, quality_steps=25,
-                quality_guidance=5.0, p_empty=0.1)
+                quality_guidance=5.0, p_empty=0.1, judge_steps=1500, judge_batch=128, judge_pool=16000)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=".world-build", help="stage results, for a build that was stopped")
     p.add_argument("--seed", type=int, default=configs.BUILD_SEED)
     p.add_argument("--grid", default="docs/world-samples.png", help="where the sample grid goes")
-    p.add_argument("--only", choices=("evaluator",), help="run this stage alone (beside a build that is running: "
-                   "it needs the finished VAE in --work-dir)")
+    p.add_argument("--only", choices=("evaluator", "judge"), help="run this stage alone (evaluator: beside a build "
+                   "that is running, it needs the finished VAE in --work-dir; judge: on the VAE in --out, into --out)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     a = p.parse_args(argv)
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stage = StageClock(work, record)
 
+    if a.only == "judge":
+        return judge_only(a, record, stage)
     tok_dir = work / "tokenizer"
     tokenizer = write_tokenizer(tok_dir, vocabulary())
     from diffusers import AutoencoderKL
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"evaluator accuracy {record['evaluator_accuracy']}")
     stage("evaluator", made)
 
+    judge = judge_stage(a, vae, record, stage)
+
     from diffusers import DDPMScheduler
 
     from ..inference.sampling import in_memory_pipeline
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     write_model(pipe, tok_dir, out)
     save_evaluator(net, out)
+    save_judge(judge, out)
     # every stage's own time (those loaded from --work-dir: when they were made there), and this invocation's
     record["total_seconds"] = round(sum(record["seconds"].values()), 1)
     record["invocation_seconds"] = round(time.perf_counter() - start, 1)
@@ -176,6 +184,42 @@ def main(argv: list[str] | None = None) -> int:
                          "scheduler": configs.scheduler_config(), "vocabulary": vocabulary()}
     write_text(out / "build.json", json.dumps(record, indent=1, default=list) + "\n")
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    return 0
+
+
+def judge_stage(a, vae, record: dict, stage):
+    """Train (or load from --work-dir) the judge; record its settings and calibration (docs/world.md)."""
+    from .subjects import family
+
+    work = Path(a.work_dir)
+    made = not (work / "judge" / "judge.safetensors").exists()
+    if not made:
+        net = load_judge(work / "judge")
+    else:
+        net = train_judge(vae, a.seed, a.judge_steps, a.judge_batch, a.judge_pool)
+        save_judge(net, work / "judge")
+    net.half().float()  # stored as fp16: measure what ships
+    record["judge"] = {"calibration": judge_calibration(net, vae, a.seed, n=min(2000, a.judge_pool),
+                                                        subjects=family())}
+    log(f"judge calibration {record['judge']['calibration']['random/vae']}")
+    stage("judge", made)
+    return net
+
+
+def judge_only(a, record: dict, stage) -> int:
+    """--only judge: the judge of an existing world model (its VAE in --out), written into --out beside it, and its
+    record merged into --out's build.json under "judge" (the rest of the record is left as its build wrote it)."""
+    from diffusers import AutoencoderKL
+
+    out = Path(a.out)
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).float().eval().requires_grad_(False)
+    net = judge_stage(a, vae, record, stage)
+    save_judge(net, out)
+    built = json.loads((out / "build.json").read_text())
+    built["judge"] = {"command": record["command"], "seed": a.seed, "seconds": record["seconds"]["judge"],
+                      "settings": {k: v for k, v in record["settings"].items() if k.startswith("judge_")},
+                      **record["judge"]}
+    write_text(out / "build.json", json.dumps(built, indent=1, default=list) + "\n")
     return 0
 
 

@@ -40,27 +40,39 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.transpose(2, 3), groups=3)
 
 
+def round_trip(vae, x: torch.Tensor) -> torch.Tensor:
+    """What the world model can draw is what its VAE can decode: x (N, 3, 32, 32) in [-1, 1] through the VAE."""
+    with torch.no_grad():
+        return torch.cat([vae.decode(vae.encode(x[i:i + 500]).latent_dist.mean).sample.clamp(-1, 1)
+                          for i in range(0, len(x), 500)])
+
+
+def training_batch(x_all: torch.Tensor, x_vae: torch.Tensor, batch: int, step: int, g: torch.Generator):
+    """(indices, images) of one batch as the model draws them: each image its VAE round trip half the time, every
+    other batch blurred, and light noise on all."""
+    idx = torch.randint(0, len(x_all), (batch,), generator=g)
+    through_vae = torch.rand(batch, 1, 1, 1, generator=g) < 0.5
+    x = torch.where(through_vae, x_vae[idx], x_all[idx])
+    if step % 2:
+        x = blur(x, 0.4 + 0.8 * torch.rand(1, generator=g).item())
+    x = (x + 0.05 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return idx, x
+
+
 def train_evaluator(vae, seed: int, steps: int, batch: int, pool_size: int) -> WorldEvaluator:
     torch.manual_seed(seed + 4)
     rng = random.Random(seed + 4)
     pool = [evaluator_example(rng) for _ in range(pool_size)]
     x_all = torch.from_numpy(to_array([p[0] for p in pool]))
     y_all = torch.tensor([p[1] for p in pool])
-    with torch.no_grad():  # what the world model can draw is what its VAE can decode
-        x_vae = torch.cat([vae.decode(vae.encode(x_all[i:i + 500]).latent_dist.mean).sample.clamp(-1, 1)
-                           for i in range(0, len(x_all), 500)])
+    x_vae = round_trip(vae, x_all)
     net = WorldEvaluator()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed + 5)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, 2e-3)
-        idx = torch.randint(0, len(x_all), (batch,), generator=g)
-        through_vae = torch.rand(batch, 1, 1, 1, generator=g) < 0.5
-        x = torch.where(through_vae, x_vae[idx], x_all[idx])
-        if step % 2:
-            x = blur(x, 0.4 + 0.8 * torch.rand(1, generator=g).item())
-        x = (x + 0.05 * torch.rand(batch, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+        idx, x = training_batch(x_all, x_vae, batch, step, g)
         y = y_all[idx]
         logits, _ = net(x)
         loss = sum(F.cross_entropy(logits[k], y[:, i], ignore_index=-1) for i, k in enumerate(HEADS))

@@ -1,7 +1,7 @@
 """What the DreamBooth paper measures, measured in the world: the evaluator plays DINO and CLIP.
 
 - subject fidelity: the share of "a photo of a sks ball <context>" images that show the subject, over contexts that
-  were never in its photos (the paper's DINO / CLIP-I);
+  were never in its photos (the paper's DINO / CLIP-I); in-context fidelity, the same over its photos' contexts;
 - prompt fidelity: the share of those images whose background is the context the prompt asked for (CLIP-T);
 - class drift (language drift): the share of "a photo of a ball" images that show the subject, and class fidelity,
   the share that show a ball at all;
@@ -9,6 +9,10 @@
   1 = every colour equally often, 0 = one colour only;
 - subject similarity: the mean cosine similarity of the evaluator's features of the subject images to those of
   the real photos (the paper's DINO score, in this world's feature space).
+
+Whether an image shows the subject is the judge's call (judge.py: any family subject, given its description); the
+evaluator reads class, colour and background. The subject is a member of the family (subjects.py), the ball by
+default.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import numpy as np
 from ..runs.rundir import WORLD_METRICS_FILE
 from . import LABELS, METRICS
 from .evaluator import judge, load_evaluator
-from .scenes import CLASS_PROMPT, COLOURS, HELD_OUT_CONTEXTS, IDENTIFIER, SIZE, SUBJECT_CLASS, subject_prompt
+from .judge import describe, load_judge, p_shows
+from .scenes import CLASSES, COLOURS, IDENTIFIER, SIZE, prompt
+from .subjects import BALL, by_name
 
 
 @dataclass
@@ -32,7 +38,11 @@ class WorldEvalSettings:
     steps: int = 20  # DPM-Solver++
     guidance_scale: float = 5.0
     identifier: str = IDENTIFIER
-    contexts: tuple[str, ...] = HELD_OUT_CONTEXTS
+    subject: str = BALL  # a family subject's name (subjects.py)
+    in_context: bool = False  # also in-context fidelity: num_images per photo context
+
+    def held_out(self) -> tuple[str, ...]:
+        return by_name(self.subject).held_out_contexts
 
 
 def colour_entropy(labels: list[str]) -> float:
@@ -43,27 +53,47 @@ def colour_entropy(labels: list[str]) -> float:
     return float(-(p * np.log(p)).sum() / math.log(k))
 
 
-def world_metrics(sample_fn, evaluator, real_images: list, s: WorldEvalSettings) -> tuple[dict, dict]:
-    """Metrics of one model. `sample_fn(prompt, seeds) -> images` draws from it. Returns (metrics, images by
-    prompt)."""
+def world_metrics(sample_fn, instruments: tuple, real_images: list, s: WorldEvalSettings) -> tuple[dict, dict]:
+    """Metrics of one model. `sample_fn(prompt, seeds) -> images` draws from it; `instruments` is (evaluator,
+    judge). Returns (metrics, images by prompt)."""
+    evaluator, judge_net = instruments
+    subject = by_name(s.subject)
+    description = describe(subject)
     seeds = [s.seed + i for i in range(s.num_images)]
-    images = {subject_prompt(c, s.identifier): sample_fn(subject_prompt(c, s.identifier), seeds) for c in s.contexts}
-    class_images = sample_fn(CLASS_PROMPT, [s.seed + 1000 + i for i in range(2 * s.num_images)])
-    subj = judge(evaluator, [im for ims in images.values() for im in ims])
-    wanted = [c for c in s.contexts for _ in seeds]
+    held = s.held_out()
+    images = {subject.prompt(c, s.identifier): sample_fn(subject.prompt(c, s.identifier), seeds) for c in held}
+    held_images = [im for ims in images.values() for im in ims]
+    shown = p_shows(judge_net, held_images, description) > 0.5
+    in_context = None
+    if s.in_context:
+        inside = {subject.prompt(c, s.identifier): sample_fn(subject.prompt(c, s.identifier), seeds)
+                  for c in subject.photo_contexts}
+        in_context = float(np.mean(p_shows(judge_net, [im for ims in inside.values() for im in ims], description)
+                                   > 0.5))
+        images.update(inside)
+    class_prompt = prompt(subject.cls)
+    class_images = sample_fn(class_prompt, [s.seed + 1000 + i for i in range(2 * s.num_images)])
+    subj = judge(evaluator, held_images)
+    wanted = [c for c in held for _ in seeds]
     cls = judge(evaluator, class_images)
     real = judge(evaluator, real_images)["features"] if real_images else None
-    drifted = cls["p_subject"] > 0.5
+    drifted = p_shows(judge_net, class_images, description) > 0.5
     out = {
-        "subject_fidelity": float(np.mean(subj["p_subject"] > 0.5)),
+        "subject_fidelity": float(np.mean(shown)),
+        "in_context_fidelity": in_context,
         "prompt_fidelity": float(np.mean([b == c for b, c in zip(subj["background"], wanted)])),
         "class_drift": float(np.mean(drifted)),
-        "class_fidelity": float(np.mean([c == SUBJECT_CLASS for c in cls["class"]])),
+        "class_fidelity": float(np.mean([c == subject.cls for c in cls["class"]])),
         "diversity": colour_entropy(["subject" if d else c for d, c in zip(drifted, cls["colour"])]),
         "subject_similarity": None if real is None else float((subj["features"] @ real.T).mean()),
     }
-    images[CLASS_PROMPT] = class_images
+    images[class_prompt] = class_images
     return {k: (None if v is None else round(v, 4)) for k, v in out.items()}, images
+
+
+def load_instruments(model_dir: str | Path) -> tuple:
+    """(evaluator, judge) of a world model folder."""
+    return load_evaluator(model_dir), load_judge(model_dir)
 
 
 def pipeline_sampler(pipe, steps: int, guidance_scale: float):
@@ -85,16 +115,16 @@ def evaluate_adapter(model_dir: str | Path, run_dirs: dict[str, str | Path], rea
     s = s or WorldEvalSettings()
     pipe = AdapterPipeline(str(model_dir), device="cpu")
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
-    evaluator = load_evaluator(model_dir)
+    instruments = load_instruments(model_dir)
     sample_fn = pipeline_sampler(pipe.pipe, s.steps, s.guidance_scale)
     results, images = {}, {}
     if baseline:
         pipe.set_adapters({})
-        results["base"], images["base"] = world_metrics(sample_fn, evaluator, real_images, s)
+        results["base"], images["base"] = world_metrics(sample_fn, instruments, real_images, s)
     for name, run in run_dirs.items():
         pipe.load_adapter(run, name)
         pipe.set_adapters({name: 1.0})
-        results[name], images[name] = world_metrics(sample_fn, evaluator, real_images, s)
+        results[name], images[name] = world_metrics(sample_fn, instruments, real_images, s)
     return {"results": results, "images": images}
 
 
@@ -113,10 +143,10 @@ def format_world_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def identifier_of(instance_prompt: str | None) -> str | None:
+def identifier_of(instance_prompt: str | None, cls: str) -> str | None:
     """The word before the class noun in 'a photo of a sks ball'."""
     words = (instance_prompt or "").split()
-    return words[words.index(SUBJECT_CLASS) - 1] if SUBJECT_CLASS in words[1:] else None
+    return words[words.index(cls) - 1] if cls in words[1:] else None
 
 
 def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, settings: WorldEvalSettings,
@@ -132,10 +162,16 @@ def evaluate_world_run(run_dir: str | Path, cfg: dict, output_dir: str | Path, s
     from . import MODEL_DIR
 
     data_cfg = cfg.get("data") or {}
-    identifier = identifier_of(data_cfg.get("instance_prompt"))
+    try:
+        cls = by_name(settings.subject).cls
+    except ValueError as e:
+        raise UsageError(f"--world-subject: {e}") from None
+    identifier = identifier_of(data_cfg.get("instance_prompt"), cls)
     if identifier is None:
+        named = [c for c in CLASSES if c in (data_cfg.get("instance_prompt") or "").split()[1:]]
+        hint = f" (it names a {named[0]}: pass --world-subject, the family member its photos show)" if named else ""
         raise UsageError(f"RUN_DIR {run_dir}: its instance prompt {data_cfg.get('instance_prompt')!r} names no "
-                         f"identifier before {SUBJECT_CLASS!r}, the world's subject class")
+                         f"identifier before {cls!r}, the class of world subject {settings.subject!r}{hint}")
     settings = replace(settings, identifier=identifier)
     photos = data_cfg.get("instance_data_dir")
     real = [load_image(p) for p in list_images(photos, "--instance-data-dir")] if photos and Path(photos).is_dir() else []

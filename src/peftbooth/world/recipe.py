@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..config.sections import TrainConfig
 from . import WORLD_NAME
-from .scenes import CLASS_PROMPT, INSTANCE_PROMPT, SIZE
+from .scenes import SIZE, prompt
+from .subjects import BALL, Subject, by_name
 
 # LoHa and LoKr take larger learning rates than LoRA: their updates are products of factors that start small
 # (docs/world.md has the sweep). The text-encoder adapter uses the same rate as the UNet's.
@@ -44,9 +45,11 @@ def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = Tru
 
 def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lora", prior: bool = True,
                  text_encoder: bool = True, steps: int | None = None, seed: int = 0,
-                 class_data_dir: str | Path | None = None) -> TrainConfig:
+                 class_data_dir: str | Path | None = None, subject: Subject | None = None) -> TrainConfig:
     """A TrainConfig for the world model: adapter on the UNet's attention, feed-forward, ResNet and time-embedding
-    layers (and a text-encoder adapter), optionally with prior preservation on "a photo of a ball"."""
+    layers (and a text-encoder adapter), optionally with prior preservation on "a photo of a <class>". `subject`:
+    the family member the photos show (subjects.write_photos; default the ball)."""
+    subject = subject or by_name(BALL)
     cfg = TrainConfig()
     cfg.model.model = WORLD_NAME
     cfg.unet_adapter.adapter = adapter
@@ -54,10 +57,10 @@ def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lor
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
     cfg.data.instance_data_dir = str(photos)
-    cfg.data.instance_prompt = INSTANCE_PROMPT  # each photo's NAME.txt caption adds its context
+    cfg.data.instance_prompt = subject.prompt()  # each photo's NAME.txt caption adds its context
     cfg.data.with_prior_preservation = prior
     if prior:
-        cfg.data.class_prompt = CLASS_PROMPT
+        cfg.data.class_prompt = prompt(subject.cls)
         if class_data_dir:
             cfg.data.class_data_dir = str(class_data_dir)
     cfg.train.output_dir = str(output_dir)

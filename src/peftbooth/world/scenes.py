@@ -111,6 +111,12 @@ def _background(top, bottom, size: int) -> np.ndarray:
     return np.broadcast_to(grad, (size, size, 3)).copy()
 
 
+def background(context: str) -> Image.Image:
+    """The context's background alone, SIZE x SIZE: a scene with nothing in it."""
+    top, bottom = BACKGROUNDS[context]
+    return Image.fromarray(np.clip(_background(top, bottom, SIZE) + 0.5, 0, 255).astype(np.uint8))
+
+
 def _shape_mask(cls: str, cx: float, cy: float, size: float, scale: int) -> Image.Image:
     """A 0/255 mask of the object drawn at `scale` times the image size."""
     n = SIZE * scale

@@ -76,28 +76,7 @@ class Subject:
         return f"a photo of a {identifier} {self.cls}" + (f" {context}" if context else "")
 
     def paint(self, scene: Scene, scale: int = 4) -> np.ndarray:
-        """The pattern's colour over the whole canvas, (SIZE * scale, SIZE * scale, 3), laid out around the object
-        (`scenes.composite` cuts the object out of it)."""
-        n = SIZE * scale
-        cy, r = scene.cy * scale, scene.size * scale / 2
-        rows = np.arange(n)[:, None]
-        colours = [np.array(c, float) for c in self.colours]
-        field = np.broadcast_to(colours[0], (n, n, 3)).copy()
-        if self.pattern == "halves":  # as scenes.draw paints today's subject: split at the centre row
-            field[int(round(cy)):] = colours[1]
-        elif self.pattern == "stripes":  # three equal stripes over the object's height
-            for i, edge in enumerate((cy - r / 3, cy + r / 3)):
-                field[rows[:, 0] >= int(round(edge))] = colours[i + 1]
-        elif self.pattern == "band":  # a band a third of the object's height through its middle
-            band = (rows[:, 0] >= int(round(cy - r / 3))) & (rows[:, 0] < int(round(cy + r / 3)))
-            field[band] = colours[1]
-        elif self.pattern == "dot":  # a disc half the object's width at its centre
-            yy, xx = np.mgrid[0:n, 0:n]
-            dot = (yy - cy) ** 2 + (xx - scene.cx * scale) ** 2 <= (r / 2) ** 2
-            field[dot] = colours[1]
-        else:
-            raise ValueError(f"unknown pattern {self.pattern!r}")
-        return field
+        return paint_pattern(self.pattern, self.colours, scene, scale)
 
     def draw(self, scene: Scene, scale: int = 4) -> Image.Image:
         return composite(scene, self.paint(scene, scale), scale)
@@ -106,6 +85,32 @@ class Subject:
         """A random placement of this subject in `context` (the same sizes and margins as the world's objects)."""
         s = random_scene(rng, subject=True, context=context)
         return Scene(self.cls, None, s.context, s.cx, s.cy, s.size, subject=True)
+
+
+def paint_pattern(pattern: str, colours, scene: Scene, scale: int = 4) -> np.ndarray:
+    """A pattern's colours (RGB tuples, in the pattern's order) over the whole canvas, (SIZE * scale, SIZE * scale,
+    3), laid out around the scene's object (`scenes.composite` cuts the object out of it). The family's subjects and
+    the judge's examples (any colours) are painted by this one function."""
+    n = SIZE * scale
+    cy, r = scene.cy * scale, scene.size * scale / 2
+    rows = np.arange(n)[:, None]
+    colours = [np.array(c, float) for c in colours]
+    field = np.broadcast_to(colours[0], (n, n, 3)).copy()
+    if pattern == "halves":  # as scenes.draw paints today's subject: split at the centre row
+        field[int(round(cy)):] = colours[1]
+    elif pattern == "stripes":  # three equal stripes over the object's height
+        for i, edge in enumerate((cy - r / 3, cy + r / 3)):
+            field[rows[:, 0] >= int(round(edge))] = colours[i + 1]
+    elif pattern == "band":  # a band a third of the object's height through its middle
+        band = (rows[:, 0] >= int(round(cy - r / 3))) & (rows[:, 0] < int(round(cy + r / 3)))
+        field[band] = colours[1]
+    elif pattern == "dot":  # a disc half the object's width at its centre
+        yy, xx = np.mgrid[0:n, 0:n]
+        dot = (yy - cy) ** 2 + (xx - scene.cx * scale) ** 2 <= (r / 2) ** 2
+        field[dot] = colours[1]
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    return field
 
 
 def contexts_of(index: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -161,3 +166,14 @@ def write_photos(subject: Subject, folder: str | Path, seed: int = 0, contexts: 
             path.with_suffix(".txt").write_text(subject.prompt(context) + "\n")
         paths.append(path)
     return paths
+
+
+def by_name(name: str) -> Subject:
+    """The family subject called `name` (Subject.name, e.g. 'ball-halves-magenta-cyan')."""
+    for s in family():
+        if s.name == name:
+            return s
+    raise ValueError(f"no world subject {name!r}; the family: {', '.join(s.name for s in family())}")
+
+
+BALL = family()[0].name  # today's subject, the magenta-and-cyan ball: the default of the world's metrics
