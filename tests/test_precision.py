@@ -122,6 +122,7 @@ DECISION = re.compile(r"torch\.(float16|bfloat16|half)\b|\.half\(\)|is_bf16_supp
 NOT_DECISIONS = {
     "world/build.py": "the shipped world model's weights are stored in fp16 (a file format, not a compute dtype)",
     "world/evaluator.py": "the evaluator's weights are stored in fp16 (a file format)",
+    "world/judge.py": "the judge's weights are stored in fp16 (a file format)",
     "world/build_sd3.py": "the SD3-shaped world model's weights are stored in fp16 (a file format)",
     "training/checkpoint.py": "saves and restores the CUDA RNG states that exist",
 }
