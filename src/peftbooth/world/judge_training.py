@@ -168,6 +168,6 @@ def judge_calibration(net: SubjectJudge, vae, seed: int, n: int = 2000, subjects
             row = rates(p, y)
             if name == "random":
                 row["false_positive_rate_by_kind"] = {k: round(float((p[kinds == k] > 0.5).mean()), 4)
-                                                      for k in NEGATIVES}
+                                                      for k in NEGATIVES if (kinds == k).any()}  # tiny pools
             out[f"{name}/{variant}"] = row
     return out
