@@ -126,7 +126,7 @@ def test_the_hand_labels_are_kept_and_the_judge_agrees_with_them(judge):
     assert np.mean(agree) >= MIN_AGREEMENT
 
 
-def test_build_only_judge_adds_the_judge_to_a_world_folder(tmp_path):
+def test_build_only_judge_adds_the_judge_to_a_world_folder(tmp_path, capsys):
     """`--only judge` trains on the folder's VAE, writes judge.safetensors beside it and merges its record into
     build.json, leaving the rest of the record as it was."""
     from peftbooth.world.build import main
@@ -142,3 +142,11 @@ def test_build_only_judge_adds_the_judge_to_a_world_folder(tmp_path):
     assert after["judge"]["settings"] == {"judge_steps": 2, "judge_batch": 128, "judge_pool": 32}
     assert {"random/drawn", "random/vae", f"{family()[0].name}/vae"} <= set(after["judge"]["calibration"])
     load_judge(out)  # loads
+    # a second run finds the judge kept in --work-dir: it reuses it and says so, with how to make it again
+    first = (out / "judge.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["--only", "judge", "--out", str(out), "--work-dir", str(tmp_path / "w"), "--judge-steps", "2",
+                 "--judge-pool", "32"]) == 0
+    assert f"(kept in {tmp_path / 'w'} by an earlier run: remove its judge files to make it again)" in \
+        capsys.readouterr().out
+    assert (out / "judge.safetensors").read_bytes() == first

@@ -36,4 +36,6 @@ class StageClock:
             kept.write_text(f"{seconds}\n")
         self.record["seconds"][name] = float(kept.read_text())
         self.t = time.perf_counter()
-        log(f"stage {name} done in {seconds:.0f} s")
+        # a kept stage is reused silently otherwise: say so, and how to make it again (e.g. after changing its code)
+        where = "" if made else f" (kept in {self.work} by an earlier run: remove its {name} files to make it again)"
+        log(f"stage {name} done in {seconds:.0f} s{where}")
