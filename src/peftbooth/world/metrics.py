@@ -61,13 +61,16 @@ def world_metrics(sample_fn, instruments: tuple, real_images: list, s: WorldEval
     description = describe(subject)
     seeds = [s.seed + i for i in range(s.num_images)]
     held = s.held_out()
-    images = {subject.prompt(c, s.identifier): sample_fn(subject.prompt(c, s.identifier), seeds) for c in held}
+
+    def draw(contexts) -> dict:  # prompt -> num_images images, one per seed
+        return {p: sample_fn(p, seeds) for p in (subject.prompt(c, s.identifier) for c in contexts)}
+
+    images = draw(held)
     held_images = [im for ims in images.values() for im in ims]
     shown = p_shows(judge_net, held_images, description) > 0.5
     in_context = None
     if s.in_context:
-        inside = {subject.prompt(c, s.identifier): sample_fn(subject.prompt(c, s.identifier), seeds)
-                  for c in subject.photo_contexts}
+        inside = draw(subject.photo_contexts)
         in_context = float(np.mean(p_shows(judge_net, [im for ims in inside.values() for im in ims], description)
                                    > 0.5))
         images.update(inside)
