@@ -96,6 +96,16 @@ def test_learning_quality_one_short_run(tmp_path):
     assert scored["positives"] == 2 and scored["all"]["n"] == 6 and 0 <= scored["agreement"] <= 1
 
 
+def test_world_shapes_smoke(tmp_path):
+    grid = tmp_path / "shapes.png"
+    got = rows(run([sys.executable, str(BENCH / "world_shapes.py"), "--smoke", "--grid", str(grid)], 600).stdout)[0]
+    assert got["samples"] == 3 and grid.is_file()
+    assert all(0 <= got[f"{k}_{c}"] <= 1 for k in ("shape", "evaluator", "vae_shape") for c in ("ball", "box", "tent"))
+    bad = subprocess.run([sys.executable, str(BENCH / "world_shapes.py"), "--model", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert bad.returncode == 2 and f"--model {tmp_path}: not a world model folder" in bad.stderr
+
+
 def test_profile_adapters_one_step():
     got = rows(run([sys.executable, str(BENCH / "profile_adapters.py"), "--model", "tiny", "--steps", "1",
                     "--adapters", "lora"], 600).stdout)

@@ -1,4 +1,5 @@
-"""The world build's `quality` stage: samples of the world model for many prompts, judged by the evaluator."""
+"""The world build's `quality` stage: samples of the world model for many prompts, judged by the evaluator and,
+for their shapes, by the shape rule (shapes.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ import numpy as np
 from . import configs
 from .evaluator import WorldEvaluator, judge
 from .scenes import CLASSES, COLOURS, CONTEXTS, prompt
+from .shapes import is_class
+
+
+def shape_rates(images: list, triples: list[tuple[str, str, str]]) -> dict:
+    """Per class, the share of samples whose object has that class's shape (a box a square, not a star)."""
+    ok = [is_class(im, ctx, cls) for im, (cls, _, ctx) in zip(images, triples)]
+    return {f"shape_{c}": round(float(np.mean([o for o, tr in zip(ok, triples) if tr[0] == c])), 4)
+            for c in CLASSES if any(tr[0] == c for tr in triples)}
 
 
 def quality_prompts(seed: int, n: int) -> list[tuple[str, str, str]]:
@@ -28,5 +37,6 @@ def world_quality(pipe, net: WorldEvaluator, seed: int, n: int, steps: int = 25,
     out = {f"{k}_match": round(float(np.mean([v == tr[i] for v, tr in zip(verdict[k], triples)])), 4)
            for i, k in enumerate(("class", "colour", "background"))}
     out["subject_rate"] = round(float(np.mean(verdict["p_subject"] > 0.5)), 4)
+    out.update(shape_rates(images, triples))
     out.update(prompts=len(triples), steps=steps, guidance_scale=guidance)
     return out, images, triples

@@ -201,10 +201,16 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
     return x.transpose(0, 3, 1, 2)
 
 
+def shape_alpha(cls: str, cx: float, cy: float, size: float, scale: int = 4) -> np.ndarray:
+    """(SIZE, SIZE) in [0, 1]: how much of each pixel a class's shape covers, anti-aliased as the renderer does."""
+    m = np.asarray(_shape_mask(cls, cx, cy, size, scale), float) / 255
+    return m.reshape(SIZE, scale, SIZE, scale).mean(axis=(1, 3))
+
+
 def subject_mask(scene: Scene, scale: int = 4) -> Image.Image:
     """Where the scene's object is, 'L' at SIZE x SIZE (255 inside, anti-aliased edge): the photo's loss mask."""
-    m = np.asarray(_shape_mask(scene.cls, scene.cx, scene.cy, scene.size, scale), float)
-    return Image.fromarray(np.round(m.reshape(SIZE, scale, SIZE, scale).mean(axis=(1, 3))).astype(np.uint8), "L")
+    m = shape_alpha(scene.cls, scene.cx, scene.cy, scene.size, scale) * 255
+    return Image.fromarray(np.round(m).astype(np.uint8), "L")
 
 
 def write_subject_photos(folder: str | Path, seed: int = 0, contexts=SUBJECT_PHOTO_CONTEXTS,
