@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from peftbooth.world import MODEL_DIR, configs
+from peftbooth.world.recipe import RECIPE
 from peftbooth.world.scenes import (
     BACKGROUNDS,
     CLASS_PROMPT,
@@ -266,21 +267,40 @@ def test_build_script_is_deterministic(tmp_path):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from PIL import Image
 
-    from peftbooth.demo import ADAPTERS, demo_rows, run_demo
+    from peftbooth.config.options import DemoOptions
+    from peftbooth.demo import ADAPTERS, DEMO_SUBJECT, demo_rows, run_demo
+    from peftbooth.world.subjects import by_name
 
-    result = run_demo(tmp_path / "demo", steps=2, num_images=2)
+    assert DemoOptions().subject == DEMO_SUBJECT  # the CLI's default is the demo's
+    result = run_demo(tmp_path / "demo", steps=2, num_images=2)  # the adapters trained two at a time
     out = capsys.readouterr().out
     assert set(result["runs"]) == set(ADAPTERS)
     for run in result["runs"].values():
         assert (run / "unet" / "adapter_model.safetensors").is_file() and (run / "text_encoder").is_dir()
-        assert "a photo of a sks ball" in (run / "config.yaml").read_text()
-    rows = demo_rows(ADAPTERS)
+        assert "a photo of a sks box" in (run / "config.yaml").read_text()
+    assert len(list((tmp_path / "demo" / "class_images").glob("*.png"))) == RECIPE["num_class_images"]
+    subject = by_name(DEMO_SUBJECT)
+    rows = demo_rows(subject, ADAPTERS)
     assert len(rows) == 2 + 3 * len(ADAPTERS)  # base x 2, then per adapter: 2 held-out contexts + the class prompt
+    assert [r[2] for r in rows[2:4]] == [subject.prompt(c) for c in subject.held_out_contexts]
     assert Image.open(result["samples"]).size == (2 * 96, len(rows) * 96)
     assert len((tmp_path / "demo" / "samples" / "before_after.txt").read_text().splitlines()) == len(rows)
-    metrics = json.loads((tmp_path / "demo" / "world_metrics.json").read_text())["results"]
+    report = json.loads((tmp_path / "demo" / "world_metrics.json").read_text())
+    assert report["settings"]["subject"] == DEMO_SUBJECT
+    metrics = report["results"]
     assert set(metrics) == {"base", *ADAPTERS} and all(0 <= m["subject_fidelity"] <= 1 for m in metrics.values())
     assert "world metrics" in out and "Everything is in" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--subject", "box-zigzag-red"], "--subject: no world subject 'box-zigzag-red'; the family: ball-halves-"),
+    (["--steps", "0"], "--steps must be >= 1 (got 0)"),
+])
+def test_demo_refuses_bad_flags_before_any_work(tmp_path, capsys, flags, message):
+    from peftbooth.cli import main
+
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_eval_names_an_unknown_world_subject(with_prior, capsys):

@@ -229,8 +229,16 @@ def cmd_tiny_model(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    from .world.subjects import by_name
+
     o = options_from_args(DemoOptions, args)
-    run_demo(o.output_dir, steps=o.max_train_steps)
+    try:
+        by_name(o.subject)
+    except ValueError as e:
+        raise UsageError(f"--subject: {e}") from None
+    if o.max_train_steps is not None and o.max_train_steps < 1:
+        raise UsageError(f"--steps must be >= 1 (got {o.max_train_steps})")
+    run_demo(o.output_dir, steps=o.max_train_steps, subject=o.subject)
     return 0
 
 

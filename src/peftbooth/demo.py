@@ -1,65 +1,102 @@
 """`peftbooth demo`: the whole workflow offline on CPU, on the pretrained world model.
 
-Writes five photos of the world's subject (a ball, magenta above and cyan below, that the world model never
-draws), trains a LoRA, a LoHa and a LoKr adapter on it with prior preservation and a text-encoder adapter, then,
-with the base model loaded once, draws: the base model's balls, each adapter's subject in two contexts its photos
-never showed, and each adapter's "a photo of a ball", which should still be ordinary balls. The world's
-evaluator scores every model (docs/world.md).
+Writes five photos of a subject of the world's family (subjects.py: by default DEMO_SUBJECT, a box the world model
+never draws), trains a LoRA, a LoHa and a LoKr adapter on it with prior preservation and a text-encoder adapter,
+two at a time on one core each, then, with the base model loaded once, draws: the base model's boxes, each
+adapter's subject in the two contexts its photos never showed, and each adapter's "a photo of a box", which should
+still be ordinary boxes. The world's judge and evaluator score every model (docs/world.md).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .world.recipe import RECIPE
-from .world.scenes import CLASS_PROMPT, HELD_OUT_CONTEXTS, INSTANCE_PROMPT, SIZE, subject_prompt
+from .world.scenes import SIZE, prompt
+from .world.subjects import Subject
 
-DEMO_STEPS = RECIPE["max_train_steps"]
+DEMO_SUBJECT = "box-band-brown-mint"
+DEMO_STEPS = 250  # the fewest steps at which the tuning subjects' held-out fidelity levels off (BENCHMARKS.md)
 ADAPTERS = ("lora", "loha", "lokr")
+LONGEST_FIRST = ("loha", "lokr", "lora")  # seconds per step, most first: two workers finish together
 
 
-def demo_rows(adapters) -> list[tuple[str, dict, str]]:
+def demo_rows(subject: Subject, adapters) -> list[tuple[str, dict, str]]:
     """(label, adapter weights, prompt) per grid row."""
-    rows = [("base", {}, CLASS_PROMPT), ("base", {}, subject_prompt(HELD_OUT_CONTEXTS[0]))]
+    held = subject.held_out_contexts
+    rows = [("base", {}, prompt(subject.cls)), ("base", {}, subject.prompt(held[0]))]
     for a in adapters:
-        rows += [(a, {a: 1.0}, subject_prompt(c)) for c in HELD_OUT_CONTEXTS] + [(a, {a: 1.0}, CLASS_PROMPT)]
+        rows += [(a, {a: 1.0}, subject.prompt(c)) for c in held] + [(a, {a: 1.0}, prompt(subject.cls))]
     return rows
 
 
-def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, num_images: int = 4) -> dict:
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _train(cfg):
+    from .training.loop import train
+
+    return train(cfg)
+
+
+def train_adapters(cfgs: dict, jobs: int) -> dict:
+    """adapter -> its run folder. `jobs` runs at a time, each in a fresh process on one thread: on 2 cores two
+    one-thread runs finish sooner than the same runs one after the other on two threads (BENCHMARKS.md)."""
+    if jobs <= 1:
+        return {a: _train(cfg) for a, cfg in cfgs.items()}
+    order = sorted(cfgs, key=lambda a: LONGEST_FIRST.index(a) if a in LONGEST_FIRST else len(LONGEST_FIRST))
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_one_thread) as pool:
+        futures = {a: pool.submit(_train, cfgs[a]) for a in order}
+        return {a: futures[a].result() for a in cfgs}
+
+
+def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, num_images: int = 4,
+             subject: str = DEMO_SUBJECT, jobs: int | None = None) -> dict:
+    from .world.subjects import by_name
+
     steps = DEMO_STEPS if steps is None else steps
+    subj = by_name(subject)  # an unknown name: ValueError naming the family, before any work
+    jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
     from diffusers import DPMSolverMultistepScheduler
 
     from .data.images import load_image
     from .inference.pipeline import AdapterPipeline
     from .inference.sampling import grid, sample
-    from .training.loop import train
+    from .training.prior import generate_class_images
     from .world import MODEL_DIR, WORLD_NAME
     from .world.metrics import WorldEvalSettings, format_world_table, load_instruments, pipeline_sampler, world_metrics
     from .world.recipe import world_config
-    from .world.scenes import write_subject_photos
+    from .world.subjects import write_photos
 
     out = Path(output_dir)
     start = time.perf_counter()
-    photos = write_subject_photos(out / "photos")
-    print(f"[demo] wrote {len(photos)} photos of the subject ({INSTANCE_PROMPT!r} + context) into {out / 'photos'}")
-    runs = {}
-    for adapter in ADAPTERS:
-        cfg = world_config(out / "photos", out / f"run-{adapter}", adapter, prior=True, text_encoder=True,
-                           steps=steps, class_data_dir=out / "class_images")  # class images: made once, shared
-        print(f"[demo] training {adapter} for {steps} steps on --model world (prior preservation, text-encoder adapter)")
-        runs[adapter] = train(cfg)
+    photos = write_photos(subj, out / "photos")
+    print(f"[demo] wrote {len(photos)} photos of {subj.name} ({subj.prompt()!r} + context) into {out / 'photos'}")
+    cfgs = {a: world_config(out / "photos", out / f"run-{a}", a, prior=True, text_encoder=True, steps=steps,
+                            class_data_dir=out / "class_images", subject=subj) for a in ADAPTERS}
+    d = cfgs["lora"].data  # class images: made once here, before the runs that share them start
+    generate_class_images(WORLD_NAME, d.class_prompt, d.class_data_dir, d.num_class_images, d.sample_batch_size,
+                          d.class_image_steps, cfgs["lora"].train.seed, device="cpu", show_progress=False)
+    print(f"[demo] training {', '.join(ADAPTERS)} for {steps} steps each on --model world, {jobs} at a time "
+          "(prior preservation, text-encoder adapter)")
+    runs = train_adapters(cfgs, jobs)
 
     pipe = AdapterPipeline(WORLD_NAME, device="cpu")  # loaded once; adapters are switched on it
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     for adapter, path in runs.items():
         pipe.load_adapter(path, adapter)
     rows, labels = [], []
-    for label, weights, prompt in demo_rows(runs):
+    for label, weights, text in demo_rows(subj, runs):
         pipe.set_adapters(weights)
-        rows += sample(pipe.pipe, [prompt], list(range(num_images)), SIZE, 20, 5.0)
-        labels.append(f"{label}: {prompt}")
+        rows += sample(pipe.pipe, [text], list(range(num_images)), SIZE, 20, 5.0)
+        labels.append(f"{label}: {text}")
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     sheet = grid(rows)
@@ -68,7 +105,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
 
     instruments = load_instruments(MODEL_DIR)
     real = [load_image(p) for p in photos]
-    settings = WorldEvalSettings()
+    settings = WorldEvalSettings(subject=subj.name)
     sample_fn = pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale)
     results = {}
     for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
@@ -77,11 +114,11 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     from .runs.atomic import write_json
 
     write_json(out / "world_metrics.json", {"settings": vars(settings), "results": results})
-    print("[demo] world metrics (held-out contexts; the evaluator stands in for DINO / CLIP):")
+    print("[demo] world metrics (held-out contexts; the judge and the evaluator stand in for DINO / CLIP):")
     print(format_world_table(results))
     print(f"[demo] done in {time.perf_counter() - start:.0f} s. Everything is in {out}/:")
     print("  photos/         the subject's photos, their captions and masks")
-    print(f"  class_images/   {CLASS_PROMPT!r} images drawn by the base model (prior preservation)")
+    print(f"  class_images/   {prompt(subj.cls)!r} images drawn by the base model (prior preservation)")
     for adapter, path in runs.items():
         print(f"  {Path(path).name + '/':<15} {adapter}: unet/, text_encoder/, report.html, config.yaml, README.md")
     print("  samples/        before_after.png, one row per line of before_after.txt:")
