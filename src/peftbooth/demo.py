@@ -19,7 +19,7 @@ from .world.scenes import SIZE, prompt
 from .world.subjects import Subject
 
 DEMO_SUBJECT = "box-band-brown-mint"
-DEMO_STEPS = 250  # the fewest steps at which the tuning subjects' held-out fidelity levels off (BENCHMARKS.md)
+DEMO_STEPS = 250  # what fits 90 s on 2 cores; the recipe's 500 learn more (BENCHMARKS.md, "Time to a learned subject")
 ADAPTERS = ("lora", "loha", "lokr")
 LONGEST_FIRST = ("loha", "lokr", "lora")  # seconds per step, most first: two workers finish together
 

@@ -108,8 +108,8 @@ class TinyModelOptions:
 @dataclass
 class DemoOptions:
     output_dir: str = option("demo-output", "folder for the three runs and the comparison")
-    max_train_steps: Optional[int] = option(None, "training steps per adapter (default: the demo's 250, the world "
-                                            "recipe's 500 halved; BENCHMARKS.md)", aliases=("--steps",))
+    max_train_steps: Optional[int] = option(None, "training steps per adapter (default 250, to fit 90 s on 2 "
+                                            "cores; the world recipe trains 500)", aliases=("--steps",))
     subject: str = option("box-band-brown-mint", "the subject of the world's family to learn, e.g. "
                           "tent-dot-cyan-lime or ball-halves-magenta-cyan (docs/world.md)")
 
