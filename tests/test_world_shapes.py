@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from peftbooth.world import MODEL_DIR
 from peftbooth.world.quality import shape_rates
 from peftbooth.world.scenes import CLASSES, CONTEXTS, COLOURS, SIZE, Scene, background, draw, random_scene
-from peftbooth.world.shapes import FIT, classify, is_class
+from peftbooth.world.shapes import FIT, SOLIDITY, classify, is_class
 
 
 def scenes_of(cls: str, n: int, seed: int) -> list[Scene]:
@@ -40,8 +40,8 @@ def star(context: str, half_width: float = 7.0, inset: float = 0.7) -> Image.Ima
 @pytest.mark.parametrize("cls", CLASSES)
 def test_drawn_shapes_are_their_class(cls):
     for s in scenes_of(cls, 20, seed=CLASSES.index(cls)):
-        got, fit = classify(draw(s), s.context)
-        assert got == cls and fit >= FIT, (s, got, fit)
+        got, fit, solid = classify(draw(s), s.context)
+        assert got == cls and fit >= FIT and solid >= SOLIDITY[cls], (s, got, fit, solid)
 
 
 def test_vae_round_trips_keep_their_shape():
@@ -67,9 +67,11 @@ def test_vae_round_trips_keep_their_shape():
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_a_star_is_not_a_box(context):
     assert is_class(star(context, inset=1.0), context, "box")  # the same polygon, sides straight: a square
-    got, fit = classify(star(context), context)
-    assert got == "box" and fit < FIT  # nearest to a square, but it does not fit one
-    assert not is_class(star(context), context, "box")
+    got, fit, solid = classify(star(context), context)
+    assert got == "box" and fit < FIT and solid < SOLIDITY["box"]  # nearest a square, but it neither fits nor is convex
+    got, fit, solid = classify(star(context, inset=0.85), context)  # pushed in by 15 %: the edge band still fits,
+    assert got == "box" and fit >= FIT and solid < SOLIDITY["box"]  # but it is not convex
+    assert not is_class(star(context), context, "box") and not is_class(star(context, inset=0.85), context, "box")
 
 
 def test_an_empty_scene_is_no_class():

@@ -6,8 +6,9 @@ look "box" enough to them. This rule measures the shape itself:
 1. matte: how far each pixel is from the context's known background, scaled so the object's body is 1, (H, W);
 2. fit: for each class, the drawn shape (scenes.shape_alpha, the renderer's own) whose area and centre match the
    matte's, refined by a small search over centre and size; score = soft IoU, sum(min) / sum(max);
-3. the class is the best-fitting shape; `is_class(..., cls)` asks that it is `cls` and that its edge band fits at
-   FIT or better (a star's pushed-in sides fail there).
+3. the class is the best-fitting shape; `is_class(..., cls)` asks that it is `cls`, that its edge band fits at
+   FIT or better, and that the matte is convex (solidity, area over convex-hull area): every class's shape is
+   convex, and a star's pushed-in sides are what make it not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from .scenes import CLASSES, SIZE, background, shape_alpha
 FIT = 0.8  # soft IoU a shape must reach (docs/world.md "Shapes": drawn and VAE round trips, against the stars)
 OFFSETS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # pixels, around the matte's centre
 LOW, HIGH = 0.3, 0.7  # matte ramp, as fractions of the object's distance from the background
+UPSAMPLE = 4  # solidity's sub-pixel grid
+# Least solidity per class: just under the least of 60 drawn scenes of each through the world VAE (0.964, 0.953,
+# 0.911; a tent's sharp top loses most to pixels). A square with its sides pushed in by 10 % measures 0.96, by 20 %
+# 0.83 (docs/world.md, "Shapes").
+SOLIDITY = {"ball": 0.95, "box": 0.94, "tent": 0.9}
 SCALES = (0.88, 0.94, 1.0, 1.06, 1.12)  # around the size the matte's area gives
 
 
@@ -81,15 +87,52 @@ def fit(alpha: np.ndarray, cls: str) -> tuple[float, float]:
     return best, soft_iou(alpha[band], shape[band])
 
 
-def classify(image: Image.Image, context: str) -> tuple[str, float]:
-    """(the class whose shape fits best by soft IoU, its edge-band fit)."""
+def _cross(o, a, b) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of (N, 2) points (Andrew's monotone chain, then the shoelace formula)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return 0.0
+    lower: list = []
+    upper: list = []
+    for p in pts:
+        while len(lower) >= 2 and _cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and _cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    hull = np.array(lower[:-1] + upper[:-1], float)
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def solidity(alpha: np.ndarray, up: int = UPSAMPLE) -> float:
+    """Area of the matte over the area of its convex hull, on the matte upsampled `up` times (bilinear) and cut at
+    0.5: 1 for any convex shape, less where sides are pushed in (a star). Every class's shape is convex."""
+    img = Image.fromarray((alpha * 255).astype(np.uint8)).resize((SIZE * up, SIZE * up), Image.BILINEAR)
+    inside = np.asarray(img, float) >= 128
+    if inside.sum() < 4 * up * up:
+        return 0.0
+    ys, xs = np.nonzero(inside)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])  # pixel squares
+    return float(inside.sum() / max(hull_area(corners), 1e-6))
+
+
+def classify(image: Image.Image, context: str) -> tuple[str, float, float]:
+    """(the class whose shape fits best by soft IoU, its edge-band fit, the matte's solidity)."""
     alpha = matte(image, context)
     fits = {cls: fit(alpha, cls) for cls in CLASSES}
     cls = max(fits, key=lambda c: fits[c][0])
-    return cls, fits[cls][1]
+    return cls, fits[cls][1], solidity(alpha)
 
 
 def is_class(image: Image.Image, context: str, cls: str) -> bool:
-    """Does the image's object have `cls`'s shape: best fit of the three, and at FIT or better?"""
-    got, score = classify(image, context)
-    return got == cls and score >= FIT
+    """Does the image's object have `cls`'s shape: the best fit of the three, its edge band at FIT or better, and
+    as convex as a VAE-coded drawing of it (SOLIDITY)?"""
+    got, edge, solid = classify(image, context)
+    return got == cls and edge >= FIT and solid >= SOLIDITY[cls]
