@@ -45,6 +45,10 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs at once, one CPU thread each (default: 2, or 1 on a one-core machine)")
     p.add_argument("--output", default=None, help="also append the JSON rows to this file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change the recipe for every run, e.g. --set data.prior_loss_weight=1, or --set "
+                        "data.prior_mode=base-prediction --set data.class_data_dir=none (repeatable; recorded in each "
+                        "adapter row as 'recipe_changes')")
     p.add_argument("--save-images", metavar="DIR", help="keep every sample: DIR/SUBJECT/RUN/PROMPT_SEED.png (for the "
                    "judge's hand labels, benchmarks/judge_labels.py)")
     p.add_argument("--smoke", action="store_true", help="the first subject, the first adapter, one seed, 2 class "
@@ -65,6 +69,11 @@ def main() -> int:
             print(text, end="")
         return 0
 
+    try:
+        changes = recipe_changes(a.set)
+    except ValueError as e:
+        print(f"error: --set {e}", file=sys.stderr)
+        return 2
     import torch
 
     from peftbooth.world.subjects import split
@@ -88,7 +97,7 @@ def main() -> int:
         grid += [(n, ad, True, True, seed) for n in names for ad in adapters for seed in range(a.seeds)]
     if a.smoke:
         grid = grid[:2] if not a.ablations else grid[:1]
-    jobs = [(k, *run, a.steps, num_class_images) for k, run in enumerate(grid)]
+    jobs = [(k, *run, a.steps, num_class_images, changes) for k, run in enumerate(grid)]
     out = open(a.output, "a") if a.output else None
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
@@ -184,7 +193,7 @@ def one_run(job: tuple) -> dict:
     from peftbooth.world.recipe import world_config
     from peftbooth.world.subjects import by_name
 
-    k, subject, adapter, prior, te, seed, steps, num_class_images = job
+    k, subject, adapter, prior, te, seed, steps, num_class_images, changes = job
     w = WORKER
     row = {"subject": subject, "adapter": adapter, "prior_preservation": prior, "text_encoder": te, "seed": seed}
     if adapter == "base":
@@ -194,11 +203,43 @@ def one_run(job: tuple) -> dict:
                        steps=steps, seed=seed, class_data_dir=w["work"] / "class" / s.cls, subject=s)
     if prior:
         cfg.data.num_class_images = num_class_images
+    for key, value in changes.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    if changes:  # as the run's config holds them
+        row["recipe_changes"] = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in changes}
     t0 = time.perf_counter()
     run = train(cfg)
     seconds = time.perf_counter() - t0
     metrics = measure(subject, run, run_label(row))
     return {**row, "steps": cfg.train.max_train_steps, "train_seconds": round(seconds, 1), **metrics}
+
+
+def recipe_changes(items: list[str]) -> dict:
+    """["data.prior_loss_weight=1"] -> {"data.prior_loss_weight": 1.0}, each value cast to the field's type;
+    ValueError naming the item for a field TrainConfig does not have or a value it cannot take."""
+    from peftbooth.config.sections import TrainConfig
+
+    cfg, out = TrainConfig(), {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or not hasattr(getattr(cfg, section, None), name):
+            raise ValueError(f"{item}: expected SECTION.FIELD=VALUE with a field of the train config, "
+                             "e.g. data.prior_loss_weight=1")
+        current = getattr(getattr(cfg, section), name)
+        if current is None:  # an optional field: 'none' leaves it unset (data.class_data_dir=none)
+            out[key] = None if value.lower() == "none" else value
+        elif isinstance(current, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float)):
+            try:
+                out[key] = type(current)(value)
+            except ValueError:
+                raise ValueError(f"{item}: {value!r} is not a {type(current).__name__}") from None
+        else:
+            out[key] = value
+    return out
 
 
 def run_label(row: dict) -> str:

@@ -66,10 +66,12 @@ def test_memory_estimate_small_shape(tmp_path):
 def test_learning_quality_one_short_run(tmp_path):
     out = tmp_path / "rows.jsonl"
     run([sys.executable, str(BENCH / "learning_quality.py"), "--smoke", "--steps", "2", "--num-images", "1",
-         "--output", str(out), "--save-images", str(tmp_path / "samples")], 1200)
+         "--output", str(out), "--save-images", str(tmp_path / "samples"), "--set", "data.prior_loss_weight=0.5"],
+        1200)
     base, row = rows(out.read_text())  # the base model first, then the one adapter run, on the first test subject
     assert base["adapter"] == "base" and base["steps"] == 0 and base["subject"] == row["subject"]
     assert (row["adapter"], row["prior_preservation"], row["text_encoder"], row["steps"]) == ("lora", True, True, 2)
+    assert row["recipe_changes"] == {"data.prior_loss_weight": 0.5} and "recipe_changes" not in base
     assert all(0 <= r[k] <= 1 for r in (base, row) for k in ("subject_fidelity", "in_context_fidelity"))
     # measured again from the kept samples with the same judge: the same figures (what --rescore is for: a new
     # judge on the same images)
@@ -94,6 +96,14 @@ def test_learning_quality_one_short_run(tmp_path):
         w.writerows(picked)
     scored = rows(run([sys.executable, str(BENCH / "judge_labels.py"), "score", str(labels)], 600).stdout)[0]
     assert scored["positives"] == 2 and scored["all"]["n"] == 6 and 0 <= scored["agreement"] <= 1
+
+
+def test_learning_quality_refuses_a_bad_recipe_change():
+    for item, message in [("data.no_such=1", "expected SECTION.FIELD=VALUE with a field of the train config"),
+                          ("data.prior_loss_weight=high", "'high' is not a float")]:
+        bad = subprocess.run([sys.executable, str(BENCH / "learning_quality.py"), "--set", item], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert bad.returncode == 2 and f"error: --set {item}: {message}" in bad.stderr
 
 
 def test_world_shapes_smoke(tmp_path):
