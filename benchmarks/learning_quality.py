@@ -56,7 +56,14 @@ def main() -> int:
     p.add_argument("--summarize", metavar="JSONL", help="print the Markdown tables of a results file and exit")
     p.add_argument("--rescore", nargs=2, metavar=("JSONL", "IMAGES"), help="the rows of JSONL measured again from "
                    "the samples its run kept in IMAGES (--save-images), with the current judge; to --output or stdout")
+    p.add_argument("--guidance-scale", type=float, default=None, help="the evaluation's guidance (default: the "
+                   "world metrics' 5)")
+    p.add_argument("--remeasure", nargs=2, metavar=("WORK_DIR", "JSONL"), help="measure the runs an earlier "
+                   "invocation kept in WORK_DIR (it names it at its start; run K is row K of its JSONL) again, e.g. at "
+                   "another --guidance-scale, without training; to stdout and --output")
     a = p.parse_args()
+    if a.remeasure:
+        return remeasure(Path(a.remeasure[0]), Path(a.remeasure[1]), a)
     if a.summarize:
         print(summarize([json.loads(line) for line in open(a.summarize) if line.strip()]))
         return 0
@@ -87,6 +94,7 @@ def main() -> int:
     if a.smoke:
         names, adapters, a.seeds, a.jobs = names[:1], adapters[:1], 1, 1
     work = Path(tempfile.mkdtemp(prefix="peftbooth-lq-"))
+    print(f"runs kept in {work} (for --remeasure)", file=sys.stderr)
     num_class_images = prepare(work, names, 2 if a.smoke else None)
     if a.ablations:
         grid = [(names[0], ad, prior, te, 0) for ad, prior, te in itertools.product(adapters, (True, False),
@@ -101,7 +109,7 @@ def main() -> int:
     out = open(a.output, "a") if a.output else None
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
-                             initargs=(work, a.num_images, a.save_images)) as pool:
+                             initargs=(work, a.num_images, a.save_images, a.guidance_scale)) as pool:
         for row in pool.map(one_run, jobs):  # in grid order, whatever order they finish in
             line = json.dumps({**row, "jobs": a.jobs}, default=list)
             print(line, flush=True)
@@ -140,7 +148,33 @@ def prepare(work: Path, names: list[str], num_class_images: int | None) -> int:
 WORKER: dict = {}  # per process: the base pipeline, its sampler, the evaluator and judge, the work folder
 
 
-def init_worker(work: Path, num_images: int, save_images: str | None = None) -> None:
+def remeasure(work: Path, rows_file: Path, a) -> int:
+    """The world metrics of the runs kept in `work` again, under this invocation's evaluation settings."""
+    rows = [json.loads(line) for line in open(rows_file) if line.strip()]
+    missing = [k for k, r in enumerate(rows) if r["adapter"] != "base" and not (work / f"run{k}").is_dir()]
+    if missing:
+        print(f"error: --remeasure {work} {rows_file}: no run folder for rows {missing} (row K is WORK_DIR/runK: "
+              "give the rows of the one invocation that made WORK_DIR)", file=sys.stderr)
+        return 2
+    out = open(a.output, "a") if a.output else None
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
+                             initargs=(work, a.num_images, a.save_images, a.guidance_scale)) as pool:
+        for row in pool.map(measure_again, list(enumerate(rows))):
+            line = json.dumps(row, default=list)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+    return 0
+
+
+def measure_again(job: tuple) -> dict:
+    k, row = job
+    run = None if row["adapter"] == "base" else WORKER["work"] / f"run{k}"
+    return {**row, **measure(row["subject"], run, run_label(row)), "guidance_scale": WORKER["settings"].guidance_scale}
+
+
+def init_worker(work: Path, num_images: int, save_images: str | None = None, guidance: float | None = None) -> None:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
@@ -152,6 +186,8 @@ def init_worker(work: Path, num_images: int, save_images: str | None = None) -> 
     pipe = AdapterPipeline(WORLD_NAME, device="cpu")
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     settings = WorldEvalSettings(num_images=num_images, in_context=True)
+    if guidance is not None:
+        settings.guidance_scale = guidance
     WORKER.update(work=work, settings=settings, pipe=pipe, instruments=load_instruments(MODEL_DIR), save=save_images,
                   sample_fn=pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale))
 

@@ -6,7 +6,8 @@ and the evaluator's class head, on samples of every class in every colour and co
 
 Prints one JSON row: per class, the share the rule recognises (`shape_*`), the share the evaluator calls that class
 (`evaluator_*`), and the same rule on VAE round trips of drawn scenes (`vae_shape_*`), the most any model on this
-VAE can reach. In the grid each sample has a green frame where the rule recognises its class, red where not.
+VAE can reach; over all samples, the share with the prompt's colour and context (`colour_match`,
+`background_match`: a lower --guidance-scale draws better shapes and follows the prompt less). In the grid each sample has a green frame where the rule recognises its class, red where not.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     for cls in CLASSES:
         mine = [v == cls for v, tr in zip(verdict["class"], labels) if tr[0] == cls]
         row[f"evaluator_{cls}"] = round(float(np.mean(mine)), 4)
+    for i, head in ((1, "colour"), (2, "background")):  # does the prompt still get its colour and context?
+        row[f"{head}_match"] = round(float(np.mean([v == tr[i] for v, tr in zip(verdict[head], labels)])), 4)
     row.update(vae_round_trip_rates(pipe.vae.float(), a.vae_scenes, seed=1))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     if a.grid:

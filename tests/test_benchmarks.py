@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,13 +66,24 @@ def test_memory_estimate_small_shape(tmp_path):
 
 def test_learning_quality_one_short_run(tmp_path):
     out = tmp_path / "rows.jsonl"
-    run([sys.executable, str(BENCH / "learning_quality.py"), "--smoke", "--steps", "2", "--num-images", "1",
-         "--output", str(out), "--save-images", str(tmp_path / "samples"), "--set", "data.prior_loss_weight=0.5"],
-        1200)
+    made = run([sys.executable, str(BENCH / "learning_quality.py"), "--smoke", "--steps", "2", "--num-images", "1",
+                "--output", str(out), "--save-images", str(tmp_path / "samples"), "--set",
+                "data.prior_loss_weight=0.5"], 1200)
     base, row = rows(out.read_text())  # the base model first, then the one adapter run, on the first test subject
     assert base["adapter"] == "base" and base["steps"] == 0 and base["subject"] == row["subject"]
     assert (row["adapter"], row["prior_preservation"], row["text_encoder"], row["steps"]) == ("lora", True, True, 2)
     assert row["recipe_changes"] == {"data.prior_loss_weight": 0.5} and "recipe_changes" not in base
+    # the kept runs measured again at another guidance, without training
+    work = made.stderr.split("runs kept in ")[1].split(" (for --remeasure)")[0]
+    again = rows(run([sys.executable, str(BENCH / "learning_quality.py"), "--remeasure", work, str(out),
+                      "--guidance-scale", "2", "--num-images", "1", "--jobs", "1"], 600).stdout)
+    assert [(r["subject"], r["adapter"], r["guidance_scale"]) for r in again] == [
+        (base["subject"], "base", 2.0), (row["subject"], "lora", 2.0)]
+    assert all(0 <= r["subject_fidelity"] <= 1 for r in again)
+    shutil.rmtree(Path(work) / "run1")
+    gone = subprocess.run([sys.executable, str(BENCH / "learning_quality.py"), "--remeasure", work, str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert gone.returncode == 2 and "no run folder for rows [1]" in gone.stderr
     assert all(0 <= r[k] <= 1 for r in (base, row) for k in ("subject_fidelity", "in_context_fidelity"))
     # measured again from the kept samples with the same judge: the same figures (what --rescore is for: a new
     # judge on the same images)
@@ -111,6 +123,7 @@ def test_world_shapes_smoke(tmp_path):
     got = rows(run([sys.executable, str(BENCH / "world_shapes.py"), "--smoke", "--grid", str(grid)], 600).stdout)[0]
     assert got["samples"] == 3 and grid.is_file()
     assert all(0 <= got[f"{k}_{c}"] <= 1 for k in ("shape", "evaluator", "vae_shape") for c in ("ball", "box", "tent"))
+    assert 0 <= got["colour_match"] <= 1 and 0 <= got["background_match"] <= 1
     bad = subprocess.run([sys.executable, str(BENCH / "world_shapes.py"), "--model", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert bad.returncode == 2 and f"--model {tmp_path}: not a world model folder" in bad.stderr
