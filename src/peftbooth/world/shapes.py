@@ -5,7 +5,8 @@ The evaluator and the judge are networks trained on drawn scenes; a sample that 
 look "box" enough to them. This rule measures the shape itself:
 1. matte: how far each pixel is from the context's known background, scaled so the object's body is 1, (H, W);
 2. fit: for each class, the drawn shape (scenes.shape_alpha, the renderer's own) whose area and centre match the
-   matte's, refined by a small search over centre and size; score = soft IoU, sum(min) / sum(max);
+   matte's, refined by a small search over centre and size; score = soft IoU, sum(min) / sum(max), over the
+   whole shape and over its edge band;
 3. the class is the best-fitting shape; `is_class(..., cls)` asks that it is `cls`, that its edge band fits at
    FIT or better, and that the matte is convex (solidity, area over convex-hull area): every class's shape is
    convex, and a star's pushed-in sides are what make it not.
@@ -20,9 +21,10 @@ from PIL import Image
 
 from .scenes import CLASSES, SIZE, background, shape_alpha
 
-FIT = 0.8  # soft IoU a shape must reach (docs/world.md "Shapes": drawn and VAE round trips, against the stars)
+FIT = 0.8  # soft IoU on the fitted shape's edge band (docs/world.md "Shapes": drawn and VAE round trips)
 OFFSETS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # pixels, around the matte's centre
 LOW, HIGH = 0.3, 0.7  # matte ramp, as fractions of the object's distance from the background
+MIN_CONTRAST = 20.0  # RGB distance; every world and family colour is at least 62 from every background colour
 UPSAMPLE = 4  # solidity's sub-pixel grid
 # Least solidity per class: just under the least of 60 drawn scenes of each through the world VAE (0.964, 0.953,
 # 0.911; a tent's sharp top loses most to pixels). A square with its sides pushed in by 10 % measures 0.96, by 20 %
@@ -35,7 +37,9 @@ def matte(image: Image.Image, context: str) -> np.ndarray:
     """(SIZE, SIZE) in [0, 1]: distance of each pixel from the background, over the object's typical distance."""
     x = np.asarray(image.convert("RGB"), float)
     d = np.sqrt(((x - np.asarray(background(context), float)) ** 2).sum(-1))
-    body = max(np.percentile(d, 97), 1e-6)  # objects cover >= 10 % of the image (scenes.random_scene sizes)
+    # objects cover >= 10 % of the image (scenes.random_scene sizes); below MIN_CONTRAST there is no object, only
+    # the noise of an empty scene, which must not be stretched into one
+    body = max(np.percentile(d, 97), MIN_CONTRAST)
     # a ramp from LOW to HIGH of the body's distance: a codec's faint halo and the renderer's shading both fall
     # outside it, an anti-aliased edge pixel lands in it at its coverage
     return np.clip((d / body - LOW) / (HIGH - LOW), 0.0, 1.0)
