@@ -28,15 +28,15 @@ def vae_round_trip_rates(vae, n: int, seed: int) -> dict:
     import torch
     from PIL import Image
 
+    from peftbooth.world.evaluator_training import round_trip
     from peftbooth.world.scenes import CLASSES, Scene, draw, random_scene, to_array
     from peftbooth.world.shapes import is_class
 
     rng, out = random.Random(seed), {}
     for cls in CLASSES:
         scenes = [Scene(cls, s.colour, s.context, s.cx, s.cy, s.size) for s in (random_scene(rng) for _ in range(n))]
-        with torch.no_grad():
-            y = vae.decode(vae.encode(torch.from_numpy(to_array([draw(s) for s in scenes]))).latent_dist.mean).sample
-        arr = ((y.clamp(-1, 1).numpy().transpose(0, 2, 3, 1) + 1) * 127.5).round().astype(np.uint8)
+        y = round_trip(vae, torch.from_numpy(to_array([draw(s) for s in scenes])))
+        arr = ((y.numpy().transpose(0, 2, 3, 1) + 1) * 127.5).round().astype(np.uint8)
         out[f"vae_shape_{cls}"] = round(float(np.mean([is_class(Image.fromarray(a), s.context, cls)
                                                        for a, s in zip(arr, scenes)])), 4)
     return out
@@ -73,10 +73,8 @@ def main(argv=None) -> int:
     from peftbooth.inference.sampling import sample
     from peftbooth.world import MODEL_DIR
     from peftbooth.world.evaluator import judge, load_evaluator
-    from peftbooth.world.quality import quality_prompts, shape_rates
+    from peftbooth.world.quality import per_class_rates, quality_prompts, shape_verdicts
     from peftbooth.world.scenes import CLASSES, SIZE, prompt
-    from peftbooth.world.shapes import is_class
-
     model = Path(a.model or MODEL_DIR)
     if not (model / "model_index.json").is_file():
         print(f"error: --model {model}: not a world model folder (no model_index.json)", file=sys.stderr)
@@ -96,7 +94,8 @@ def main(argv=None) -> int:
                          a.guidance_scale)[0]
         labels += [tr] * a.per_prompt
     row = {"model": str(model), "samples": len(images), "steps": a.steps, "guidance_scale": a.guidance_scale}
-    row.update(shape_rates(images, labels))
+    ok = shape_verdicts(images, labels)  # once: for the rates and the grid's frames
+    row.update(per_class_rates(ok, labels))
     verdict = judge(load_evaluator(model), images)
     for cls in CLASSES:
         mine = [v == cls for v, tr in zip(verdict["class"], labels) if tr[0] == cls]
@@ -106,7 +105,6 @@ def main(argv=None) -> int:
     row.update(vae_round_trip_rates(pipe.vae.float(), a.vae_scenes, seed=1))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     if a.grid:
-        ok = [is_class(im, ctx, cls) for im, (cls, _, ctx) in zip(images, labels)]
         sheet = framed_grid(images, ok, cols=5 * a.per_prompt)
         sheet.resize((sheet.width * 2, sheet.height * 2), 0).save(a.grid)  # 0: nearest, pixels stay pixels
     print(json.dumps(row))

@@ -51,14 +51,13 @@ def test_vae_round_trips_keep_their_shape():
     import torch
     from diffusers import AutoencoderKL
 
+    from peftbooth.world.evaluator_training import round_trip
     from peftbooth.world.scenes import to_array
 
     vae = AutoencoderKL.from_pretrained(str(MODEL_DIR / "vae")).float().eval()
     for cls in CLASSES:
         sc = scenes_of(cls, 40, seed=10 + CLASSES.index(cls))
-        with torch.no_grad():
-            x = torch.from_numpy(to_array([draw(s) for s in sc]))
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        y = round_trip(vae, torch.from_numpy(to_array([draw(s) for s in sc])))
         arr = ((y.numpy().transpose(0, 2, 3, 1) + 1) * 127.5).round().astype(np.uint8)
         ok = [is_class(Image.fromarray(a), s.context, cls) for a, s in zip(arr, sc)]
         assert np.mean(ok) >= 0.8, (cls, np.mean(ok))

@@ -50,7 +50,7 @@ def train_adapters(cfgs: dict, jobs: int) -> dict:
     one-thread runs finish sooner than the same runs one after the other on two threads (BENCHMARKS.md)."""
     if jobs <= 1:
         return {a: _train(cfg) for a, cfg in cfgs.items()}
-    order = sorted(cfgs, key=lambda a: LONGEST_FIRST.index(a) if a in LONGEST_FIRST else len(LONGEST_FIRST))
+    order = [a for a in LONGEST_FIRST if a in cfgs]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_one_thread) as pool:
         futures = {a: pool.submit(_train, cfgs[a]) for a in order}

@@ -13,11 +13,20 @@ from .scenes import CLASSES, COLOURS, CONTEXTS, prompt
 from .shapes import is_class
 
 
-def shape_rates(images: list, triples: list[tuple[str, str, str]]) -> dict:
-    """Per class, the share of samples whose object has that class's shape (a box a square, not a star)."""
-    ok = [is_class(im, ctx, cls) for im, (cls, _, ctx) in zip(images, triples)]
+def shape_verdicts(images: list, triples: list[tuple[str, str, str]]) -> list[bool]:
+    """Per sample of (class, colour, context): does its object have that class's shape (a box a square, not a star)?"""
+    return [is_class(im, ctx, cls) for im, (cls, _, ctx) in zip(images, triples)]
+
+
+def per_class_rates(ok: list[bool], triples: list[tuple[str, str, str]]) -> dict:
+    """{"shape_<class>": share of that class's samples that passed}, for the classes present."""
     return {f"shape_{c}": round(float(np.mean([o for o, tr in zip(ok, triples) if tr[0] == c])), 4)
             for c in CLASSES if any(tr[0] == c for tr in triples)}
+
+
+def shape_rates(images: list, triples: list[tuple[str, str, str]]) -> dict:
+    """Per class, the share of samples whose object has that class's shape."""
+    return per_class_rates(shape_verdicts(images, triples), triples)
 
 
 def quality_prompts(seed: int, n: int) -> list[tuple[str, str, str]]:
