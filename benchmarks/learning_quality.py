@@ -58,6 +58,8 @@ def main() -> int:
                    "the samples its run kept in IMAGES (--save-images), with the current judge; to --output or stdout")
     p.add_argument("--guidance-scale", type=float, default=None, help="the evaluation's guidance (default: the "
                    "world metrics' 5)")
+    p.add_argument("--guidance-cutoff", type=float, default=None, help="the share of the evaluation's sampling steps "
+                   "that are guided (default: the world metrics')")
     p.add_argument("--remeasure", nargs=2, metavar=("WORK_DIR", "JSONL"), help="measure the runs an earlier "
                    "invocation kept in WORK_DIR (it names it at its start; run K is row K of its JSONL) again, e.g. at "
                    "another --guidance-scale, without training; to stdout and --output")
@@ -109,7 +111,7 @@ def main() -> int:
     out = open(a.output, "a") if a.output else None
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
-                             initargs=(work, a.num_images, a.save_images, a.guidance_scale)) as pool:
+                             initargs=(work, a.num_images, a.save_images, a.guidance_scale, a.guidance_cutoff)) as pool:
         for row in pool.map(one_run, jobs):  # in grid order, whatever order they finish in
             line = json.dumps({**row, "jobs": a.jobs}, default=list)
             print(line, flush=True)
@@ -159,7 +161,7 @@ def remeasure(work: Path, rows_file: Path, a) -> int:
     out = open(a.output, "a") if a.output else None
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
-                             initargs=(work, a.num_images, a.save_images, a.guidance_scale)) as pool:
+                             initargs=(work, a.num_images, a.save_images, a.guidance_scale, a.guidance_cutoff)) as pool:
         for row in pool.map(measure_again, list(enumerate(rows))):
             line = json.dumps(row, default=list)
             print(line, flush=True)
@@ -171,10 +173,11 @@ def remeasure(work: Path, rows_file: Path, a) -> int:
 def measure_again(job: tuple) -> dict:
     k, row = job
     run = None if row["adapter"] == "base" else WORKER["work"] / f"run{k}"
-    return {**row, **measure(row["subject"], run, run_label(row)), "guidance_scale": WORKER["settings"].guidance_scale}
+    return {**row, **measure(row["subject"], run, run_label(row))}
 
 
-def init_worker(work: Path, num_images: int, save_images: str | None = None, guidance: float | None = None) -> None:
+def init_worker(work: Path, num_images: int, save_images: str | None = None, guidance: float | None = None,
+                cutoff: float | None = None) -> None:
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
@@ -188,8 +191,10 @@ def init_worker(work: Path, num_images: int, save_images: str | None = None, gui
     settings = WorldEvalSettings(num_images=num_images, in_context=True)
     if guidance is not None:
         settings.guidance_scale = guidance
+    if cutoff is not None:
+        settings.guidance_cutoff = cutoff
     WORKER.update(work=work, settings=settings, pipe=pipe, instruments=load_instruments(MODEL_DIR), save=save_images,
-                  sample_fn=pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale))
+                  sample_fn=pipeline_sampler(pipe.pipe, settings))
 
 
 def measure(subject: str, adapter_run: str | None = None, label: str = "base") -> dict:
@@ -219,7 +224,7 @@ def measure(subject: str, adapter_run: str | None = None, label: str = "base") -
         for prompt, ims in images.items():
             for i, im in enumerate(ims):
                 im.save(folder / f"{prompt.replace(' ', '_')}_{i}.png")
-    return metrics
+    return {**metrics, "guidance_scale": w["settings"].guidance_scale, "guidance_cutoff": w["settings"].guidance_cutoff}
 
 
 def one_run(job: tuple) -> dict:

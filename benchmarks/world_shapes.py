@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-scenes", type=int, default=100, help="drawn scenes per class for the VAE's ceiling")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-cutoff", type=float, default=1.0, help="the share of the steps that are guided")
+    p.add_argument("--seed", type=int, default=0, help="sample k of prompt i starts from seed SEED + 1000 i + k")
     p.add_argument("--grid", default=None, help="write the framed sample grid here (PNG), a row per (class, colour), contexts across")
     p.add_argument("--smoke", action="store_true", help="CI: one prompt per class, 2 steps, 3 VAE scenes")
     a = p.parse_args(argv)
@@ -90,10 +92,11 @@ def main(argv=None) -> int:
         triples, a.per_prompt, a.steps, a.vae_scenes = [t for t in triples if t[1] == "red"][::5], 1, 2, 3
     images, labels = [], []
     for i, tr in enumerate(triples):
-        images += sample(pipe, [prompt(*tr)], [1000 * i + k for k in range(a.per_prompt)], SIZE, a.steps,
-                         a.guidance_scale)[0]
+        images += sample(pipe, [prompt(*tr)], [a.seed + 1000 * i + k for k in range(a.per_prompt)], SIZE, a.steps,
+                         a.guidance_scale, a.guidance_cutoff)[0]
         labels += [tr] * a.per_prompt
-    row = {"model": str(model), "samples": len(images), "steps": a.steps, "guidance_scale": a.guidance_scale}
+    row = {"model": str(model), "samples": len(images), "steps": a.steps, "guidance_scale": a.guidance_scale,
+           "guidance_cutoff": a.guidance_cutoff, "seed": a.seed}
     ok = shape_verdicts(images, labels)  # once: for the rates and the grid's frames
     row.update(per_class_rates(ok, labels))
     verdict = judge(load_evaluator(model), images)

@@ -140,7 +140,8 @@ def cmd_generate(args) -> int:
     problems = [p for p in (range_problem(flag, flag, value, low, high) for flag, value, low, high in [
         ("--num-images", args.num_images, 1, 64), ("--num-inference-steps", args.num_inference_steps, 1, 1000),
         ("--seed", args.seed, 0, 2**32 - 1),
-        ("--guidance-scale", args.guidance_scale, 0.0, 100.0)]) if p]
+        ("--guidance-scale", args.guidance_scale, 0.0, 100.0), ("--guidance-cutoff", args.guidance_cutoff, 0.0, 1.0)])
+        if p]
     for flag, value in [("--height", args.height), ("--width", args.width)]:
         if value is not None and not (8 <= value <= MAX_RESOLUTION and value % 8 == 0):
             problems.append(f"{flag} must be a multiple of 8 from 8 to {MAX_RESOLUTION} (got {value})")
@@ -173,7 +174,7 @@ def cmd_generate(args) -> int:
     for stem, weights in runs:
         pipe.set_adapters(weights)
         images = pipe.generate(args.prompt, args.num_images, args.seed, args.num_inference_steps, args.guidance_scale,
-                               args.height, args.width, args.negative_prompt)
+                               args.height, args.width, args.negative_prompt, args.guidance_cutoff)
         save_images(images, out, stem)
         every += images
     image_grid(every, cols=args.num_images).save(out / "grid.png")

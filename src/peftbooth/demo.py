@@ -106,7 +106,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     instruments = load_instruments(MODEL_DIR)
     real = [load_image(p) for p in photos]
     settings = WorldEvalSettings(subject=subj.name)
-    sample_fn = pipeline_sampler(pipe.pipe, settings.steps, settings.guidance_scale)
+    sample_fn = pipeline_sampler(pipe.pipe, settings)
     results = {}
     for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
         pipe.set_adapters(weights)

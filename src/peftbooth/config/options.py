@@ -40,6 +40,8 @@ class GenerateOptions:
     seed: int = option(0, "random seed (the same for every adapter)")
     num_inference_steps: int = option(25, "denoising steps", aliases=("--steps",))
     guidance_scale: float = option(7.5, "classifier-free guidance scale")
+    guidance_cutoff: float = option(1.0, "the share of the denoising steps that are guided, from the first; the rest "
+                                    "are unguided and cost half (1.0: all)")
     height: Optional[int] = option(None, "image height in pixels (default: the model's)")
     width: Optional[int] = option(None, "image width in pixels (default: the model's)")
     include_base: bool = option(False, "also generate with the base model alone")

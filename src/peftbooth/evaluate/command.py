@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config.checks import range_problem
 from ..config.flags import add_option_flags, given_options, options_from_args
 from ..config.sections import UsageError
 from ..runs.rundir import EVAL_METRICS_FILE, RunDir
@@ -40,7 +41,7 @@ def base_model_of_run(run_dir: str, model: str | None) -> str | None:
 
 # EvalArgs field -> WorldEvalSettings field: the settings a world run takes from the command line
 WORLD_SETTINGS = {"num_images": "num_images", "seed": "seed", "num_inference_steps": "steps",
-                  "guidance_scale": "guidance_scale", "world_subject": "subject"}
+                  "guidance_scale": "guidance_scale", "guidance_cutoff": "guidance_cutoff", "world_subject": "subject"}
 
 
 def cmd_eval_world(args) -> int:
@@ -55,6 +56,9 @@ def cmd_eval_world(args) -> int:
     for flag, value in [("--num-images", settings.num_images), ("--num-inference-steps", settings.steps)]:
         if value < 1:
             raise UsageError(f"{flag} must be >= 1 (got {value})")
+    cutoff_problem = range_problem("--guidance-cutoff", "guidance_cutoff", settings.guidance_cutoff, 0.0, 1.0)
+    if cutoff_problem:
+        raise UsageError(cutoff_problem)
     out = Path(a.output_dir) if a.output_dir else run.eval_dir
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..config.checks import range_problem
 from ..config.sections import UsageError, option
 from ..runs.atomic import write_json, write_text
 from ..runs.rundir import EVAL_METRICS_FILE, RunDir, base_model_for
@@ -35,8 +36,8 @@ from .protocol import (
 @dataclass
 class EvalArgs:
     """The settings of one evaluation, and the `eval` subcommand's flags (one per field, see peftbooth.config.flags).
-    A run on the world model takes only num_images, seed, num_inference_steps, guidance_scale, baseline and
-    world_subject, and its own defaults for those left unset (world.metrics.WorldEvalSettings)."""
+    A run on the world model takes only num_images, seed, num_inference_steps, guidance_scale, guidance_cutoff,
+    baseline and world_subject, and its own defaults for those left unset (world.metrics.WorldEvalSettings)."""
 
     run_dir: str = option(None, "run folder written by 'peftbooth train'", positional=True, metavar="RUN_DIR")
     class_name: Optional[str] = option(None, "class noun of the subject, e.g. dog (required, except for a run on "
@@ -52,6 +53,8 @@ class EvalArgs:
     num_inference_steps: int = option(25, "denoising steps, DPM-Solver++ (default: 25; world: 20)",
                                       aliases=("--steps",))
     guidance_scale: float = option(7.5, "default: 7.5; world runs: 5.0")
+    guidance_cutoff: float = option(1.0, "the share of the denoising steps that are guided, from the first "
+                                    "(default: 1.0, all; world runs: the world's)")
     resolution: Optional[int] = option(None, "image size (default: the training resolution)")
     baseline: bool = option(True, "also evaluate the base model without the adapter, same seeds (--no-baseline "
                             "skips it)")
@@ -91,6 +94,9 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
     for flag, value in [("--num-images", a.num_images), ("--num-inference-steps", a.num_inference_steps)]:
         if value < 1:
             raise UsageError(f"{flag} must be >= 1 (got {value})")
+    cutoff_problem = range_problem("--guidance-cutoff", "guidance_cutoff", a.guidance_cutoff, 0.0, 1.0)
+    if cutoff_problem:
+        raise UsageError(cutoff_problem)
     if a.resolution is not None and (a.resolution <= 0 or a.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8 (got {a.resolution})")
     if a.max_prompts is not None and a.max_prompts < 1:
@@ -103,7 +109,8 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
 
 
 def generate_protocol_images(pipe, prompts: list[str], num_images: int, seed: int, steps: int,
-                             guidance_scale: float, resolution: int | None) -> list[list]:
+                             guidance_scale: float, resolution: int | None, guidance_cutoff: float = 1.0
+                             ) -> list[list]:
     """images[j][i]: prompts[j] from seed `seed + i`, through the sampler class images and validation use (one
     CPU generator per image: the same starting noise for adapter and base, on any device)."""
     import torch
@@ -111,8 +118,8 @@ def generate_protocol_images(pipe, prompts: list[str], num_images: int, seed: in
     from ..inference.sampling import image_seeds, sample_images
 
     with torch.inference_mode():
-        return [sample_images(pipe.pipe, p, image_seeds(seed, num_images), steps, guidance_scale, resolution)
-                for p in prompts]
+        return [sample_images(pipe.pipe, p, image_seeds(seed, num_images), steps, guidance_scale, resolution,
+                              guidance_cutoff=guidance_cutoff) for p in prompts]
 
 
 def contact_sheet(rows: list[list], thumb: int = 128):
@@ -156,7 +163,7 @@ def evaluate_run(args: EvalArgs) -> dict:
     for name, weights in variants:
         pipe.set_adapters(weights)
         rows = generate_protocol_images(pipe, prompts, a.num_images, a.seed, a.num_inference_steps, a.guidance_scale,
-                                        a.resolution)
+                                        a.resolution, a.guidance_cutoff)
         folder = out / "images" / name
         folder.mkdir(parents=True, exist_ok=True)
         for j, row in enumerate(rows):

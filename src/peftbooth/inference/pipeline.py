@@ -11,7 +11,7 @@ from ..adapters import factored
 from ..adapters.strength import set_strength
 from ..adapters.token_embedding import IdentifierRows
 from ..config.sections import UsageError
-from ..models.pipeline import call_kwargs, denoiser
+from ..models.pipeline import call_kwargs, denoiser, guidance_cutoff_kwargs
 from ..runs.rundir import RunDir, adapter_parts
 
 
@@ -158,7 +158,7 @@ class AdapterPipeline:
     @torch.inference_mode()
     def generate(self, prompt: str, num_images: int = 1, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-                 negative_prompt: str | None = None) -> list[Image.Image]:
+                 negative_prompt: str | None = None, guidance_cutoff: float = 1.0) -> list[Image.Image]:
         from ..models.vae import vae_calls
 
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -166,7 +166,7 @@ class AdapterPipeline:
             return self.pipe(
             prompt, num_images_per_prompt=num_images, generator=generator, num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
-                **call_kwargs(self.pipe),
+                **call_kwargs(self.pipe), **guidance_cutoff_kwargs(self.pipe, guidance_cutoff),
             ).images
 
 

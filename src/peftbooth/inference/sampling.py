@@ -14,7 +14,7 @@ import contextlib
 import torch
 from PIL import Image
 
-from ..models.pipeline import assemble, call_kwargs
+from ..models.pipeline import assemble, call_kwargs, guidance_cutoff_kwargs
 from ..models.vae import vae_calls
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,12 +109,14 @@ def image_seeds(seed: int, num_images: int) -> list[int]:
 
 
 def sample_images(pipe, prompt: str, seeds: list[int], steps: int, guidance_scale: float | None = None,
-                  size: int | None = None, generator_device: str | torch.device = "cpu") -> list[Image.Image]:
+                  size: int | None = None, generator_device: str | torch.device = "cpu",
+                  guidance_cutoff: float = 1.0) -> list[Image.Image]:
     """One image of `prompt` per seed, in one pipeline call: image i starts from the noise of seeds[i].
 
     guidance_scale: None: the pipeline's own default (7.5 for SD 1.x / 2.x, 5.0 for SDXL, 7.0 for SD3).
     size: height and width in pixels; None: the model's own (the UNet's sample size times the VAE's factor).
     generator_device: where each seed's generator draws; "cpu" gives the same starting noise on any device.
+    guidance_cutoff: the share of the steps that are guided (1.0: all; models/pipeline.guidance_cutoff_kwargs).
     Call inside `sampling_state`.
     """
     generators = [torch.Generator(generator_device).manual_seed(s) for s in seeds]
@@ -122,13 +124,14 @@ def sample_images(pipe, prompt: str, seeds: list[int], steps: int, guidance_scal
     if guidance_scale is not None:
         optional["guidance_scale"] = guidance_scale
     return pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, num_inference_steps=steps,
-                **optional, **call_kwargs(pipe)).images
+                **optional, **call_kwargs(pipe), **guidance_cutoff_kwargs(pipe, guidance_cutoff)).images
 
 
-def sample(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance_scale: float
-           ) -> list[list[Image.Image]]:
+def sample(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance_scale: float,
+           guidance_cutoff: float = 1.0) -> list[list[Image.Image]]:
     """images[j][i]: prompt j from seed i, `resolution` px square, CPU generators."""
-    return [sample_images(pipe, prompt, seeds, steps, guidance_scale, resolution) for prompt in prompts]
+    return [sample_images(pipe, prompt, seeds, steps, guidance_scale, resolution, guidance_cutoff=guidance_cutoff)
+            for prompt in prompts]
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:

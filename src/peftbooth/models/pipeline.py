@@ -38,6 +38,35 @@ def assemble(components: Components, scheduler):
     return pipe
 
 
+# the tensors a guided step carries as [unconditional; conditional] halves, per family's pipeline
+GUIDED_INPUTS = {"sd": ("prompt_embeds",), "sdxl": ("prompt_embeds", "add_text_embeds", "add_time_ids"),
+                 "sd3": ("prompt_embeds", "pooled_prompt_embeds")}
+
+
+def guidance_cutoff_kwargs(pipe, guidance_cutoff: float) -> dict:
+    """The keyword arguments of a pipeline call that stop classifier-free guidance after the first
+    `guidance_cutoff` share of the denoising steps (1.0: guided to the end). Guidance at low noise, late in
+    sampling, only exaggerates what is already drawn (the world model's boxes: corners pushed out into stars);
+    past the cutoff a step is one conditional prediction, half the work of a guided one.
+
+    diffusers' own CFG-cutoff callbacks keep row [-1:] of the prompt embeddings, one image's, and so fail for more
+    than one image per call; this keeps the conditional half of the batch."""
+    if not 0.0 <= guidance_cutoff <= 1.0:
+        raise ValueError(f"guidance_cutoff must be in [0, 1], got {guidance_cutoff}")
+    if guidance_cutoff == 1.0:
+        return {}
+    family = "sd3" if hasattr(pipe, "transformer") else "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
+    names = list(GUIDED_INPUTS[family])
+
+    def stop_guidance(pipeline, step_index: int, timestep, tensors: dict) -> dict:
+        if pipeline.do_classifier_free_guidance and step_index == int(pipeline.num_timesteps * guidance_cutoff):
+            tensors = {k: tensors[k].chunk(2)[1] for k in names}  # (2B, ...) -> the conditional (B, ...)
+            pipeline._guidance_scale = 0.0  # the pipeline's next call sets its own again
+        return tensors
+
+    return {"callback_on_step_end": stop_guidance, "callback_on_step_end_tensor_inputs": names}
+
+
 def denoiser(pipe):
     """The pipeline's UNet, or SD3's transformer."""
     return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet

@@ -37,6 +37,7 @@ class WorldEvalSettings:
     seed: int = 0
     steps: int = 20  # DPM-Solver++
     guidance_scale: float = 5.0
+    guidance_cutoff: float = 1.0  # guided for this share of the steps (models/pipeline.guidance_cutoff_kwargs)
     identifier: str = IDENTIFIER
     subject: str = BALL  # a family subject's name (subjects.py)
     in_context: bool = False  # also in-context fidelity: num_images per photo context
@@ -99,12 +100,13 @@ def load_instruments(model_dir: str | Path) -> tuple:
     return load_evaluator(model_dir), load_judge(model_dir)
 
 
-def pipeline_sampler(pipe, steps: int, guidance_scale: float):
-    """sample_fn over a StableDiffusionPipeline: one image per seed (CPU generators), at the world's size."""
+def pipeline_sampler(pipe, s: WorldEvalSettings):
+    """sample_fn over a StableDiffusionPipeline: one image per seed (CPU generators), at the world's size, with
+    the steps and guidance of `s`."""
     from ..inference.sampling import sample
 
     def sample_fn(prompt: str, seeds: list[int]) -> list:
-        return sample(pipe, [prompt], seeds, SIZE, steps, guidance_scale)[0]
+        return sample(pipe, [prompt], seeds, SIZE, s.steps, s.guidance_scale, s.guidance_cutoff)[0]
     return sample_fn
 
 
@@ -119,7 +121,7 @@ def evaluate_adapter(model_dir: str | Path, run_dirs: dict[str, str | Path], rea
     pipe = AdapterPipeline(str(model_dir), device="cpu")
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     instruments = load_instruments(model_dir)
-    sample_fn = pipeline_sampler(pipe.pipe, s.steps, s.guidance_scale)
+    sample_fn = pipeline_sampler(pipe.pipe, s)
     results, images = {}, {}
     if baseline:
         pipe.set_adapters({})
