@@ -259,6 +259,8 @@ def one_run(job: tuple) -> dict:
 def recipe_changes(items: list[str]) -> dict:
     """["data.prior_loss_weight=1"] -> {"data.prior_loss_weight": 1.0}, each value cast to the field's type;
     ValueError naming the item for a field TrainConfig does not have or a value it cannot take."""
+    import typing
+
     from peftbooth.config.sections import TrainConfig
 
     cfg, out = TrainConfig(), {}
@@ -268,16 +270,19 @@ def recipe_changes(items: list[str]) -> dict:
         if not sep or not hasattr(getattr(cfg, section, None), name):
             raise ValueError(f"{item}: expected SECTION.FIELD=VALUE with a field of the train config, "
                              "e.g. data.prior_loss_weight=1")
-        current = getattr(getattr(cfg, section), name)
-        if current is None:  # an optional field: 'none' leaves it unset (data.class_data_dir=none)
-            out[key] = None if value.lower() == "none" else value
-        elif isinstance(current, bool):
+        kind = typing.get_type_hints(type(getattr(cfg, section)))[name]
+        optional = type(None) in typing.get_args(kind)
+        if optional:  # Optional[X]: 'none' leaves it unset (data.class_data_dir=none), else an X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if optional and value.lower() == "none":
+            out[key] = None
+        elif kind is bool:
             out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, (int, float)):
+        elif kind in (int, float):
             try:
-                out[key] = type(current)(value)
+                out[key] = kind(value)
             except ValueError:
-                raise ValueError(f"{item}: {value!r} is not a {type(current).__name__}") from None
+                raise ValueError(f"{item}: {value!r} is not a {kind.__name__}") from None
         else:
             out[key] = value
     return out

@@ -7,7 +7,10 @@ and the evaluator's class head, on samples of every class in every colour and co
 Prints one JSON row: per class, the share the rule recognises (`shape_*`), the share the evaluator calls that class
 (`evaluator_*`), and the same rule on VAE round trips of drawn scenes (`vae_shape_*`), the most any model on this
 VAE can reach; over all samples, the share with the prompt's colour and context (`colour_match`,
-`background_match`: a lower --guidance-scale draws better shapes and follows the prompt less). In the grid each sample has a green frame where the rule recognises its class, red where not.
+`background_match`). Sampling is the world's (world.metrics.WorldEvalSettings): guidance 5 for the first 0.4 of
+the steps; `--guidance-cutoff 1` guides every step and draws boxes as stars, and a lower --guidance-scale draws
+better shapes and follows the prompt less. In the grid each sample has a green frame where the rule recognises its
+class, red where not.
 """
 
 from __future__ import annotations
@@ -63,8 +66,12 @@ def main(argv=None) -> int:
     p.add_argument("--per-prompt", type=int, default=2, help="samples per (class, colour, context): 75 prompts")
     p.add_argument("--vae-scenes", type=int, default=100, help="drawn scenes per class for the VAE's ceiling")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--guidance-cutoff", type=float, default=1.0, help="the share of the steps that are guided")
+    from peftbooth.world.metrics import WorldEvalSettings
+
+    world = WorldEvalSettings()
+    p.add_argument("--guidance-scale", type=float, default=world.guidance_scale, help="default: the world's")
+    p.add_argument("--guidance-cutoff", type=float, default=world.guidance_cutoff,
+                   help="the share of the steps that are guided (default: the world's; 1: all)")
     p.add_argument("--seed", type=int, default=0, help="sample k of prompt i starts from seed SEED + 1000 i + k")
     p.add_argument("--grid", default=None, help="write the framed sample grid here (PNG), a row per (class, colour), contexts across")
     p.add_argument("--smoke", action="store_true", help="CI: one prompt per class, 2 steps, 3 VAE scenes")

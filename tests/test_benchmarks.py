@@ -112,10 +112,23 @@ def test_learning_quality_one_short_run(tmp_path):
 
 def test_learning_quality_refuses_a_bad_recipe_change():
     for item, message in [("data.no_such=1", "expected SECTION.FIELD=VALUE with a field of the train config"),
-                          ("data.prior_loss_weight=high", "'high' is not a float")]:
+                          ("data.prior_loss_weight=high", "'high' is not a float"),
+                          ("unet_adapter.rank=8.5", "'8.5' is not a int")]:  # Optional[int]: still an int
         bad = subprocess.run([sys.executable, str(BENCH / "learning_quality.py"), "--set", item], cwd=ROOT,
                              capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert bad.returncode == 2 and f"error: --set {item}: {message}" in bad.stderr
+
+
+def test_learning_quality_casts_a_recipe_change_to_the_field_type():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from learning_quality import recipe_changes
+    finally:
+        sys.path.remove(str(BENCH))
+    assert recipe_changes(["unet_adapter.rank=16", "unet_adapter.dropout=0.2", "data.class_data_dir=none",
+                           "train.train_text_encoder=false", "train.train_token_embedding=sks"]) == {
+        "unet_adapter.rank": 16, "unet_adapter.dropout": 0.2, "data.class_data_dir": None,
+        "train.train_text_encoder": False, "train.train_token_embedding": "sks"}
 
 
 def test_world_shapes_smoke(tmp_path):
