@@ -240,3 +240,28 @@ def test_class_prompt_dropout_trains_through_the_text_cache(tiny_model, photos, 
                                  **{"data.class_prompt_dropout": p})) for p in (0.0, 1.0)}
     a, b = (load_file(runs[p] / "unet" / "adapter_model.safetensors") for p in (0.0, 1.0))
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_class_images_take_their_captions_through_the_text_cache(tiny_model, photos, tmp_path):
+    """A class image with NAME.txt beside it is trained on that caption (regularisation images with captions);
+    the others on --class-prompt. With a frozen text encoder every caption is in the text cache."""
+    from safetensors.torch import load_file
+
+    from peftbooth.training.loop import train
+    from peftbooth.training.prior import generate_class_images
+
+    folders = {}
+    for name in ("plain", "captioned"):
+        folders[name] = tmp_path / name
+        paths = generate_class_images(tiny_model, "a photo of a dog", folders[name], 2, 2, 2, 0, show_progress=False)
+    (folders["captioned"] / paths[1].name).with_suffix(".txt").write_text("a photo of a dog on a beach\n")
+    class_paths = list_images(folders["captioned"], "c")
+    ds = DreamBoothDataset([load_image(p) for p in list_images(photos, "p")], ["a photo of sks dog"] * 3, 32,
+                           class_paths=class_paths, class_prompt="a photo of a dog",
+                           class_prompts=load_captions(class_paths, "a photo of a dog"))
+    assert [ds[i]["class_prompt"] for i in range(2)] == ["a photo of a dog", "a photo of a dog on a beach"]
+    runs = {name: train(tiny_config(tiny_model, photos, tmp_path / f"run-{name}", **{
+        "data.with_prior_preservation": True, "data.class_prompt": "a photo of a dog", "data.num_class_images": 2,
+        "data.class_data_dir": str(folder), "train.max_train_steps": 3})) for name, folder in folders.items()}
+    a, b = (load_file(runs[n] / "unet" / "adapter_model.safetensors") for n in folders)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

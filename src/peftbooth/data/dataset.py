@@ -25,6 +25,7 @@ class DreamBoothDataset(Dataset):
     in a worker process or not, and after a resume, and a padding repeat is not a copy of its first use.
     Instance images are few (3-10) and held in memory; class images are read from disk when needed.
     `instance_masks` (--masked-loss): one 'L' mask per instance image, cropped and flipped with it.
+    `class_prompts`: one prompt per class image (captions beside class images, as beside the photos).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class DreamBoothDataset(Dataset):
         seed: int = 0,
         class_prompt_dropout: float = 0.0,
         instance_masks: list[Image.Image] | None = None,
+        class_prompts: list[str] | None = None,
     ):
         self.instance_images, self.instance_prompts = instance_images, instance_prompts
         self.class_paths, self.class_prompt = class_paths or [], class_prompt
@@ -47,6 +49,8 @@ class DreamBoothDataset(Dataset):
         self.load_pixels, self.seed, self.epoch = load_pixels, seed, 0
         self.class_prompt_dropout = class_prompt_dropout
         self.instance_masks = instance_masks
+        # class image j's own prompt (its NAME.txt caption), else class_prompt
+        self.class_prompts = class_prompts or [class_prompt] * len(self.class_paths)
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_paths))
@@ -100,7 +104,7 @@ class DreamBoothDataset(Dataset):
                 item["instance_mask"] = mask
         if self.class_paths:
             key = ("class", i % len(self.class_paths), flips[1])
-            item.update(class_key=key, class_prompt=self.class_prompt, class_seed=mix_seed(*parts, 1))
+            item.update(class_key=key, class_prompt=self.class_prompts[key[1]], class_seed=mix_seed(*parts, 1))
             # --class-prompt-dropout: this row teaches the empty prompt instead, from a seed of its own, so the
             # draws above (and every run without dropout) are unchanged
             if self.class_prompt_dropout and mix_seed(*parts, 2) / 2**63 < self.class_prompt_dropout:

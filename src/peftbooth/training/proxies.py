@@ -156,7 +156,7 @@ def compute_proxies(inputs: ProxyInputs, num_timesteps: int = 10, max_class_imag
     all start as a zero update. Class drift needs a class prompt and class images (the run's class-image folder);
     for a run without prior preservation give it --class-prompt and --class-data-dir to measure it too.
     """
-    from ..data.images import load_image
+    from ..data.images import load_captions, load_image
     from ..inference.sampling import eval_mode, on_device, untouched_rng
     from ..models.vae import vae_calls
 
@@ -176,7 +176,7 @@ def compute_proxies(inputs: ProxyInputs, num_timesteps: int = 10, max_class_imag
             acc.autocast(), vae_calls(c.vae):
         groups = {"instance": (instance_images, instance_prompts)}
         if class_paths:
-            groups["class"] = ([load_image(p) for p in class_paths], [d.class_prompt] * len(class_paths))
+            groups["class"] = ([load_image(p) for p in class_paths], load_captions(class_paths, d.class_prompt))
         runs = {}
         for name, (images, prompts) in groups.items():
             latents, time_ids = _latents(c.vae, images, d.resolution, device, inputs.weight_dtype)

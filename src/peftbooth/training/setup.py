@@ -24,7 +24,7 @@ from ..config.checks import block_list, family_problems
 from ..config.dicts import to_dict
 from ..config.sections import TrainConfig, UsageError
 from ..data.dataset import DreamBoothDataset, EpochSampler, collate
-from ..data.images import list_images
+from ..data.images import list_images, load_captions
 from ..models.components import Components
 from ..models.defaults import announce
 from ..models.loading import family_of, load_components, read_model_index, resolve_model
@@ -262,16 +262,17 @@ def dataset_and_caches(cfg: TrainConfig, accelerator, components: Components, te
     cache_latents = t.cache_latents and d.center_crop
     if t.cache_latents and not d.center_crop:
         accelerator.print("note: latents are not cached: random crops (--no-center-crop) give new pixels every step")
+    class_prompts = load_captions(class_paths, d.class_prompt) if class_paths else []  # NAME.txt, else --class-prompt
     dataset = DreamBoothDataset(images, prompts, d.resolution, d.center_crop, d.random_flip, class_paths,
                                 d.class_prompt, load_pixels=not cache_latents, seed=t.seed,
                                 class_prompt_dropout=d.class_prompt_dropout if class_paths else 0.0,
-                                instance_masks=masks)
+                                instance_masks=masks, class_prompts=class_prompts)
     latent_cache = text_cache = None
     if cache_latents:
         latent_cache = LatentCache.build(dataset, components.vae, device, weight_dtype, d.sample_batch_size)
         offload(components.vae, device)
     if t.cache_text_states and not t.train_text_encoder:
-        all_prompts = prompts + ([d.class_prompt] if class_paths else []) + ([""] if d.class_prompt_dropout else [])
+        all_prompts = prompts + list(dict.fromkeys(class_prompts)) + ([""] if d.class_prompt_dropout else [])
         text_cache = TextCache.build(all_prompts, components.tokenizers, text_encoders, device, components.t5)
         for encoder in (*text_encoders, *frozen_t5(components)):
             offload(encoder, device)
