@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .world.scenes import SIZE, prompt
+from .world.scenes import prompt
 from .world.subjects import Subject
 
 DEMO_SUBJECT = "box-band-brown-mint"
@@ -68,7 +68,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
 
     from .data.images import load_image
     from .inference.pipeline import AdapterPipeline
-    from .inference.sampling import grid, sample
+    from .inference.sampling import grid
     from .training.prior import generate_class_images
     from .world import MODEL_DIR, WORLD_NAME
     from .world.metrics import WorldEvalSettings, format_world_table, load_instruments, pipeline_sampler, world_metrics
@@ -92,10 +92,12 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     pipe.pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.pipe.scheduler.config)
     for adapter, path in runs.items():
         pipe.load_adapter(path, adapter)
+    settings = WorldEvalSettings(subject=subj.name)  # the world's sampling, for the sheet and the metrics
+    sample_fn = pipeline_sampler(pipe.pipe, settings)
     rows, labels = [], []
     for label, weights, text in demo_rows(subj, runs):
         pipe.set_adapters(weights)
-        rows += sample(pipe.pipe, [text], list(range(num_images)), SIZE, 20, 5.0)
+        rows.append(sample_fn(text, list(range(num_images))))
         labels.append(f"{label}: {text}")
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
@@ -105,8 +107,6 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
 
     instruments = load_instruments(MODEL_DIR)
     real = [load_image(p) for p in photos]
-    settings = WorldEvalSettings(subject=subj.name)
-    sample_fn = pipeline_sampler(pipe.pipe, settings)
     results = {}
     for name, weights in [("base", {})] + [(a, {a: 1.0}) for a in runs]:
         pipe.set_adapters(weights)
