@@ -70,3 +70,17 @@ def test_generate_and_eval_refuse_a_cutoff_outside_zero_to_one(tiny_model, tmp_p
     assert main(["generate", "--model", tiny_model, "--prompt", "p", "--output-dir", str(out), "--num-images", "1",
                  "--steps", "2", "--height", "32", "--width", "32", "--guidance-cutoff", "0.5"]) == 0
     assert (out / "base_00.png").is_file()
+
+
+def test_generate_on_the_world_samples_as_the_world_does(tmp_path, capsys):
+    """--model world without --guidance-scale / --guidance-cutoff: the world's 5 and 0.4 (world.metrics)."""
+    def png(*flags) -> bytes:
+        out = tmp_path / "-".join(flags or ("default",))
+        assert main(["generate", "--model", "world", "--prompt", "a photo of a red box on the grass", "--output-dir",
+                     str(out), "--num-images", "1", "--steps", "6", *flags]) == 0
+        return (out / "base_00.png").read_bytes()
+
+    default = png()
+    assert "world model: guidance 5 for the first 40% of the steps" in capsys.readouterr().out
+    assert default == png("--guidance-scale", "5", "--guidance-cutoff", "0.4")
+    assert default != png("--guidance-cutoff", "1")

@@ -14,9 +14,10 @@ import yaml
 
 from .config.checks import MAX_RESOLUTION, RANGES, range_problem
 from .config.dicts import SECTIONS, from_dict, to_dict
-from .config.flags import add_option_flags, add_section_flags, options_from_args
+from .config.flags import add_option_flags, add_section_flags, given_options, options_from_args
 from .config.options import DemoOptions, GenerateOptions, PushOptions, TinyModelOptions
 from .config.sections import MODEL_REQUIRED, TrainConfig, UsageError
+from .world import is_world_model
 
 
 class Parser(argparse.ArgumentParser):
@@ -125,6 +126,7 @@ def cmd_generate(args) -> int:
     from .inference.pipeline import AdapterPipeline, image_grid, save_images
     from .runs.rundir import RunDir, base_model_for, recorded_setting
 
+    given = given_options(GenerateOptions, args)
     args = options_from_args(GenerateOptions, args)
     adapters = parse_pairs(args.adapter, "--adapter", number=False)
     mix = parse_pairs(args.mix, "--mix", number=True)
@@ -164,6 +166,13 @@ def cmd_generate(args) -> int:
 
     run_dirs = [path for _, path in adapters]
     model = base_model_for(args.model, run_dirs)
+    if is_world_model(model):  # the world samples as its metrics do, where the flags are not given
+        from .world.metrics import WorldEvalSettings
+
+        world = WorldEvalSettings()
+        args.guidance_scale = args.guidance_scale if "guidance_scale" in given else world.guidance_scale
+        args.guidance_cutoff = args.guidance_cutoff if "guidance_cutoff" in given else world.guidance_cutoff
+        print(f"world model: guidance {args.guidance_scale:g} for the first {args.guidance_cutoff:.0%} of the steps")
     t5 = recorded_setting(run_dirs, "model", "t5", args.t5, True, "--t5 / --no-t5")
     length = recorded_setting(run_dirs, "model", "max_sequence_length", args.max_sequence_length, 77,
                               "--max-sequence-length")
