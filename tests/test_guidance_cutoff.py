@@ -61,7 +61,15 @@ def test_cutoff_changes_the_image_and_one_is_all_steps(tiny_model):
         guidance_cutoff_kwargs(pipe, 1.5)
 
 
-def test_generate_and_eval_refuse_a_cutoff_outside_zero_to_one(tiny_model, tmp_path, capsys):
+def test_generate_and_eval_refuse_a_cutoff_outside_zero_to_one(tiny_model, photos, tmp_path, capsys):
+    from conftest import tiny_config
+
+    from peftbooth.training.loop import train
+
+    run = train(tiny_config(tiny_model, photos, tmp_path / "run", **{"train.max_train_steps": 1}))
+    assert main(["eval", str(run), "--class-name", "dog", "--guidance-cutoff", "-0.5"]) == 2
+    assert "--guidance-cutoff must be >= 0 (got -0.5)" in capsys.readouterr().err
+    assert not (run / "eval").exists()
     out = tmp_path / "g"
     assert main(["generate", "--model", tiny_model, "--prompt", "p", "--output-dir", str(out),
                  "--guidance-cutoff", "1.5"]) == 2

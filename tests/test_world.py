@@ -231,6 +231,8 @@ def test_eval_cli_on_a_world_run(with_prior, capsys):
     from peftbooth.cli import main
 
     run = Path(with_prior["run"])
+    assert main(["eval", str(run), "--guidance-cutoff", "1.5"]) == 2  # refused before any sampling
+    assert "--guidance-cutoff must be <= 1 (got 1.5)" in capsys.readouterr().err
     assert main(["eval", str(run), "--num-images", "2", "--no-baseline"]) == 0
     printed = capsys.readouterr().out
     assert "base model: world" in printed and "subject_fidelity" in printed

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config.checks import range_problem
 from ..config.flags import add_option_flags, given_options, options_from_args
 from ..config.sections import UsageError
 from ..runs.rundir import EVAL_METRICS_FILE, RunDir
 from ..world import is_world_model
-from .runner import EvalArgs, evaluate_run, format_table
+from .runner import EvalArgs, check_guidance_cutoff, evaluate_run, format_table
 
 
 def cmd_eval(args) -> int:
@@ -56,9 +55,7 @@ def cmd_eval_world(args) -> int:
     for flag, value in [("--num-images", settings.num_images), ("--num-inference-steps", settings.steps)]:
         if value < 1:
             raise UsageError(f"{flag} must be >= 1 (got {value})")
-    cutoff_problem = range_problem("--guidance-cutoff", "guidance_cutoff", settings.guidance_cutoff, 0.0, 1.0)
-    if cutoff_problem:
-        raise UsageError(cutoff_problem)
+    check_guidance_cutoff(settings.guidance_cutoff)
     out = Path(a.output_dir) if a.output_dir else run.eval_dir
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out}: is a file")

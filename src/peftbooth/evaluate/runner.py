@@ -94,9 +94,7 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
     for flag, value in [("--num-images", a.num_images), ("--num-inference-steps", a.num_inference_steps)]:
         if value < 1:
             raise UsageError(f"{flag} must be >= 1 (got {value})")
-    cutoff_problem = range_problem("--guidance-cutoff", "guidance_cutoff", a.guidance_cutoff, 0.0, 1.0)
-    if cutoff_problem:
-        raise UsageError(cutoff_problem)
+    check_guidance_cutoff(a.guidance_cutoff)
     if a.resolution is not None and (a.resolution <= 0 or a.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8 (got {a.resolution})")
     if a.max_prompts is not None and a.max_prompts < 1:
@@ -106,6 +104,13 @@ def resolve_eval_args(a: EvalArgs) -> tuple[EvalArgs, list]:
     if not paths:
         raise UsageError(f"--instance-data-dir {a.instance_data_dir}: no images (jpg, jpeg, png, webp) found")
     return a, [load_image(p) for p in paths]
+
+
+def check_guidance_cutoff(value: float) -> None:
+    """--guidance-cutoff must be a share of the steps: UsageError naming the flag otherwise."""
+    problem = range_problem("--guidance-cutoff", "guidance_cutoff", value, 0.0, 1.0)
+    if problem:
+        raise UsageError(problem)
 
 
 def generate_protocol_images(pipe, prompts: list[str], num_images: int, seed: int, steps: int,
