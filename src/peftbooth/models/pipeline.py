@@ -45,7 +45,8 @@ GUIDED_INPUTS = {"sd": ("prompt_embeds",), "sdxl": ("prompt_embeds", "add_text_e
 
 def guidance_cutoff_kwargs(pipe, guidance_cutoff: float) -> dict:
     """The keyword arguments of a pipeline call that stop classifier-free guidance after the first
-    `guidance_cutoff` share of the denoising steps (1.0: guided to the end). Guidance at low noise, late in
+    `guidance_cutoff` share of the denoising steps (1.0: guided to the end): of n steps, steps 0 to
+    int(n * guidance_cutoff) are guided, as in diffusers' own cutoff callbacks. Guidance at low noise, late in
     sampling, only exaggerates what is already drawn (the world model's boxes: corners pushed out into stars);
     past the cutoff a step is one conditional prediction, half the work of a guided one.
 
