@@ -5,6 +5,8 @@ is under test is what the UI does around them (test_ui_browser.py runs the real 
 import io
 import zipfile
 
+from PIL import Image
+
 from test_ui import call, png_bytes, serve  # noqa: F401 - serve is a fixture
 from test_ui_journey import FakePipe, bar, fake_run, finish, trainer  # noqa: F401 - trainer is a fixture
 
@@ -75,6 +77,37 @@ def test_sample_history_keeps_each_image_and_its_settings(serve, monkeypatch):  
                                                                (1.0, 1)]  # newest first
     assert all(s["prompt"] == "sks dog" and s["seed"] == 7 and s["mix_run"] is None for s in history)
     assert len({s["src"] for s in history}) == 6 and all(call(base + s["src"])[0] == 200 for s in history)
+
+
+class RecordingPipe(FakePipe):
+    """Stands in for AdapterPipeline and keeps the sampling settings each generate call was given."""
+
+    def generate(self, prompt, num_images=1, seed=0, **kw):
+        self.calls = getattr(self, "calls", []) + [(kw["guidance_scale"], kw["guidance_cutoff"])]
+        return [Image.new("RGB", (32, 32)) for _ in range(num_images)]
+
+
+def test_try_it_samples_a_world_run_as_the_world_metrics_do(serve, monkeypatch):  # noqa: F811
+    # an empty guidance field means the model's own: on the world, guidance 5 for the first 40 % of the steps
+    # (guided to the end its boxes are stars); on any other model 7.5 on every step; given values are kept
+    pipe = RecordingPipe()
+    monkeypatch.setattr(tryit.Studio, "pipeline",
+                        lambda self, run: (pipe, (tryit.load_config(run)["model"]["model"], None, None, None)))
+    base, runs = serve()
+    for name in ("world", "tiny"):
+        run = fake_run(runs, name)
+        finish(run)
+        (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("model: tiny", f"model: {name}"))
+    url = f"{base}/api/runs/world/generate"
+    for body in ({}, {"guidance_scale": "", "guidance_cutoff": ""}, {"guidance_scale": 9, "guidance_cutoff": 0.5}):
+        assert call(url, "POST", {"prompt": "a photo of a sks box", **body})[0] == 200
+    assert call(f"{base}/api/runs/tiny/generate", "POST", {"prompt": "sks dog"})[0] == 200
+    assert pipe.calls == [(5.0, 0.4), (5.0, 0.4), (9.0, 0.5), (7.5, 1.0)]
+    history = call(f"{base}/api/runs/world/samples")[1]["samples"]
+    assert [(s["guidance_scale"], s["guidance_cutoff"]) for s in history] == [(9.0, 0.5), (5.0, 0.4), (5.0, 0.4)]
+    status, r, _ = call(url, "POST", {"prompt": "sks dog", "guidance_cutoff": 1.5})
+    assert status == 400 and r["error"] == "guidance cutoff must be between 0.0 and 1.0 (got 1.5)"
+    assert len(pipe.calls) == 4
 
 
 def test_fuse_asks_before_replacing_and_offers_a_download(serve, monkeypatch):  # noqa: F811

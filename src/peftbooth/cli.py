@@ -124,6 +124,7 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 def cmd_generate(args) -> int:
     from .inference.pipeline import AdapterPipeline, image_grid, save_images
+    from .inference.sampling import sampling_defaults
     from .runs.rundir import RunDir, base_model_for, recorded_setting
 
     given = given_options(GenerateOptions, args)
@@ -167,11 +168,9 @@ def cmd_generate(args) -> int:
     run_dirs = [path for _, path in adapters]
     model = base_model_for(args.model, run_dirs)
     if is_world_model(model):  # the world samples as its metrics do, where the flags are not given
-        from .world.metrics import WorldEvalSettings
-
-        world = WorldEvalSettings()
-        args.guidance_scale = args.guidance_scale if "guidance_scale" in given else world.guidance_scale
-        args.guidance_cutoff = args.guidance_cutoff if "guidance_cutoff" in given else world.guidance_cutoff
+        scale, cutoff = sampling_defaults(model)
+        args.guidance_scale = args.guidance_scale if "guidance_scale" in given else scale
+        args.guidance_cutoff = args.guidance_cutoff if "guidance_cutoff" in given else cutoff
         print(f"world model: guidance {args.guidance_scale:g} for the first {args.guidance_cutoff:.0%} of the steps")
     t5 = recorded_setting(run_dirs, "model", "t5", args.t5, True, "--t5 / --no-t5")
     length = recorded_setting(run_dirs, "model", "max_sequence_length", args.max_sequence_length, 77,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..config.sections import UsageError
+from ..inference.sampling import sampling_defaults
 from ..runs.atomic import atomic_file, read_json, write_json
 from ..runs.rundir import RunDir
 from .files import UI_DIR
@@ -20,7 +21,9 @@ from .runs import load_config
 
 SAMPLES = "samples"
 EXPORTS = "exports"
-LIMITS = {"num_images": (1, 8), "steps": (1, 150), "seed": (0, 2**31 - 1)}
+LIMITS = {"num_images": (1, 8), "steps": (1, 150), "seed": (0, 2**31 - 1), "guidance_scale": (0.0, 100.0),
+          "guidance_cutoff": (0.0, 1.0)}
+
 
 
 def number(body: dict, key: str, default, typ, flag: str):
@@ -76,7 +79,6 @@ class Studio:
             raise UsageError("prompt: give a prompt, e.g. the instance prompt")
         seed = number(body, "seed", 0, int, "seed")
         steps = number(body, "steps", 25, int, "steps")
-        guidance = number(body, "guidance_scale", 7.5, float, "guidance")
         num_images = number(body, "num_images", 1, int, "number of images")
         strength = number(body, "strength", 1.0, float, "strength")
         weights = {run.name: strength}
@@ -90,6 +92,9 @@ class Studio:
             weights[other.name] = number(body, "mix_weight", 0.5, float, "mix weight")
         with self.lock:
             pipe, base = self.pipeline(finished(run))
+            default_scale, default_cutoff = sampling_defaults(base[0])
+            guidance = number(body, "guidance_scale", default_scale, float, "guidance")
+            cutoff = number(body, "guidance_cutoff", default_cutoff, float, "guidance cutoff")
             for r in [run] + ([other] if other else []):
                 rmodel = load_config(r).get("model") or {}
                 if (rmodel.get("model") or "tiny") != base[0]:
@@ -99,10 +104,11 @@ class Studio:
                     self.loaded.add(r.name)
             pipe.set_adapters(weights)
             images = pipe.generate(prompt, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance,
-                                   negative_prompt=str(body.get("negative_prompt") or "") or None)
+                                   negative_prompt=str(body.get("negative_prompt") or "") or None,
+                                   guidance_cutoff=cutoff)
         return save_samples(run, images, {
             "prompt": prompt, "negative_prompt": str(body.get("negative_prompt") or ""), "seed": seed,
-            "steps": steps, "guidance_scale": guidance, "strength": strength,
+            "steps": steps, "guidance_scale": guidance, "guidance_cutoff": cutoff, "strength": strength,
             "mix_run": other.name if other else None, "mix_weight": weights.get(other.name) if other else None})
 
 

@@ -174,7 +174,7 @@ function initRun() {
     status.textContent = "generating…"; $("#generate").disabled = true;
     try {
       const body = { prompt: $("#try-prompt").value, seed: $("#try-seed").value, steps: $("#try-steps").value,
-        guidance_scale: $("#try-guidance").value, num_images: $("#try-num").value, strength: $("#try-strength").value,
+        guidance_scale: $("#try-guidance").value, guidance_cutoff: $("#try-cutoff").value, num_images: $("#try-num").value, strength: $("#try-strength").value,
         mix_run: $("#try-mix-run").value, mix_weight: $("#try-mix-weight").value };
       const r = await api("POST", `/api/runs/${current}/generate`, body);
       $("#samples").prepend(...r.samples.map(sampleCard));
