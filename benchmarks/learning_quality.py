@@ -97,7 +97,7 @@ def main() -> int:
         names, adapters, a.seeds, a.jobs = names[:1], adapters[:1], 1, 1
     work = Path(tempfile.mkdtemp(prefix="peftbooth-lq-"))
     print(f"runs kept in {work} (for --remeasure)", file=sys.stderr)
-    num_class_images = prepare(work, names, 2 if a.smoke else None)
+    num_class_images = prepare(work, names, 2 if a.smoke else None, class_prompt_from_captions(changes))
     if a.ablations:
         grid = [(names[0], ad, prior, te, 0) for ad, prior, te in itertools.product(adapters, (True, False),
                                                                                    (True, False))]
@@ -122,29 +122,42 @@ def main() -> int:
     return 0
 
 
-def prepare(work: Path, names: list[str], num_class_images: int | None) -> int:
-    """Each subject's photos (work/photos/NAME) and each class's class images (work/class/CLASS), made once here
-    so that no two runs race to make them."""
+def prepare(work: Path, names: list[str], num_class_images: int | None, from_captions: bool) -> int:
+    """Each subject's photos (work/photos/NAME) and the class images (work/class/CLASS, or work/class/NAME for
+    class images drawn from each subject's captions), made once here so that no two runs race to make them."""
     import torch
 
+    from peftbooth.data.images import class_image_prompt
     from peftbooth.models.loading import load_components
     from peftbooth.models.vae import vae_force_upcast
     from peftbooth.precision import for_training
     from peftbooth.training.prior import class_images_from_components
     from peftbooth.world import WORLD_NAME
-    from peftbooth.world.recipe import RECIPE
-    from peftbooth.world.scenes import prompt
+    from peftbooth.world.recipe import RECIPE, world_config
     from peftbooth.world.subjects import by_name, write_photos
 
     world = load_components(WORLD_NAME)
     cpu_fp32 = for_training("no", torch.device("cpu"), world.family, vae_force_upcast(world.vae))  # as a run here
     n = num_class_images or RECIPE["num_class_images"]
-    for cls in dict.fromkeys(by_name(name).cls for name in names):
-        class_images_from_components(world, prompt(cls), work / "class" / cls, n, 4, RECIPE["class_image_steps"],
-                                     0, cpu_fp32, show_progress=False)
+    prompts = {}  # class folder -> what its images are drawn from, as the runs themselves would draw them
     for name in names:
-        write_photos(by_name(name), work / "photos" / name)
+        s = by_name(name)
+        write_photos(s, work / "photos" / name)
+        cfg = world_config(work / "photos" / name, work / "unused", subject=s)
+        cfg.data.class_prompt_from_captions = from_captions
+        prompts[name if from_captions else s.cls] = class_image_prompt(cfg.data)
+    for folder, class_prompt in prompts.items():
+        class_images_from_components(world, class_prompt, work / "class" / folder, n, 4, RECIPE["class_image_steps"],
+                                     0, cpu_fp32, show_progress=False)
     return n
+
+
+def class_prompt_from_captions(changes: dict) -> bool:
+    """Whether the runs draw their class images from their photos' captions: the recipe's setting, or --set's."""
+    from peftbooth.world.recipe import recipe_defaults
+
+    key = "data.class_prompt_from_captions"
+    return bool(changes.get(key, recipe_defaults().get(key, False)))
 
 
 WORKER: dict = {}  # per process: the base pipeline, its sampler, the evaluator and judge, the work folder
@@ -241,7 +254,8 @@ def one_run(job: tuple) -> dict:
         return {**row, "steps": 0, "train_seconds": 0.0, **measure(subject)}
     s = by_name(subject)
     cfg = world_config(w["work"] / "photos" / subject, w["work"] / f"run{k}", adapter, prior=prior, text_encoder=te,
-                       steps=steps, seed=seed, class_data_dir=w["work"] / "class" / s.cls, subject=s)
+                       steps=steps, seed=seed, subject=s,
+                       class_data_dir=w["work"] / "class" / (subject if class_prompt_from_captions(changes) else s.cls))
     if prior:
         cfg.data.num_class_images = num_class_images
     for key, value in changes.items():

@@ -74,6 +74,7 @@ def one_run(job: tuple) -> dict:
     """(k, subject, prior mode, seed, steps, smoke) -> the run's metrics and seconds."""
     import torch
 
+    from peftbooth.data.images import class_image_prompt
     from peftbooth.models.loading import load_components
     from peftbooth.models.vae import vae_force_upcast
     from peftbooth.precision import for_training
@@ -81,7 +82,6 @@ def one_run(job: tuple) -> dict:
     from peftbooth.training.prior import class_images_from_components
     from peftbooth.world import WORLD_NAME
     from peftbooth.world.recipe import RECIPE, world_config
-    from peftbooth.world.scenes import prompt
     from peftbooth.world.subjects import by_name
 
     k, subject, mode, seed, steps, smoke = job
@@ -96,7 +96,7 @@ def one_run(job: tuple) -> dict:
         cfg.data.num_class_images = 2 if smoke else RECIPE["num_class_images"]
         world = load_components(WORLD_NAME)
         t0 = time.perf_counter()
-        class_images_from_components(world, prompt(by_name(subject).cls), class_dir, cfg.data.num_class_images, 4,
+        class_images_from_components(world, class_image_prompt(cfg.data), class_dir, cfg.data.num_class_images, 4,
                                      RECIPE["class_image_steps"], seed,
                                      for_training("no", torch.device("cpu"), world.family,
                                                   vae_force_upcast(world.vae)), show_progress=False)

@@ -151,6 +151,13 @@ BAD_INPUTS = {
         None, ["--with-prior-preservation"], ["--with-prior-preservation needs --class-prompt"]),
     "class-prompt-dropout-without-prior": (
         None, ["--class-prompt-dropout", "0.5"], ["--class-prompt-dropout needs --with-prior-preservation"]),
+    "class-prompt-from-captions-without-prior": (
+        None, ["--class-prompt-from-captions"],
+        ["--class-prompt-from-captions needs --with-prior-preservation with --prior-mode class-images"]),
+    "class-prompt-from-captions-no-identifier": (
+        None, ["--with-prior-preservation", "--class-prompt", "a photo of sks dog", "--class-prompt-from-captions"],
+        [("--class-prompt-from-captions: --instance-prompt 'a photo of sks dog' has no word that --class-prompt "
+          "'a photo of sks dog' lacks (the identifier to take out of the captions)")]),
     "class-prompt-dropout-above-1": (
         None, ["--with-prior-preservation", "--class-prompt", "a photo of a dog", "--class-prompt-dropout", "1.5"],
         ["--class-prompt-dropout must be"]),

@@ -66,7 +66,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
     from diffusers import DPMSolverMultistepScheduler
 
-    from .data.images import load_image
+    from .data.images import class_image_prompt, load_image
     from .inference.pipeline import AdapterPipeline
     from .inference.sampling import grid
     from .training.prior import generate_class_images
@@ -82,7 +82,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     cfgs = {a: world_config(out / "photos", out / f"run-{a}", a, prior=True, text_encoder=True, steps=steps,
                             class_data_dir=out / "class_images", subject=subj) for a in ADAPTERS}
     d = cfgs["lora"].data  # class images: made once here, before the runs that share them start
-    generate_class_images(WORLD_NAME, d.class_prompt, d.class_data_dir, d.num_class_images, d.sample_batch_size,
+    generate_class_images(WORLD_NAME, class_image_prompt(d), d.class_data_dir, d.num_class_images, d.sample_batch_size,
                           d.class_image_steps, cfgs["lora"].train.seed, device="cpu", show_progress=False)
     print(f"[demo] training {', '.join(ADAPTERS)} for {steps} steps each on --model world, {jobs} at a time "
           "(prior preservation, text-encoder adapter)")

@@ -135,6 +135,14 @@ def validate(cfg: "TrainConfig") -> None:
     if d.prior_mode == "base-prediction" and d.class_data_dir:
         problems.append("--class-data-dir: --prior-mode base-prediction uses no class images (the photos under "
                         "--class-prompt, with the base model's prediction as the target); drop one of them")
+    if d.class_prompt_from_captions and (not d.with_prior_preservation or d.prior_mode != "class-images"):
+        problems.append("--class-prompt-from-captions needs --with-prior-preservation with --prior-mode "
+                        "class-images (it chooses what the class images show)")
+    elif d.class_prompt_from_captions and d.instance_prompt and d.class_prompt:
+        from ..data.images import IDENTIFIER_MISSING, identifier_words
+
+        if not identifier_words(d.instance_prompt, d.class_prompt):
+            problems.append(IDENTIFIER_MISSING.format(d.instance_prompt, d.class_prompt))
     if d.class_prompt_dropout and not d.with_prior_preservation:
         problems.append("--class-prompt-dropout needs --with-prior-preservation "
                         "(it drops the class images' prompt)")

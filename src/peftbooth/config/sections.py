@@ -121,6 +121,10 @@ class DataArgs:
     class_prompt: Optional[str] = _f(None, "prompt of the class, e.g. 'a photo of a dog'")
     class_data_dir: Optional[str] = _f(None, "folder of class images (missing ones are generated); default OUTPUT/class_images")
     num_class_images: int = _f(100, "number of class images for prior preservation")
+    class_prompt_from_captions: bool = _f(False, "draw the class images from the photos' captions (NAME.txt) with "
+                                          "the identifier taken out, each captioned so, instead of from "
+                                          "--class-prompt alone: they differ from the photos only in the identifier "
+                                          "(docs/training.md)")
     prior_loss_weight: float = _f(1.0, "weight of the class-prior loss")
     prior_mode: str = _f("class-images", "with --with-prior-preservation: class-images: class rows are images the "
                          "base model drew for --class-prompt (the paper's way); base-prediction: class rows are the "

@@ -133,3 +133,41 @@ def load_captions(images: list[Path], default_prompt: str) -> list[str]:
             raise UsageError(f"{caption}: caption is not readable UTF-8 text ({type(e).__name__}); fix or remove it") from e
         prompts.append(text or default_prompt)
     return prompts
+
+
+IDENTIFIER_MISSING = ("--class-prompt-from-captions: --instance-prompt {!r} has no word that --class-prompt {!r} "
+                      "lacks (the identifier to take out of the captions)")
+
+
+def identifier_words(instance_prompt: str, class_prompt: str) -> set[str]:
+    """The words of the instance prompt that the class prompt lacks: the identifier ('sks')."""
+    return set(instance_prompt.split()) - set(class_prompt.split())
+
+
+def prompts_from_captions(captions: list[str], instance_prompt: str, class_prompt: str) -> list[str]:
+    """The prompts class images are drawn from with --class-prompt-from-captions: each photo's caption with the
+    instance prompt in it replaced by the class prompt, then any word of the identifier left taken out; distinct,
+    in the photos' order. The identifier is the words of the instance prompt the class prompt lacks ('a photo of
+    sks dog' / 'a photo of a dog': 'sks'), so 'a photo of sks dog on a beach' gives 'a photo of a dog on a beach'
+    and 'sks dog asleep' gives 'dog asleep'. Class images drawn so differ from the photos only in the
+    identifier, where the class prompt's alone are drawn in every context the model knows: then the photos'
+    contexts are a cue for the subject as good as the identifier, and the subject stays out of other contexts
+    (docs/world.md, the ninth sweep)."""
+    identifier = identifier_words(instance_prompt, class_prompt)
+    if not identifier:
+        raise UsageError(IDENTIFIER_MISSING.format(instance_prompt, class_prompt))
+    prompts = [" ".join(w for w in caption.replace(instance_prompt, class_prompt).split() if w not in identifier)
+               for caption in captions]
+    return list(dict.fromkeys(p for p in prompts if p)) or [class_prompt]
+
+
+def class_image_prompt(data, captions: list[str] | None = None) -> str | list[str]:
+    """What a run's class images are drawn from (`data`: its DataArgs): --class-prompt, or with
+    --class-prompt-from-captions the prompts of prompts_from_captions. `captions`: the photos' prompts, read from
+    --instance-data-dir where not given. Training, the demo and the benchmarks that make class images ahead of a
+    run all ask here, so they draw what the run itself would."""
+    if not data.class_prompt_from_captions:
+        return data.class_prompt
+    if captions is None:
+        captions = load_captions(list_images(data.instance_data_dir, "--instance-data-dir"), data.instance_prompt)
+    return prompts_from_captions(captions, data.instance_prompt, data.class_prompt)

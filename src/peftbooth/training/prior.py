@@ -38,15 +38,19 @@ def valid_class_images(folder: Path) -> tuple[list[Path], list[Path]]:
 NAME = re.compile(r"^class-(\d+)-[0-9a-f]+\.png$")
 
 
-def write_image_atomic(folder: Path, image, index: int) -> Path:
+def write_image_atomic(folder: Path, image, index: int, caption: str | None = None) -> Path:
     """Save a PIL image as PNG named by its index and content hash: temp file, fsync, rename.
 
-    Never leaves a partial PNG under a name that is counted; the index says which seed made it.
+    Never leaves a partial PNG under a name that is counted; the index says which seed made it. A `caption` is
+    written beside it as NAME.txt first, so an image that is counted always has its caption.
     """
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     data = buf.getvalue()
     final = folder / f"class-{index:05d}-{hashlib.sha256(data).hexdigest()[:16]}.png"
+    if caption is not None:
+        with atomic_file(final.with_suffix(".txt"), durable=True) as tmp:
+            tmp.write_text(caption + "\n", encoding="utf-8")
     with atomic_file(final, durable=True) as tmp:  # a resumed run counts these files: flushed before the rename
         tmp.write_bytes(data)
     return final
@@ -54,7 +58,7 @@ def write_image_atomic(folder: Path, image, index: int) -> Path:
 
 def generate_class_images(
     model: str,
-    class_prompt: str,
+    class_prompt: str | list[str],
     class_data_dir: str | Path,
     num_class_images: int,
     sample_batch_size: int = 4,
@@ -105,7 +109,7 @@ def generate_class_images(
 
 
 def class_images_from_components(
-    components, class_prompt: str, class_data_dir: str | Path, num_class_images: int, sample_batch_size: int,
+    components, class_prompt: str | list[str], class_data_dir: str | Path, num_class_images: int, sample_batch_size: int,
     num_inference_steps: int, seed: int, precision, show_progress: bool = True, process_index: int = 0,
     num_processes: int = 1, barrier=None,
 ) -> list[Path]:
@@ -130,11 +134,15 @@ def class_images_from_components(
 
 
 def fill_class_images(
-    pipeline, class_prompt: str, class_data_dir: str | Path, num_class_images: int, sample_batch_size: int,
-    num_inference_steps: int, seed: int, generator_device: torch.device, show_progress: bool = True,
+    pipeline, class_prompt: str | list[str], class_data_dir: str | Path, num_class_images: int,
+    sample_batch_size: int, num_inference_steps: int, seed: int, generator_device: torch.device,
+    show_progress: bool = True,
     process_index: int = 0, num_processes: int = 1, barrier=None,
 ) -> list[Path]:
     """Make `class_data_dir` hold `num_class_images` readable images; return the paths (sorted, at most N).
+
+    `class_prompt`: one prompt, or a list (prompts_from_captions): image k is drawn from prompt k modulo its
+    length and captioned with it in NAME.txt beside it, which training reads as the image's prompt.
 
     `pipeline()` is a context manager giving a text-to-image pipeline, entered only when images are missing.
     Images already there count (so an interrupted run resumes); corrupt ones are named in a warning and not
@@ -162,14 +170,17 @@ def fill_class_images(
         todo = todo[process_index::num_processes]  # this process's share: no image is made twice
         missing = len(todo)
         bar = tqdm(total=missing, desc="class images", disable=not show_progress)
+        prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
         with pipeline() as pipe:
-            for first in range(0, missing, sample_batch_size):
-                indices = todo[first : first + sample_batch_size]
-                images = sample_images(pipe, class_prompt, [seed + k for k in indices], num_inference_steps,
-                                       generator_device=generator_device)
-                for k, image in zip(indices, images):
-                    write_image_atomic(folder, image, k)
-                bar.update(len(indices))
+            for j, prompt in enumerate(prompts):  # one prompt per sampler call: batches of this prompt's images
+                mine = [k for k in todo if k % len(prompts) == j]
+                for first in range(0, len(mine), sample_batch_size):
+                    indices = mine[first : first + sample_batch_size]
+                    images = sample_images(pipe, prompt, [seed + k for k in indices], num_inference_steps,
+                                           generator_device=generator_device)
+                    for k, image in zip(indices, images):
+                        write_image_atomic(folder, image, k, None if isinstance(class_prompt, str) else prompt)
+                    bar.update(len(indices))
         bar.close()
     if barrier is not None:
         barrier()  # every process waits until all shares are on disk

@@ -157,7 +157,7 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
         # model's own prediction (training.objective's prior_target), so there is nothing to generate
         class_paths = list_images(d.instance_data_dir, "--instance-data-dir")
     elif d.with_prior_preservation:
-        class_paths = class_images(cfg, accelerator, components, precision)
+        class_paths = class_images(cfg, accelerator, components, precision, prompts)
     set_seed(t.seed)  # training randomness must not depend on whether class images had to be generated
     unet, text_encoders = attach_adapters(cfg, components)
     # Adapter weights in fp32 beside the frozen ones: the optimizer sees exact fp32 parameters and gradients while
@@ -212,16 +212,21 @@ def build_run(cfg: TrainConfig, accelerator, components: Components, images: lis
     return run
 
 
-def class_images(cfg: TrainConfig, accelerator, components: Components, precision: Precision) -> list[Path]:
+def class_images(cfg: TrainConfig, accelerator, components: Components, precision: Precision,
+                 captions: list[str]) -> list[Path]:
     """The run's class images (--class-data-dir, else OUTPUT/class_images), the missing ones made first by the
     components in memory, in their compute dtype: called before the adapters are attached, so they are the base
-    model's images."""
+    model's images. `captions`: the photos' prompts (for --class-prompt-from-captions)."""
+    from ..data.images import class_image_prompt
     from .prior import class_images_from_components
 
     d, out = cfg.data, Path(cfg.train.output_dir)
     class_dir = RunDir(out).class_images_of(d.class_data_dir)
+    class_prompt = class_image_prompt(d, captions)
+    if d.class_prompt_from_captions:
+        accelerator.print(f"class images from the photos' captions: {' | '.join(class_prompt)}")
     return class_images_from_components(
-        components, d.class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
+        components, class_prompt, class_dir, d.num_class_images, d.sample_batch_size, d.class_image_steps,
         cfg.train.seed, precision, show_progress=accelerator.is_local_main_process,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
