@@ -6,12 +6,14 @@ the world's evaluator; their thresholds were measured over several seeds (BENCHM
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPTokenizer
 
 from peftbooth.world import MODEL_DIR, configs
 from peftbooth.world.recipe import RECIPE
@@ -87,6 +89,33 @@ def test_scenes_captions_and_subject_photos(tmp_path):
     assert np.abs(top - SUBJECT_COLOURS[0]).max() < 50 and np.abs(bottom - SUBJECT_COLOURS[1]).max() < 50
     bg = px[0, 0] if abs(s.cx) > 4 else px[0, -1]
     assert np.abs(bg - BACKGROUNDS["at night"][0]).max() < 20
+
+
+def test_pretraining_scenes_hold_patterned_objects_in_world_colours():
+    """The build's data: p_patterned of the objects in a pattern of world colours, captioned in the world's own
+    words within the tokenizer's length; p_patterned 0 draws exactly the first build's scenes."""
+    from peftbooth.world.scene_dataset import caption_variants, draw_scenes
+    from peftbooth.world.scenes import COLOURS
+    from peftbooth.world.tokenizer import MAX_LENGTH
+
+    images, texts = draw_scenes(7, 300, 0.5)
+    firsts = texts[::4]  # each scene's caption with its colours and its context
+    colour_words = [[w for w in t.split() if w in COLOURS] for t in firsts]
+    patterned = [i for i, words in enumerate(colour_words) if len(words) > 1]
+    assert 0.4 < len(patterned) / 300 < 0.6
+    assert all(len(set(colour_words[i])) == len(colour_words[i]) for i in patterned)  # distinct colours
+    words = set(vocabulary())
+    assert all(set(t.split()) <= words for t in texts)
+    tokenizer = CLIPTokenizer.from_pretrained(str(MODEL_DIR / "tokenizer"))
+    assert max(len(ids) for ids in tokenizer(texts).input_ids) <= MAX_LENGTH
+    # a patterned object holds more than one colour; a plain one is one colour (and its shading)
+    spread = [np.ptp(np.asarray(images[i], float).reshape(-1, 3), axis=0).sum() for i in patterned[:20]]
+    assert min(spread) > 0
+    rng = random.Random(7 + 1)
+    plain_images, plain_texts = draw_scenes(7, 20, 0.0)
+    scenes = [random_scene(rng) for _ in range(20)]
+    assert [np.asarray(im).tobytes() for im in plain_images] == [np.asarray(draw(s)).tobytes() for s in scenes]
+    assert plain_texts == [c for s in scenes for c in caption_variants(s)]
 
 
 def test_shipped_world_model_was_made_by_this_build_script():
@@ -172,7 +201,7 @@ def train_and_measure(setup: dict, name: str, prior: bool, baseline: bool = Fals
         real = [load_image(p) for p in write_photos(subject, photos)]
         settings = replace(settings, subject=subject.name, in_context=True)
     cfg = world_config(photos, root / name, "lora", prior=prior, text_encoder=True, steps=TEST_STEPS,
-                       class_data_dir=root / f"class_images_{subject.cls if subject else 'ball'}", subject=subject)
+                       class_data_dir=root / f"class_images_{subject.name if subject else 'ball'}", subject=subject)
     run = train(cfg)
     res = evaluate_adapter(MODEL_DIR, {name: run}, real, settings, baseline=baseline)
     return {"run": run, **res["results"]}
@@ -267,6 +296,19 @@ def test_build_script_is_deterministic(tmp_path):
     c = load_components(str(tmp_path / "m0"))
     assert c.unet.config.sample_size == configs.LATENT_SIZE and c.latent_scale == record["vae_scaling_factor"]
     assert (tmp_path / "g0.png").is_file()
+    # --only unet: the UNet and text encoder made again on the folder's VAE; the VAE, evaluator and judge kept
+    for k in (0, 1):
+        shutil.copytree(tmp_path / "m0", tmp_path / f"u{k}")
+        assert main(["--only", "unet", "--out", str(tmp_path / f"u{k}"), "--work-dir", str(tmp_path / f"v{k}"),
+                     "--grid", "", "--p-patterned", "0.5", *small]) == 0
+    for f in files:
+        a, b = (tmp_path / "u0" / f).read_bytes(), (tmp_path / "u1" / f).read_bytes()
+        kept = f.split("/")[0] not in ("unet", "text_encoder")
+        assert a == b and (a == (tmp_path / "m0" / f).read_bytes()) == kept, f
+    redone = json.loads((tmp_path / "u0" / "build.json").read_text())
+    assert redone["unet"]["settings"]["p_patterned"] == 0.5 and set(redone["unet"]["seconds"]) == {
+        "dataset", "unet", "quality"}
+    assert redone["vae_mse"] == record["vae_mse"] and redone["quality"]["prompts"] == 3
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

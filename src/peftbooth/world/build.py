@@ -41,7 +41,8 @@ from .training import StageClock, log
 
 DEFAULTS = dict(vae_steps=800, vae_batch=32, vae_pool=6000, scenes=40000, unet_steps=3000, unet_batch=128, unet_lr=1e-3,
                 evaluator_steps=1200, evaluator_batch=128, evaluator_pool=8000, quality_prompts=150, quality_steps=25,
-                quality_guidance=5.0, p_empty=0.1, judge_steps=1500, judge_batch=128, judge_pool=16000)
+                quality_guidance=5.0, p_empty=0.1, judge_steps=1500, judge_batch=128, judge_pool=16000,
+                p_patterned=0.4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=".world-build", help="stage results, for a build that was stopped")
     p.add_argument("--seed", type=int, default=configs.BUILD_SEED)
     p.add_argument("--grid", default="docs/world-samples.png", help="where the sample grid goes")
-    p.add_argument("--only", choices=("evaluator", "judge"), help="run this stage alone (evaluator: beside a build "
-                   "that is running, it needs the finished VAE in --work-dir; judge: on the VAE in --out, into --out)")
+    p.add_argument("--only", choices=("evaluator", "judge", "unet"),
+                   help="run this stage alone (evaluator: beside a build that is running, it needs the finished VAE "
+                   "in --work-dir; judge: on the VAE in --out, into --out; unet: the data set, UNet and text "
+                   "encoder and the quality stage again on the VAE in --out, into --out)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: deterministic, and the fastest on a "
+                   "shared 2-core machine while another stage runs beside)")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     a = p.parse_args(argv)
-    torch.set_num_threads(1)  # deterministic, and the fastest setting on a shared 2-core machine
+    torch.set_num_threads(a.threads)
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     import sys
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.only == "judge":
         return judge_only(a, record, stage)
+    if a.only == "unet":
+        return unet_only(a, record, stage)
     tok_dir = work / "tokenizer"
     tokenizer = write_tokenizer(tok_dir, vocabulary())
     from diffusers import AutoencoderKL
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if not made:
         data = {k: v.numpy() for k, v in load_tensors(data_file).items()}
     else:
-        data = build_dataset(vae, tokenizer, a.seed, a.scenes)
+        data = build_dataset(vae, tokenizer, a.seed, a.scenes, a.p_patterned)
         save_tensors(data_file, data)
     stage("dataset", made)
 
@@ -152,25 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     judge = judge_stage(a, vae, record, stage)
 
-    from diffusers import DDPMScheduler
-
-    from ..inference.sampling import in_memory_pipeline
-    from ..models.components import Components
-
     pipe = assemble_pipeline(tokenizer, text_encoder, unet, vae)
-    comps = Components(tokenizer, DDPMScheduler(**configs.scheduler_config()), vae, unet, text_encoder, "world")
-    quality, images, triples = world_quality(in_memory_pipeline(comps), net, a.seed, a.quality_prompts,
-                                             a.quality_steps, a.quality_guidance)
-    record["quality"] = quality
-    log(f"world model quality {quality}")
-    if a.grid:
-        from ..inference.sampling import grid
-
-        rows = [r for r in (images[i * 15:(i + 1) * 15] for i in range(5)) if r]
-        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-        g = grid(rows)
-        g.resize((g.width * 3, g.height * 3), 0).save(a.grid)
-        record["grid_prompts"] = [prompt(*t) for t in triples[:75]]
+    quality_stage(a, record, pipe, net)
     stage("quality")
 
     out = Path(a.out)
@@ -184,6 +174,62 @@ def main(argv: list[str] | None = None) -> int:
                          "scheduler": configs.scheduler_config(), "vocabulary": vocabulary()}
     write_text(out / "build.json", json.dumps(record, indent=1, default=list) + "\n")
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    return 0
+
+
+def quality_stage(a, record: dict, pipe, net) -> None:
+    """Samples for many prompts judged by the evaluator (record["quality"]), and the grid for docs/."""
+    from diffusers import DDPMScheduler
+
+    from ..inference.sampling import in_memory_pipeline
+    from ..models.components import Components
+
+    comps = Components(pipe.tokenizer, DDPMScheduler(**configs.scheduler_config()), pipe.vae, pipe.unet,
+                       pipe.text_encoder, "world")
+    quality, images, triples = world_quality(in_memory_pipeline(comps), net, a.seed, a.quality_prompts,
+                                             a.quality_steps, a.quality_guidance)
+    record["quality"] = quality
+    log(f"world model quality {quality}")
+    if a.grid:
+        from ..inference.sampling import grid
+
+        rows = [r for r in (images[i * 15:(i + 1) * 15] for i in range(5)) if r]
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        g = grid(rows)
+        g.resize((g.width * 3, g.height * 3), 0).save(a.grid)
+        record["grid_prompts"] = [prompt(*t) for t in triples[:75]]
+
+
+def unet_only(a, record: dict, stage) -> int:
+    """--only unet: the data set, the UNet and text encoder, and the quality stage of an existing world model, on
+    its VAE in --out (the evaluator and judge, trained on that VAE, stay as they are); the new UNet and text encoder
+    written into --out, and build.json's record of them under "unet" (its "quality" and grid replaced)."""
+    from diffusers import AutoencoderKL
+
+    out, work = Path(a.out), Path(a.work_dir)
+    tok_dir = work / "tokenizer"
+    tokenizer = write_tokenizer(tok_dir, vocabulary())
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).float().eval().requires_grad_(False)
+    data = build_dataset(vae, tokenizer, a.seed, a.scenes, a.p_patterned)
+    stage("dataset")
+    text_encoder, unet = train_unet(data, vae, a.seed, a.unet_steps, a.unet_batch, a.unet_lr, a.p_empty)
+    stage("unet")
+    pipe = assemble_pipeline(tokenizer, text_encoder, unet, vae)
+    quality_stage(a, record, pipe, load_evaluator(out))
+    stage("quality")
+    built = json.loads((out / "build.json").read_text())
+    keys = ("scenes", "unet_steps", "unet_batch", "unet_lr", "p_empty", "p_patterned", "quality_prompts",
+            "quality_steps", "quality_guidance")
+    built["unet"] = {"command": record["command"], "seed": a.seed, "threads": a.threads,
+                     "settings": {k: record["settings"][k] for k in keys}, "seconds": record["seconds"]}
+    built["quality"] = record["quality"]
+    built["grid_prompts"] = record.get("grid_prompts", built.get("grid_prompts"))
+    with atomic_dir(out / "unet") as tmp:
+        unet.half().save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_dir(out / "text_encoder") as tmp:
+        text_encoder.save_pretrained(str(tmp), safe_serialization=True)
+    write_text(out / "build.json", json.dumps(built, indent=1, default=list) + "\n")
+    log(f"wrote the UNet and text encoder into {out}")
     return 0
 
 
