@@ -85,6 +85,15 @@ def test_world_masks_and_prior_settings_follow_the_photos_and_the_switch(capsys,
                           "--class-prompt", "a photo of a ball")
     assert (cfg["data"]["masked_loss"], cfg["data"]["unmasked_weight"]) == (True, 0.1)
     assert (cfg["data"]["num_class_images"], cfg["data"]["prior_loss_weight"]) == (50, 0.25)
+    assert cfg["data"]["class_prompt_from_captions"] is True  # class images from the photos' captions
+    # without class images to draw (the base model's prediction as the prior), nothing says what they show
+    base, _ = train_config(capsys, "--model", "world", "--instance-data-dir", photos, "--instance-prompt",
+                           "a photo of a sks ball", "--output-dir", tmp_path / "o", "--with-prior-preservation",
+                           "--class-prompt", "a photo of a ball", "--prior-mode", "base-prediction")
+    assert base["data"]["class_prompt_from_captions"] is False and base["data"]["prior_loss_weight"] == 0.25
+    alone, _ = train_config(capsys, "--model", "world", "--instance-data-dir", photos, "--instance-prompt",
+                            "a photo of a sks ball", "--output-dir", tmp_path / "o")
+    assert alone["data"]["class_prompt_from_captions"] is False
 
 
 def test_sd_families_get_their_resolution_and_the_community_settings(capsys, tmp_path):

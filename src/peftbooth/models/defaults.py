@@ -149,15 +149,17 @@ def model_info(model: str | None, revision: str | None = None) -> ModelInfo | No
     return None
 
 
-def family_defaults(info: ModelInfo, adapter: str | None, prior: bool, has_masks: bool) -> dict[str, object]:
-    """{"section.field": value} for a family; `adapter` is the adapter type given (None: LoRA)."""
+def family_defaults(info: ModelInfo, adapter: str | None, prior: bool, has_masks: bool,
+                    class_images: bool = True) -> dict[str, object]:
+    """{"section.field": value} for a family; `adapter` is the adapter type given (None: LoRA); `class_images`:
+    the prior's mode is class-images."""
     values: dict[str, object] = {}
     if info.resolution:
         values["data.resolution"] = info.resolution
     if info.family == "world":
         from ..world.recipe import recipe_defaults
 
-        values.update(recipe_defaults(adapter or "lora", prior=prior, masks=has_masks))
+        values.update(recipe_defaults(adapter or "lora", prior=prior, masks=has_masks, class_images=class_images))
     elif info.family in ("sd1", "sd2", "sd2-v", "sdxl"):
         values.update(COMMUNITY)
     elif info.family in SD3_FAMILIES:
@@ -181,7 +183,7 @@ def defaults_for(cfg) -> tuple[ModelInfo | None, dict[str, object]]:
     if info is None:
         return None, {}
     return info, family_defaults(info, cfg.unet_adapter.adapter, cfg.data.with_prior_preservation,
-                                 photos_have_masks(cfg.data.instance_data_dir))
+                                 photos_have_masks(cfg.data.instance_data_dir), cfg.data.prior_mode == "class-images")
 
 
 def apply_model_defaults(cfg, given) -> tuple[ModelInfo | None, list[str]]:

@@ -20,15 +20,20 @@ RANKS = {"lora": 8, "loha": 4, "lokr": 8}
 # they lifted subject fidelity in the held-out contexts from 0.55 to 0.84 on average (docs/world.md, sixth sweep).
 # The saved adapter is the moving average of its weights (ema_decay): one step's weights flicker with the last
 # photos drawn (docs/world.md, seventh sweep).
+# Class images drawn from the photos' captions without the identifier (--class-prompt-from-captions): class rows
+# that differ from the photos only in the identifier carried the subjects into held-out contexts (docs/world.md,
+# ninth sweep).
 RECIPE = dict(rank=RANKS, target_modules="all", learning_rate=LEARNING_RATES, max_train_steps=500, num_class_images=50,
-              class_image_steps=20, prior_loss_weight=0.25, masked_loss=True, unmasked_weight=0.1,
-              noise_offset=0.3, ema_decay=0.99)
+              class_image_steps=20, prior_loss_weight=0.25, class_prompt_from_captions=True, masked_loss=True,
+              unmasked_weight=0.1, noise_offset=0.3, ema_decay=0.99)
 
 
-def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = True) -> dict[str, object]:
+def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = True,
+                    class_images: bool = True) -> dict[str, object]:
     """The recipe as {"section.field": value}: what `--model world` takes for every setting the user does not give
-    (peftbooth.models.defaults), and what world_config builds on. The prior settings only with prior preservation,
-    the masked loss only when every photo has its mask (write_subject_photos writes them)."""
+    (peftbooth.models.defaults), and what world_config builds on. The prior settings only with prior preservation
+    (what the class images show only in its class-images mode), the masked loss only when every photo has its mask
+    (write_subject_photos writes them)."""
     adapter = adapter if adapter in LEARNING_RATES else "lora"  # a bad type is refused later, naming --adapter
     values: dict[str, object] = {
         "data.resolution": SIZE, "unet_adapter.rank": RANKS[adapter],  # the text-encoder adapter inherits it
@@ -38,6 +43,8 @@ def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = Tru
     }
     if prior:
         values.update({f"data.{k}": RECIPE[k] for k in ("num_class_images", "class_image_steps", "prior_loss_weight")})
+        if class_images:  # what the class images show: only where there are class images to draw
+            values["data.class_prompt_from_captions"] = RECIPE["class_prompt_from_captions"]
     if masks:
         values.update({"data.masked_loss": RECIPE["masked_loss"], "data.unmasked_weight": RECIPE["unmasked_weight"]})
     return values
