@@ -24,8 +24,8 @@ from peftbooth.world.scenes import write_subject_photos
 
 PROMPTS = ["a photo of a sks ball at night", "a photo of a sks ball on the road"]
 # Share of the last step's samples (2 prompts x 2 seeds) the evaluator calls the subject. CLI runs with the same
-# settings, seeds 0-2 (chosen on): 1.00 each; seeds 3-4 (kept apart): 0.75, 1.00 (docs/ui.md). 0.5 leaves a
-# sample of margin below the worst. This test is seed 0.
+# settings, seeds 0-2 (chosen on): 1.00 each; seeds 3-4 (kept apart): 0.75, 1.00 (docs/ui.md); on the rebuilt
+# world UNet seeds 0-4 1.00 each. 0.5 leaves a sample of margin below the worst. This test is seed 0.
 THRESHOLD = 0.5
 
 

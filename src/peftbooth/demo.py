@@ -118,7 +118,8 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     print(format_world_table(results))
     print(f"[demo] done in {time.perf_counter() - start:.0f} s. Everything is in {out}/:")
     print("  photos/         the subject's photos, their captions and masks")
-    print(f"  class_images/   {prompt(subj.cls)!r} images drawn by the base model (prior preservation)")
+    print(f"  class_images/   {prompt(subj.cls)!r} images drawn by the base model in the photos' contexts, each "
+          "with its prompt (prior preservation)")
     for adapter, path in runs.items():
         print(f"  {Path(path).name + '/':<15} {adapter}: unet/, text_encoder/, report.html, config.yaml, README.md")
     print("  samples/        before_after.png, one row per line of before_after.txt:")
