@@ -6,7 +6,6 @@ import io
 import zipfile
 
 from PIL import Image
-
 from test_ui import call, png_bytes, serve  # noqa: F401 - serve is a fixture
 from test_ui_journey import FakePipe, bar, fake_run, finish, trainer  # noqa: F401 - trainer is a fixture
 

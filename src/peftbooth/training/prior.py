@@ -109,9 +109,9 @@ def generate_class_images(
 
 
 def class_images_from_components(
-    components, class_prompt: str | list[str], class_data_dir: str | Path, num_class_images: int, sample_batch_size: int,
-    num_inference_steps: int, seed: int, precision, show_progress: bool = True, process_index: int = 0,
-    num_processes: int = 1, barrier=None,
+    components, class_prompt: str | list[str], class_data_dir: str | Path, num_class_images: int,
+    sample_batch_size: int, num_inference_steps: int, seed: int, precision, show_progress: bool = True,
+    process_index: int = 0, num_processes: int = 1, barrier=None,
 ) -> list[Path]:
     """`fill_class_images` with the training run's own modules (models.Components), before adapters are attached:
     no second copy of the model is loaded. The modules, already in the run's compute dtype (`precision`, a
@@ -136,8 +136,7 @@ def class_images_from_components(
 def fill_class_images(
     pipeline, class_prompt: str | list[str], class_data_dir: str | Path, num_class_images: int,
     sample_batch_size: int, num_inference_steps: int, seed: int, generator_device: torch.device,
-    show_progress: bool = True,
-    process_index: int = 0, num_processes: int = 1, barrier=None,
+    show_progress: bool = True, process_index: int = 0, num_processes: int = 1, barrier=None,
 ) -> list[Path]:
     """Make `class_data_dir` hold `num_class_images` readable images; return the paths (sorted, at most N).
 

@@ -3,12 +3,15 @@
 Stages, each kept in --work-dir so that a stopped build goes on from the last finished stage (same seed, same
 result; the CPU run is deterministic with one thread):
   vae        AutoencoderKL on world scenes and general pictures (a codec beyond the world's palette)
-  dataset    world scenes (never the subject) and their VAE posteriors
+  dataset    world scenes (never the subject; --p-patterned of them painted in a pattern) and VAE posteriors
   unet       UNet + CLIP text encoder trained jointly (Min-SNR, EMA), captions re-drawn each time
   evaluator  the WorldEvaluator on scenes, subjects and look-alikes, half of them through the VAE
   judge      the SubjectJudge (any subject, given its description) and its calibration
   quality    samples for many prompts judged by the evaluator; a grid for docs/
   write      the diffusers folder (fp16 weights), evaluator.safetensors and build.json
+
+`--only unet` makes the data set, UNet, text encoder and quality stages again on the VAE of an existing folder
+(--out) and keeps its VAE, evaluator and judge: how the shipped UNet was rebuilt with patterned objects.
 
 This module is the command line and the order of the stages, and writes the result; each stage's work lives in its
 own module: pretrain_vae, scene_dataset, pretrain_unet, evaluator_training, judge_training and quality (training.py:
