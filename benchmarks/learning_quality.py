@@ -153,11 +153,15 @@ def prepare(work: Path, names: list[str], num_class_images: int | None, from_cap
 
 
 def class_prompt_from_captions(changes: dict) -> bool:
-    """Whether the runs draw their class images from their photos' captions: the recipe's setting, or --set's."""
+    """Whether the runs draw their class images from their photos' captions: --set's value, else the recipe's where
+    the prior draws class images (not with --set data.prior_mode=base-prediction, as models.defaults does)."""
     from peftbooth.world.recipe import recipe_defaults
 
     key = "data.class_prompt_from_captions"
-    return bool(changes.get(key, recipe_defaults().get(key, False)))
+    if key in changes:
+        return bool(changes[key])
+    class_images = changes.get("data.prior_mode", "class-images") == "class-images"
+    return bool(recipe_defaults(class_images=class_images).get(key, False))
 
 
 WORKER: dict = {}  # per process: the base pipeline, its sampler, the evaluator and judge, the work folder
@@ -261,6 +265,8 @@ def one_run(job: tuple) -> dict:
     for key, value in changes.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
+    if prior:  # after --set data.prior_mode=...: what the class images show follows the mode, as it does in `train`
+        cfg.data.class_prompt_from_captions = class_prompt_from_captions(changes)
     if changes:  # as the run's config holds them
         row["recipe_changes"] = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in changes}
     t0 = time.perf_counter()

@@ -89,8 +89,7 @@ def one_run(job: tuple) -> dict:
     class_dir = w["work"] / f"class{k}"
     cfg = world_config(w["work"] / "photos" / subject, w["work"] / f"run{k}", "lora", prior=True, text_encoder=True,
                        steps=steps, seed=seed, class_data_dir=class_dir if mode == "class-images" else None,
-                       subject=by_name(subject))
-    cfg.data.prior_mode = mode
+                       subject=by_name(subject), prior_mode=mode)
     class_seconds = 0.0
     if mode == "class-images":  # made here and timed: what the run would spend making them first
         cfg.data.num_class_images = 2 if smoke else RECIPE["num_class_images"]

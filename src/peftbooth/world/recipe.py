@@ -52,15 +52,18 @@ def recipe_defaults(adapter: str = "lora", prior: bool = True, masks: bool = Tru
 
 def world_config(photos: str | Path, output_dir: str | Path, adapter: str = "lora", prior: bool = True,
                  text_encoder: bool = True, steps: int | None = None, seed: int = 0,
-                 class_data_dir: str | Path | None = None, subject: Subject | None = None) -> TrainConfig:
+                 class_data_dir: str | Path | None = None, subject: Subject | None = None,
+                 prior_mode: str = "class-images") -> TrainConfig:
     """A TrainConfig for the world model: adapter on the UNet's attention, feed-forward, ResNet and time-embedding
-    layers (and a text-encoder adapter), optionally with prior preservation on "a photo of a <class>". `subject`:
-    the family member the photos show (subjects.write_photos; default the ball)."""
+    layers (and a text-encoder adapter), optionally with prior preservation on "a photo of a <class>" (in
+    `prior_mode`). `subject`: the family member the photos show (subjects.write_photos; default the ball)."""
     subject = subject or by_name(BALL)
     cfg = TrainConfig()
     cfg.model.model = WORLD_NAME
     cfg.unet_adapter.adapter = adapter
-    for key, value in recipe_defaults(adapter, prior=prior, masks=True).items():
+    cfg.data.prior_mode = prior_mode
+    for key, value in recipe_defaults(adapter, prior=prior, masks=True,
+                                      class_images=prior_mode == "class-images").items():
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
     cfg.data.instance_data_dir = str(photos)
