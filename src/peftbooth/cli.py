@@ -124,7 +124,7 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 def cmd_generate(args) -> int:
     from .inference.pipeline import AdapterPipeline, image_grid, save_images
-    from .inference.sampling import sampling_defaults
+    from .world.metrics import sampling_defaults
     from .runs.rundir import RunDir, base_model_for, recorded_setting
 
     given = given_options(GenerateOptions, args)

@@ -143,16 +143,3 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
             out.paste(img, (i * w, j * h))
     return out
 
-
-def sampling_defaults(model: str) -> tuple[float, float]:
-    """(guidance scale, guidance cutoff) where the caller gives none (`generate`, the UI's 'Try it' form): the
-    world model samples as its metrics do (guidance 5 for the first 40 % of the steps: guided to the end, its boxes
-    are stars, docs/world.md); any other model at 7.5 on every step."""
-    from ..world import is_world_model
-
-    if is_world_model(model):
-        from ..world.metrics import WorldEvalSettings
-
-        world = WorldEvalSettings()
-        return world.guidance_scale, world.guidance_cutoff
-    return 7.5, 1.0

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from ..config.sections import UsageError
-from ..inference.sampling import sampling_defaults
 from ..runs.atomic import atomic_file, read_json, write_json
 from ..runs.rundir import RunDir
 from .files import UI_DIR
@@ -92,6 +91,8 @@ class Studio:
             weights[other.name] = number(body, "mix_weight", 0.5, float, "mix weight")
         with self.lock:
             pipe, base = self.pipeline(finished(run))
+            from ..world.metrics import sampling_defaults
+
             default_scale, default_cutoff = sampling_defaults(base[0])
             guidance = number(body, "guidance_scale", default_scale, float, "guidance")
             cutoff = number(body, "guidance_cutoff", default_cutoff, float, "guidance cutoff")
