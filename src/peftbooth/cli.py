@@ -124,8 +124,8 @@ def parse_pairs(values: list[str], flag: str, number: bool) -> list[tuple[str | 
 
 def cmd_generate(args) -> int:
     from .inference.pipeline import AdapterPipeline, image_grid, save_images
-    from .world.metrics import sampling_defaults
     from .runs.rundir import RunDir, base_model_for, recorded_setting
+    from .world.metrics import sampling_defaults
 
     given = given_options(GenerateOptions, args)
     args = options_from_args(GenerateOptions, args)
