@@ -60,6 +60,15 @@ def range_problem(flag: str, name: str, value, low, high) -> str | None:
     return None
 
 
+IDENTIFIER_MISSING = ("--class-prompt-from-captions: --instance-prompt {!r} has no word that --class-prompt {!r} "
+                      "lacks (the identifier to take out of the captions)")
+
+
+def identifier_words(instance_prompt: str, class_prompt: str) -> set[str]:
+    """The words of the instance prompt that the class prompt lacks: the identifier ('sks')."""
+    return set(instance_prompt.split()) - set(class_prompt.split())
+
+
 def token_embedding_problems(t: TrainArgs, instance_prompt: str | None) -> list[str]:
     """--train-token-embedding WORD: trained through the text encoder, and the word must be in the prompt."""
     word, problems = t.train_token_embedding, []
@@ -139,8 +148,6 @@ def validate(cfg: "TrainConfig") -> None:
         problems.append("--class-prompt-from-captions needs --with-prior-preservation with --prior-mode "
                         "class-images (it chooses what the class images show)")
     elif d.class_prompt_from_captions and d.instance_prompt and d.class_prompt:
-        from ..data.images import IDENTIFIER_MISSING, identifier_words
-
         if not identifier_words(d.instance_prompt, d.class_prompt):
             problems.append(IDENTIFIER_MISSING.format(d.instance_prompt, d.class_prompt))
     if d.class_prompt_dropout and not d.with_prior_preservation:

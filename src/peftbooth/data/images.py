@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..config.checks import IDENTIFIER_MISSING, identifier_words
 from ..config.sections import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -133,15 +134,6 @@ def load_captions(images: list[Path], default_prompt: str) -> list[str]:
             raise UsageError(f"{caption}: caption is not readable UTF-8 text ({type(e).__name__}); fix or remove it") from e
         prompts.append(text or default_prompt)
     return prompts
-
-
-IDENTIFIER_MISSING = ("--class-prompt-from-captions: --instance-prompt {!r} has no word that --class-prompt {!r} "
-                      "lacks (the identifier to take out of the captions)")
-
-
-def identifier_words(instance_prompt: str, class_prompt: str) -> set[str]:
-    """The words of the instance prompt that the class prompt lacks: the identifier ('sks')."""
-    return set(instance_prompt.split()) - set(class_prompt.split())
 
 
 def prompts_from_captions(captions: list[str], instance_prompt: str, class_prompt: str) -> list[str]:
