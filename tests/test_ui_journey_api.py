@@ -89,9 +89,9 @@ class RecordingPipe(FakePipe):
 def test_try_it_samples_a_world_run_as_the_world_metrics_do(serve, monkeypatch):  # noqa: F811
     # an empty guidance field means the model's own: on the world, guidance 5 for the first 40 % of the steps
     # (guided to the end its boxes are stars); on any other model 7.5 on every step; given values are kept
-    pipe = RecordingPipe()
-    monkeypatch.setattr(tryit.Studio, "pipeline",
-                        lambda self, run: (pipe, (tryit.load_config(run)["model"]["model"], None, None, None)))
+    pipe, loads = RecordingPipe(), []
+    monkeypatch.setattr(tryit.Studio, "pipeline", lambda self, run: loads.append(run.name) or (
+        pipe, (tryit.load_config(run)["model"]["model"], None, None, None)))
     base, runs = serve()
     for name in ("world", "tiny"):
         run = fake_run(runs, name)
@@ -106,7 +106,7 @@ def test_try_it_samples_a_world_run_as_the_world_metrics_do(serve, monkeypatch):
     assert [(s["guidance_scale"], s["guidance_cutoff"]) for s in history] == [(9.0, 0.5), (5.0, 0.4), (5.0, 0.4)]
     status, r, _ = call(url, "POST", {"prompt": "sks dog", "guidance_cutoff": 1.5})
     assert status == 400 and r["error"] == "guidance cutoff must be between 0.0 and 1.0 (got 1.5)"
-    assert len(pipe.calls) == 4
+    assert len(pipe.calls) == 4 and len(loads) == 4  # refused before the model is asked for
 
 
 def test_fuse_asks_before_replacing_and_offers_a_download(serve, monkeypatch):  # noqa: F811

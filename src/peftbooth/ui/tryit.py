@@ -24,7 +24,6 @@ LIMITS = {"num_images": (1, 8), "steps": (1, 150), "seed": (0, 2**31 - 1), "guid
           "guidance_cutoff": (0.0, 1.0)}
 
 
-
 def number(body: dict, key: str, default, typ, flag: str):
     value = body.get(key, default)
     if value in (None, ""):
@@ -78,6 +77,12 @@ class Studio:
             raise UsageError("prompt: give a prompt, e.g. the instance prompt")
         seed = number(body, "seed", 0, int, "seed")
         steps = number(body, "steps", 25, int, "steps")
+        from ..world.metrics import sampling_defaults
+
+        # the model's own guidance where the form leaves it empty, checked before any model is loaded
+        default_scale, default_cutoff = sampling_defaults((load_config(run).get("model") or {}).get("model") or "tiny")
+        guidance = number(body, "guidance_scale", default_scale, float, "guidance")
+        cutoff = number(body, "guidance_cutoff", default_cutoff, float, "guidance cutoff")
         num_images = number(body, "num_images", 1, int, "number of images")
         strength = number(body, "strength", 1.0, float, "strength")
         weights = {run.name: strength}
@@ -91,11 +96,6 @@ class Studio:
             weights[other.name] = number(body, "mix_weight", 0.5, float, "mix weight")
         with self.lock:
             pipe, base = self.pipeline(finished(run))
-            from ..world.metrics import sampling_defaults
-
-            default_scale, default_cutoff = sampling_defaults(base[0])
-            guidance = number(body, "guidance_scale", default_scale, float, "guidance")
-            cutoff = number(body, "guidance_cutoff", default_cutoff, float, "guidance cutoff")
             for r in [run] + ([other] if other else []):
                 rmodel = load_config(r).get("model") or {}
                 if (rmodel.get("model") or "tiny") != base[0]:
