@@ -50,3 +50,22 @@ def test_class_images_are_drawn_and_captioned_from_the_photos_captions(tiny_mode
     assert not any(p.with_suffix(".txt").exists() for p in plain)
     assert [p.name[:11] for p in drawn] == [p.name[:11] for p in plain]
     assert all(a.read_bytes() != b.read_bytes() for a, b in zip(drawn, plain))  # other prompts, other images
+
+
+def test_the_class_images_command_draws_from_the_captions_as_training_would(tiny_model, photos, tmp_path, capsys):
+    from peftbooth.cli import main
+
+    for path, caption in zip(list_images(photos, "p"), ["a photo of sks dog on a beach", "a photo of sks dog"]):
+        path.with_suffix(".txt").write_text(caption + "\n")
+    argv = ["class-images", "--model", tiny_model, "--class-prompt", "a photo of a dog", "--class-data-dir",
+            str(tmp_path / "class"), "--class-image-steps", "2", "--num-class-images", "3"]
+    assert main([*argv, "--class-prompt-from-captions"]) == 2  # no photos to read the captions of
+    assert "--class-prompt-from-captions needs --instance-data-dir and --instance-prompt" in capsys.readouterr().err
+    assert main([*argv, "--class-prompt-from-captions", "--instance-data-dir", str(photos), "--instance-prompt",
+                 "a photo of a dog"]) == 2
+    assert "has no word that --class-prompt 'a photo of a dog' lacks" in capsys.readouterr().err
+    assert not (tmp_path / "class").exists()  # refused before anything was written
+    assert main([*argv, "--class-prompt-from-captions", "--instance-data-dir", str(photos), "--instance-prompt",
+                 "a photo of sks dog"]) == 0
+    drawn = list_images(tmp_path / "class", "c")
+    assert load_captions(drawn, "-") == ["a photo of a dog on a beach", "a photo of a dog", "a photo of a dog on a beach"]

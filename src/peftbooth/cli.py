@@ -85,6 +85,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_class_images(args) -> int:
+    from .config.checks import IDENTIFIER_MISSING, identifier_words
+    from .data.images import class_image_prompt
     from .training.prior import generate_class_images
 
     cfg = config_from_args(argparse.Namespace(config=None, **vars(args)))
@@ -95,12 +97,18 @@ def cmd_class_images(args) -> int:
         raise UsageError("--class-prompt is required, e.g. 'a photo of a dog'")
     if not d.class_data_dir:
         raise UsageError("--class-data-dir is required: where the class images go")
+    if d.class_prompt_from_captions:  # what a training run with the same flags would draw (data.images)
+        if not (d.instance_data_dir and d.instance_prompt):
+            raise UsageError("--class-prompt-from-captions needs --instance-data-dir and --instance-prompt: the "
+                             "photos whose captions the class images are drawn from")
+        if not identifier_words(d.instance_prompt, d.class_prompt):
+            raise UsageError(IDENTIFIER_MISSING.format(d.instance_prompt, d.class_prompt))
     ranges = [(d, "num_class_images"), (d, "sample_batch_size"), (d, "class_image_steps"), (cfg.train, "seed")]
     problems = [p for p in (range_problem("--" + name.replace("_", "-"), name, getattr(obj, name),
                                           *RANGES["data" if obj is d else "train"][name]) for obj, name in ranges) if p]
     if problems:
         raise UsageError("; ".join(problems))
-    paths = generate_class_images(m.model, d.class_prompt, d.class_data_dir, d.num_class_images, d.sample_batch_size,
+    paths = generate_class_images(m.model, class_image_prompt(d), d.class_data_dir, d.num_class_images, d.sample_batch_size,
                                   d.class_image_steps, cfg.train.seed, m.revision, m.variant, vae=m.vae)
     print(f"{len(paths)} class images in {d.class_data_dir}")
     return 0
@@ -271,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("class-images", help="generate class images for prior preservation (resumable)")
     add_section_flags(p, "model")
     add_section_flags(p, "data", ("class_prompt", "class_data_dir", "num_class_images", "sample_batch_size",
-                                   "class_image_steps"))
+                                   "class_image_steps", "class_prompt_from_captions", "instance_data_dir",
+                                   "instance_prompt"))
     add_section_flags(p, "train", ("seed",))
     p.set_defaults(func=cmd_class_images)
 
