@@ -60,7 +60,7 @@ def test_world_cli_takes_the_recipe_for_what_is_not_given(capsys, tmp_path):
     assert cfg["data"]["resolution"] == 32
     assert (cfg["unet_adapter"]["rank"], cfg["unet_adapter"]["target_modules"]) == (RANKS["lora"], "all")
     assert cfg["train"]["learning_rate"] == LEARNING_RATES["lora"]
-    assert cfg["train"]["max_train_steps"] == 500 and cfg["train"]["train_text_encoder"] is True
+    assert cfg["train"]["max_train_steps"] == 1500 and cfg["train"]["train_text_encoder"] is True
     assert cfg["data"]["masked_loss"] is False  # no photo has a mask here: masked loss is no default then
     loha, _ = train_config(capsys, *base, "--adapter", "loha")  # the recipe's LoHa: its own rank and rate
     assert (loha["unet_adapter"]["rank"], loha["train"]["learning_rate"]) == (RANKS["loha"], LEARNING_RATES["loha"])

@@ -64,5 +64,5 @@ def test_start_with_the_forms_defaults_trains_the_worlds_recipe(serve, tmp_path)
     call(f"{base}/api/runs/{name}/stop", "POST", {})  # only the saved config matters here
     cfg = yaml.safe_load((runs / name / "config.yaml").read_text())  # the values the run uses, recorded
     assert (cfg["data"]["resolution"], cfg["train"]["learning_rate"]) == (32, LEARNING_RATES["lora"])
-    assert (cfg["unet_adapter"]["target_modules"], cfg["train"]["max_train_steps"]) == ("all", 500)
+    assert (cfg["unet_adapter"]["target_modules"], cfg["train"]["max_train_steps"]) == ("all", 1500)
     assert cfg["data"]["masked_loss"] is True  # every uploaded photo has its mask

@@ -23,7 +23,7 @@ RANKS = {"lora": 8, "loha": 4, "lokr": 8}
 # Class images drawn from the photos' captions without the identifier (--class-prompt-from-captions): class rows
 # that differ from the photos only in the identifier carried the subjects into held-out contexts (docs/world.md,
 # ninth sweep).
-RECIPE = dict(rank=RANKS, target_modules="all", learning_rate=LEARNING_RATES, max_train_steps=500, num_class_images=50,
+RECIPE = dict(rank=RANKS, target_modules="all", learning_rate=LEARNING_RATES, max_train_steps=1500, num_class_images=50,
               class_image_steps=20, prior_loss_weight=0.25, class_prompt_from_captions=True, masked_loss=True,
               unmasked_weight=0.1, noise_offset=0.3, ema_decay=0.99)
 
