@@ -244,8 +244,7 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
+    from .demo import ADAPTERS, run_demo
     from .world.subjects import by_name
 
     o = options_from_args(DemoOptions, args)
@@ -255,7 +254,10 @@ def cmd_demo(args) -> int:
         raise UsageError(f"--subject: {e}") from None
     if o.max_train_steps is not None and o.max_train_steps < 1:
         raise UsageError(f"--steps must be >= 1 (got {o.max_train_steps})")
-    run_demo(o.output_dir, steps=o.max_train_steps, subject=o.subject)
+    adapters = o.adapters.split(",")
+    if not set(adapters) <= set(ADAPTERS) or len(set(adapters)) != len(adapters):
+        raise UsageError(f"--adapters {o.adapters!r}: give each of {', '.join(ADAPTERS)} at most once, comma-separated")
+    run_demo(o.output_dir, steps=o.max_train_steps, subject=o.subject, adapters=tuple(adapters))
     return 0
 
 
@@ -301,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, options, func, help in [
         ("push", PushOptions, cmd_push, "upload a run's adapters, model card and samples to the Hugging Face Hub"),
         ("tiny-model", TinyModelOptions, cmd_tiny_model, "write a tiny random Stable Diffusion model folder (offline)"),
-        ("demo", DemoOptions, cmd_demo, "train lora, loha and lokr on the world model's subject and show what they "
-         "learned (offline, CPU, about 5 min)"),
+        ("demo", DemoOptions, cmd_demo, "train an adapter on a subject of the world model's family and show what "
+         "it learned (offline, CPU, about 90 s)"),
     ]:
         p = sub.add_parser(name, help=help)
         add_option_flags(p, options)

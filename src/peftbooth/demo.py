@@ -1,10 +1,10 @@
 """`peftbooth demo`: the whole workflow offline on CPU, on the pretrained world model.
 
 Writes five photos of a subject of the world's family (subjects.py: by default DEMO_SUBJECT, a box the world model
-never draws), trains a LoRA, a LoHa and a LoKr adapter on it with prior preservation and a text-encoder adapter,
-two at a time on one core each, then, with the base model loaded once, draws: the base model's boxes, each
-adapter's subject in the two contexts its photos never showed, and each adapter's "a photo of a box", which should
-still be ordinary boxes. The world's judge and evaluator score every model (docs/world.md).
+never draws), trains the world recipe's LoRA on it (or any of LoRA, LoHa and LoKr: `adapters`, two at a time on one
+core each) with prior preservation and a text-encoder adapter, then, with the base model loaded once, draws: the
+base model's boxes, each adapter's subject in the two contexts its photos never showed, and each adapter's "a photo
+of a box", which should still be ordinary boxes. The world's judge and evaluator score every model (docs/world.md).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from .world.scenes import prompt
 from .world.subjects import Subject
 
 DEMO_SUBJECT = "box-band-brown-mint"
-DEMO_STEPS = 250  # what fits 90 s on 2 cores; the recipe's 500 learn more (BENCHMARKS.md, "Time to a learned subject")
 ADAPTERS = ("lora", "loha", "lokr")
+# the recipe's steps for one adapter fit 90 s on 2 cores (BENCHMARKS.md, "Time to a learned subject")
+DEMO_ADAPTERS = ("lora",)
 LONGEST_FIRST = ("loha", "lokr", "lora")  # seconds per step, most first: two workers finish together
 
 
@@ -49,7 +50,16 @@ def train_adapters(cfgs: dict, jobs: int) -> dict:
     """adapter -> its run folder. `jobs` runs at a time, each in a fresh process on one thread: on 2 cores two
     one-thread runs finish sooner than the same runs one after the other on two threads (BENCHMARKS.md)."""
     if jobs <= 1:
-        return {a: _train(cfg) for a, cfg in cfgs.items()}
+        import torch
+
+        # here, on one thread too: the world's small layers train slower on two (the demo's 1500 steps of LoRA:
+        # 101 s on two threads, 76 s on one; BENCHMARKS.md)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return {a: _train(cfg) for a, cfg in cfgs.items()}
+        finally:
+            torch.set_num_threads(threads)
     order = [a for a in LONGEST_FIRST if a in cfgs]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked from this one
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_one_thread) as pool:
@@ -58,12 +68,13 @@ def train_adapters(cfgs: dict, jobs: int) -> dict:
 
 
 def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, num_images: int = 4,
-             subject: str = DEMO_SUBJECT, jobs: int | None = None) -> dict:
+             subject: str = DEMO_SUBJECT, jobs: int | None = None, adapters: tuple[str, ...] = DEMO_ADAPTERS) -> dict:
+    from .world.recipe import RECIPE, world_config
     from .world.subjects import by_name
 
-    steps = DEMO_STEPS if steps is None else steps
+    steps = RECIPE["max_train_steps"] if steps is None else steps
     subj = by_name(subject)  # an unknown name: ValueError naming the family, before any work
-    jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
+    jobs = min(2, os.cpu_count() or 1, len(adapters)) if jobs is None else jobs
     from diffusers import DPMSolverMultistepScheduler
 
     from .data.images import class_image_prompt, load_image
@@ -72,7 +83,6 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     from .training.prior import generate_class_images
     from .world import MODEL_DIR, WORLD_NAME
     from .world.metrics import WorldEvalSettings, format_world_table, load_instruments, pipeline_sampler, world_metrics
-    from .world.recipe import world_config
     from .world.subjects import write_photos
 
     out = Path(output_dir)
@@ -80,12 +90,14 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int | None = None, n
     photos = write_photos(subj, out / "photos")
     print(f"[demo] wrote {len(photos)} photos of {subj.name} ({subj.prompt()!r} + context) into {out / 'photos'}")
     cfgs = {a: world_config(out / "photos", out / f"run-{a}", a, prior=True, text_encoder=True, steps=steps,
-                            class_data_dir=out / "class_images", subject=subj) for a in ADAPTERS}
-    d = cfgs["lora"].data  # class images: made once here, before the runs that share them start
+                            class_data_dir=out / "class_images", subject=subj) for a in adapters}
+    first = cfgs[adapters[0]]
+    d = first.data  # class images: made once here, before the runs that share them start
     generate_class_images(WORLD_NAME, class_image_prompt(d), d.class_data_dir, d.num_class_images, d.sample_batch_size,
-                          d.class_image_steps, cfgs["lora"].train.seed, device="cpu", show_progress=False)
-    print(f"[demo] training {', '.join(ADAPTERS)} for {steps} steps each on --model world, {jobs} at a time "
-          "(prior preservation, text-encoder adapter)")
+                          d.class_image_steps, first.train.seed, device="cpu", show_progress=False)
+    at_once = f" each, {jobs} at a time" if len(adapters) > 1 else ""
+    print(f"[demo] training {', '.join(adapters)} for {steps} steps{at_once} on --model world (prior preservation, "
+          "text-encoder adapter)")
     runs = train_adapters(cfgs, jobs)
 
     pipe = AdapterPipeline(WORLD_NAME, device="cpu")  # loaded once; adapters are switched on it
