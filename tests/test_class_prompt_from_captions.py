@@ -68,4 +68,5 @@ def test_the_class_images_command_draws_from_the_captions_as_training_would(tiny
     assert main([*argv, "--class-prompt-from-captions", "--instance-data-dir", str(photos), "--instance-prompt",
                  "a photo of sks dog"]) == 0
     drawn = list_images(tmp_path / "class", "c")
-    assert load_captions(drawn, "-") == ["a photo of a dog on a beach", "a photo of a dog", "a photo of a dog on a beach"]
+    assert load_captions(drawn, "-") == ["a photo of a dog on a beach", "a photo of a dog",
+                                         "a photo of a dog on a beach"]

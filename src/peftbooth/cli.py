@@ -108,8 +108,9 @@ def cmd_class_images(args) -> int:
                                           *RANGES["data" if obj is d else "train"][name]) for obj, name in ranges) if p]
     if problems:
         raise UsageError("; ".join(problems))
-    paths = generate_class_images(m.model, class_image_prompt(d), d.class_data_dir, d.num_class_images, d.sample_batch_size,
-                                  d.class_image_steps, cfg.train.seed, m.revision, m.variant, vae=m.vae)
+    paths = generate_class_images(m.model, class_image_prompt(d), d.class_data_dir, d.num_class_images,
+                                  d.sample_batch_size, d.class_image_steps, cfg.train.seed, m.revision, m.variant,
+                                  vae=m.vae)
     print(f"{len(paths)} class images in {d.class_data_dir}")
     return 0
 
