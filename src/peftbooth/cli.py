@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, options, func, help in [
         ("push", PushOptions, cmd_push, "upload a run's adapters, model card and samples to the Hugging Face Hub"),
         ("tiny-model", TinyModelOptions, cmd_tiny_model, "write a tiny random Stable Diffusion model folder (offline)"),
-        ("demo", DemoOptions, cmd_demo, "train an adapter on a subject of the world model's family and show what "
-         "it learned (offline, CPU, about 90 s)"),
+        ("demo", DemoOptions, cmd_demo, ("train an adapter on a subject of the world model's family and show "
+                                          "what it learned (offline, CPU, about 90 s)")),
     ]:
         p = sub.add_parser(name, help=help)
         add_option_flags(p, options)
