@@ -85,7 +85,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    from .config.checks import IDENTIFIER_MISSING, identifier_words
     from .data.images import class_image_prompt
     from .training.prior import generate_class_images
 
@@ -97,12 +96,11 @@ def cmd_class_images(args) -> int:
         raise UsageError("--class-prompt is required, e.g. 'a photo of a dog'")
     if not d.class_data_dir:
         raise UsageError("--class-data-dir is required: where the class images go")
-    if d.class_prompt_from_captions:  # what a training run with the same flags would draw (data.images)
-        if not (d.instance_data_dir and d.instance_prompt):
-            raise UsageError("--class-prompt-from-captions needs --instance-data-dir and --instance-prompt: the "
-                             "photos whose captions the class images are drawn from")
-        if not identifier_words(d.instance_prompt, d.class_prompt):
-            raise UsageError(IDENTIFIER_MISSING.format(d.instance_prompt, d.class_prompt))
+    # what a training run with the same flags would draw: class_image_prompt (below, before anything is written)
+    # refuses an instance prompt without an identifier
+    if d.class_prompt_from_captions and not (d.instance_data_dir and d.instance_prompt):
+        raise UsageError("--class-prompt-from-captions needs --instance-data-dir and --instance-prompt: the photos "
+                         "whose captions the class images are drawn from")
     ranges = [(d, "num_class_images"), (d, "sample_batch_size"), (d, "class_image_steps"), (cfg.train, "seed")]
     problems = [p for p in (range_problem("--" + name.replace("_", "-"), name, getattr(obj, name),
                                           *RANGES["data" if obj is d else "train"][name]) for obj, name in ranges) if p]
