@@ -309,6 +309,25 @@ def test_build_script_is_deterministic(tmp_path):
     assert redone["unet"]["settings"]["p_patterned"] == 0.5 and set(redone["unet"]["seconds"]) == {
         "dataset", "unet", "quality"}
     assert redone["vae_mse"] == record["vae_mse"] and redone["quality"]["prompts"] == 3
+    # --only decoder: the VAE's decoder trained again, its encoder (so the UNet's latents) and the rest kept
+    for k in (0, 1):
+        shutil.copytree(tmp_path / "m0", tmp_path / f"d{k}")
+        assert main(["--only", "decoder", "--out", str(tmp_path / f"d{k}"), "--work-dir", str(tmp_path / f"e{k}"),
+                     "--grid", "", "--decoder-steps", "2", "--decoder-pool", "30", "--decoder-batch", "8",
+                     *small]) == 0
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    for f in files:
+        a, b = (tmp_path / "d0" / f).read_bytes(), (tmp_path / "d1" / f).read_bytes()
+        assert a == b and (a == (tmp_path / "m0" / f).read_bytes()) == (f != vae), f
+    before, after = load_file(str(tmp_path / "m0" / vae)), load_file(str(tmp_path / "d0" / vae))
+    trained = {k for k in before if k.startswith(("decoder.", "post_quant_conv."))}
+    assert all(torch.equal(before[k], after[k]) for k in set(before) - trained)
+    assert not all(torch.equal(before[k], after[k]) for k in trained)
+    decoded = json.loads((tmp_path / "d0" / "build.json").read_text())
+    assert decoded["decoder"]["settings"]["decoder_steps"] == 2 and decoded["decoder"]["vae_mse_before"] == \
+        record["vae_mse"] and set(decoded["decoder"]["seconds"]) == {"decoder", "quality"}
+    assert decoded["vae_mse"] != record["vae_mse"] and set(decoded["judge"]["calibration"]) == set(
+        record["judge"]["calibration"]) and decoded["quality"]["prompts"] == 3
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

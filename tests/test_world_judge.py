@@ -32,9 +32,11 @@ from peftbooth.world.subjects import by_name, family, split
 LABELS = Path(__file__).resolve().parents[1] / "docs" / "judge"
 # From the shipped judge's calibration (build.json "judge"; docs/world.md): over the six test subjects, freshly drawn,
 # recall 1.00 and false-positive rate <= 0.10; through the world VAE, recall >= 0.84 and false positives <= 0.18
-# (49 look-alikes per subject). On the 56 subject images and 56 look-alikes (8 of each kind) this test draws, the
-# shipped judge measured recall >= 0.96 / >= 0.80 and false positives <= 0.20 / <= 0.21 (drawn / VAE); the bounds
-# leave 0.05-0.1 of room (a binomial standard deviation of 56 images is about 0.05), for a retrained judge.
+# (49 look-alikes per subject); through the VAE with its decoder trained again, recall >= 0.75 (the dotted ball) and
+# false positives <= 0.10. On the 56 subject images and 56 look-alikes (8 of each kind) this test draws, the
+# shipped judge measured recall >= 0.96 / >= 0.80 and false positives <= 0.20 / <= 0.21 (drawn / VAE; with the
+# decoder trained again >= 0.79 and <= 0.20); the bounds leave about 0.1 of room (a binomial standard deviation of
+# 56 images is about 0.05), for a retrained judge.
 DRAWN = {"recall": 0.9, "fpr": 0.25}
 ROUND_TRIP = {"recall": 0.7, "fpr": 0.3}
 MIN_AGREEMENT = 0.9  # with the hand labels of docs/judge/labels.csv: 0.917 measured (the same tiles every time)

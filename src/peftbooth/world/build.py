@@ -12,6 +12,9 @@ result; the CPU run is deterministic with one thread):
 
 `--only unet` makes the data set, UNet, text encoder and quality stages again on the VAE of an existing folder
 (--out) and keeps its VAE, evaluator and judge: how the shipped UNet was rebuilt with patterned objects.
+`--only decoder` trains the VAE's decoder of an existing folder again with patterned objects in its pool (the
+encoder, so the latents, kept) and measures the VAE, evaluator, judge and samples again: how the shipped decoder
+learned to keep small parts.
 
 This module is the command line and the order of the stages, and writes the result; each stage's work lives in its
 own module: pretrain_vae, scene_dataset, pretrain_unet, evaluator_training, judge_training and quality (training.py:
@@ -35,7 +38,7 @@ from .evaluator_training import evaluator_accuracy, train_evaluator
 from .judge import load_judge, save_judge
 from .judge_training import judge_calibration, train_judge
 from .pretrain_unet import train_unet
-from .pretrain_vae import reconstruction_mse, train_vae
+from .pretrain_vae import finetune_decoder, reconstruction_mse, train_vae
 from .quality import world_quality
 from .scene_dataset import build_dataset, load_tensors, save_tensors
 from .scenes import prompt, vocabulary
@@ -45,7 +48,7 @@ from .training import StageClock, log
 DEFAULTS = dict(vae_steps=800, vae_batch=32, vae_pool=6000, scenes=40000, unet_steps=3000, unet_batch=128, unet_lr=1e-3,
                 evaluator_steps=1200, evaluator_batch=128, evaluator_pool=8000, quality_prompts=150, quality_steps=25,
                 quality_guidance=5.0, p_empty=0.1, judge_steps=1500, judge_batch=128, judge_pool=16000,
-                p_patterned=0.4)
+                p_patterned=0.4, decoder_steps=2000, decoder_batch=32, decoder_pool=6000)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=".world-build", help="stage results, for a build that was stopped")
     p.add_argument("--seed", type=int, default=configs.BUILD_SEED)
     p.add_argument("--grid", default="docs/world-samples.png", help="where the sample grid goes")
-    p.add_argument("--only", choices=("evaluator", "judge", "unet"),
+    p.add_argument("--only", choices=("evaluator", "judge", "unet", "decoder"),
                    help="run this stage alone (evaluator: beside a build that is running, it needs the finished VAE "
                    "in --work-dir; judge: on the VAE in --out, into --out; unet: the data set, UNet and text "
-                   "encoder and the quality stage again on the VAE in --out, into --out)")
+                   "encoder and the quality stage again on the VAE in --out, into --out; decoder: the VAE's decoder of --out "
+                   "trained again and everything that reads it measured again, into --out)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: deterministic, and the fastest on a "
                    "shared 2-core machine while another stage runs beside)")
     for k, v in DEFAULTS.items():
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return judge_only(a, record, stage)
     if a.only == "unet":
         return unet_only(a, record, stage)
+    if a.only == "decoder":
+        return decoder_only(a, record, stage)
     tok_dir = work / "tokenizer"
     tokenizer = write_tokenizer(tok_dir, vocabulary())
     from diffusers import AutoencoderKL
@@ -233,6 +239,49 @@ def unet_only(a, record: dict, stage) -> int:
         text_encoder.save_pretrained(str(tmp), safe_serialization=True)
     write_text(out / "build.json", json.dumps(built, indent=1, default=list) + "\n")
     log(f"wrote the UNet and text encoder into {out}")
+    return 0
+
+
+def decoder_only(a, record: dict, stage) -> int:
+    """--only decoder: the decoder of --out's VAE trained again (pretrain_vae.finetune_decoder), then what depends on
+    it measured again on the folder's own UNet, text encoder, evaluator and judge (VAE error, evaluator accuracy,
+    judge calibration, the quality stage and its grid); the VAE written into --out and build.json updated, with
+    the decoder's settings and the VAE error it replaced under "decoder"."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .subjects import family
+
+    out = Path(a.out)
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).float()
+    # the config's _name_or_path stays as the folder had it, not this machine's path to it
+    vae.register_to_config(_name_or_path=json.loads((out / "vae" / "config.json").read_text())["_name_or_path"])
+    built = json.loads((out / "build.json").read_text())
+    vae = finetune_decoder(vae, a.seed, a.decoder_steps, a.decoder_batch, a.decoder_pool)
+    stage("decoder")
+    vae.half().float()  # stored as fp16: measure what ships
+    record["vae_mse"] = reconstruction_mse(vae, a.seed)
+    net, judge = load_evaluator(out), load_judge(out)
+    record["evaluator_accuracy"] = evaluator_accuracy(net, vae, a.seed, n=min(2000, a.evaluator_pool))
+    calibration = judge_calibration(judge, vae, a.seed, n=min(2000, a.judge_pool), subjects=family())
+    log(f"vae mse {record['vae_mse']}; judge on round trips {calibration['random/vae']}")
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet")).float().eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"), dtype=torch.float32).eval()
+    pipe = assemble_pipeline(CLIPTokenizer.from_pretrained(str(out / "tokenizer")), text_encoder, unet, vae)
+    quality_stage(a, record, pipe, net)
+    stage("quality")
+    keys = ("decoder_steps", "decoder_batch", "decoder_pool", "quality_prompts", "quality_steps", "quality_guidance")
+    built["decoder"] = {"command": record["command"], "seed": a.seed, "threads": a.threads,
+                        "settings": {k: record["settings"][k] for k in keys}, "seconds": record["seconds"],
+                        "vae_mse_before": built["vae_mse"]}
+    for key in ("vae_mse", "evaluator_accuracy", "quality"):
+        built[key] = record[key]
+    built["judge"]["calibration"] = calibration
+    built["grid_prompts"] = record.get("grid_prompts", built.get("grid_prompts"))
+    with atomic_dir(out / "vae") as tmp:
+        vae.half().save_pretrained(str(tmp), safe_serialization=True)
+    write_text(out / "build.json", json.dumps(built, indent=1, default=list) + "\n")
+    log(f"wrote the VAE into {out}")
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import configs
-from .scenes import draw, general_image, random_scene, to_array
+from .scenes import CONTEXTS, draw, general_image, random_scene, to_array
 from .training import cosine_lr, log
 
 
@@ -21,11 +21,46 @@ def train_vae(seed: int, steps: int, batch: int, pool_size: int):
     vae = AutoencoderKL(**configs.vae_config())
     pool = [draw(random_scene(rng)) if i % 2 == 0 else general_image(rng) for i in range(pool_size)]
     data = torch.from_numpy(to_array(pool))  # (pool_size, 3, 32, 32): half world scenes, half general pictures
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    fit(vae, list(vae.parameters()), data, seed, steps, batch, 1e-3, "vae")
+    with torch.no_grad():  # SD's convention: latents scaled to unit standard deviation
+        z = vae.encode(data[:1024]).latent_dist.mean  # (1024, 4, 8, 8)
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+def finetune_decoder(vae, seed: int, steps: int, batch: int, pool_size: int, lr: float = 5e-4):
+    """The build's `decoder` stage (`--only decoder`): the decoder trained again with patterned objects of random
+    colours in its pool, a third each with world scenes and general pictures. The first VAE never saw a pattern and
+    blurred small dots and light parts on light backgrounds into the background (docs/world.md, "The world
+    model"). The encoder, and so the latents the UNet was trained on, stay as they are: the UNet, the
+    adapters trained on it and the latent scale keep their meaning."""
+    from .judge_training import random_description, render  # the judge's renderer: any colours, tinted
+
+    torch.manual_seed(seed + 11)
+    rng = random.Random(seed + 11)
+    pool = []
+    for i in range(pool_size):
+        if i % 3 == 0:
+            pool.append(draw(random_scene(rng)))
+        elif i % 3 == 1:
+            pool.append(general_image(rng))
+        else:  # never a family subject: random colours (the family is only for measuring)
+            context = rng.choice(CONTEXTS)
+            pool.append(render(random_description(rng, context), rng, context))
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    return fit(vae, params, torch.from_numpy(to_array(pool)), seed + 11, steps, batch, lr, "decoder")
+
+
+def fit(vae, params: list, data: torch.Tensor, seed: int, steps: int, batch: int, lr: float, name: str):
+    """The VAE's loop: reconstruction MSE of a posterior sample (data (N, 3, 32, 32) in [-1, 1]) and a tiny KL."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, 1e-3)
+            group["lr"] = cosine_lr(step, steps, lr)
         x = data[torch.randint(0, len(data), (batch,), generator=g)]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
@@ -35,12 +70,8 @@ def train_vae(seed: int, steps: int, batch: int, pool_size: int):
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} mse {F.mse_loss(rec, x).item():.4f} kl {kl.item():.1f}")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():  # SD's convention: latents scaled to unit standard deviation
-        z = vae.encode(data[:1024]).latent_dist.mean  # (1024, 4, 8, 8)
-        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    return vae
+            log(f"{name} step {step}/{steps} mse {F.mse_loss(rec, x).item():.4f} kl {kl.item():.1f}")
+    return vae.eval().requires_grad_(False)
 
 
 def vae_mse(vae, images: list) -> float:
