@@ -112,7 +112,8 @@ class DemoOptions:
     output_dir: str = option("demo-output", "folder for the runs and the comparison")
     adapters: str = option("lora", "the adapters to train, comma-separated from lora, loha, lokr (the default fits "
                            "90 s on 2 cores; each more adds about a minute)")
-    max_train_steps: Optional[int] = option(None, "training steps per adapter (default: the world recipe's)",
+    max_train_steps: Optional[int] = option(None, "training steps per adapter (default: 1000, the fewest at which "
+                                            "the world's test subjects are learned; the recipe trains 1500)",
                                             aliases=("--steps",))
     subject: str = option("box-band-brown-mint", "the subject of the world's family to learn, e.g. "
                           "tent-dot-cyan-lime or ball-halves-magenta-cyan (docs/world.md)")
