@@ -324,6 +324,7 @@ def test_build_script_is_deterministic(tmp_path):
     trained = {k for k in before if k.startswith(("decoder.", "post_quant_conv."))}
     assert all(torch.equal(before[k], after[k]) for k in set(before) - trained)
     assert not all(torch.equal(before[k], after[k]) for k in trained)
+    assert str(tmp_path) not in (tmp_path / "d0" / "vae" / "config.json").read_text()  # no machine's path in it
     decoded = json.loads((tmp_path / "d0" / "build.json").read_text())
     assert decoded["decoder"]["settings"]["decoder_steps"] == 2 and decoded["decoder"]["vae_mse_before"] == \
         record["vae_mse"] and set(decoded["decoder"]["seconds"]) == {"decoder", "quality"}

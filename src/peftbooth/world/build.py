@@ -254,8 +254,9 @@ def decoder_only(a, record: dict, stage) -> int:
 
     out = Path(a.out)
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).float()
-    # the config's _name_or_path stays as the folder had it, not this machine's path to it
-    vae.register_to_config(_name_or_path=json.loads((out / "vae" / "config.json").read_text())["_name_or_path"])
+    # the config's _name_or_path stays as the folder had it (a fresh build writes none), not this machine's path
+    saved = json.loads((out / "vae" / "config.json").read_text())
+    vae.register_to_config(_name_or_path=saved.get("_name_or_path", "vae"))
     built = json.loads((out / "build.json").read_text())
     vae = finetune_decoder(vae, a.seed, a.decoder_steps, a.decoder_batch, a.decoder_pool)
     stage("decoder")
